@@ -1,0 +1,130 @@
+"""The packed batch: the one contract between the input pipeline and the model.
+
+A batch is a dict of numpy (or jax) arrays with static shapes fixed by a
+`BatchSpec`:
+
+  image/patches  float32 [B, L, p*p*3]  pixels in [-1, 1], each patch flattened (py, px, c)
+  image/yx       int32   [B, L, 2]      patch row and column inside its own image
+  image/grid     int32   [B, E, 2]      each slot's image size in patches (rows, cols)
+  image/segment  int32   [B, L]         0 = padding, k in 1..E = token of slot k
+  text/tokens    int32   [B, E, T]      caption of slot k (all pad where the slot is empty)
+  valid          bool    [B, E]         slot k holds a real image-text pair
+  index          int64   [B, E]         the source's example index of slot k, -1 if empty
+
+Within a row, the tokens of one slot are contiguous, slots are filled in
+order 1..n with no gaps, and padding (segment 0) only follows the last slot.
+Tokens of padding carry zero pixels and yx (0, 0).
+"""
+
+import dataclasses
+
+import numpy as np
+
+PAD_SEGMENT = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """Static shapes of one packed batch."""
+  rows: int          # B
+  tokens_per_row: int  # L
+  slots: int         # E, images per row at most
+  text_len: int      # T
+  patch_size: int    # p
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * 3
+
+  def shapes(self) -> dict:
+    """Key -> (shape, dtype) of every array in the batch."""
+    b, l, e, t = self.rows, self.tokens_per_row, self.slots, self.text_len
+    return {
+        'image/patches': ((b, l, self.patch_dim), np.float32),
+        'image/yx': ((b, l, 2), np.int32),
+        'image/grid': ((b, e, 2), np.int32),
+        'image/segment': ((b, l), np.int32),
+        'text/tokens': ((b, e, t), np.int32),
+        'valid': ((b, e), np.bool_),
+        'index': ((b, e), np.int64),
+    }
+
+  def empty(self, pad_id: int = 0) -> dict:
+    """An all-padding batch: every slot invalid."""
+    batch = {k: np.zeros(s, d) for k, (s, d) in self.shapes().items()}
+    batch['text/tokens'][:] = pad_id
+    batch['index'][:] = -1
+    return batch
+
+
+def spec_of(batch) -> BatchSpec:
+  """Reads the static shapes (and patch size) off a batch."""
+  b, l, dim = batch['image/patches'].shape
+  p = int(round((dim / 3) ** 0.5))
+  e, t = batch['text/tokens'].shape[1:]
+  return BatchSpec(rows=b, tokens_per_row=l, slots=e, text_len=t, patch_size=p)
+
+
+def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
+  """Checks a batch against the contract; raises ValueError naming the problem.
+
+  Checks shapes and dtypes, value ranges, that each row's segments are
+  contiguous runs 1..n followed by padding only, that valid slots are exactly
+  the segments present, that empty slots carry pad captions, and that yx lies
+  inside each image's grid.
+  """
+  if spec is None:
+    spec = spec_of(batch)
+  shapes = spec.shapes()
+  missing = set(shapes) - set(batch)
+  if missing:
+    raise ValueError(f'batch is missing keys {sorted(missing)}')
+  for key, (shape, dtype) in shapes.items():
+    arr = np.asarray(batch[key])
+    if arr.shape != shape:
+      raise ValueError(f'{key}: shape {arr.shape}, expected {shape}')
+    if arr.dtype != dtype:
+      raise ValueError(f'{key}: dtype {arr.dtype}, expected {np.dtype(dtype)}')
+
+  patches = np.asarray(batch['image/patches'])
+  segment = np.asarray(batch['image/segment'])
+  yx = np.asarray(batch['image/yx'])
+  grid = np.asarray(batch['image/grid'])
+  tokens = np.asarray(batch['text/tokens'])
+  valid = np.asarray(batch['valid'])
+  index = np.asarray(batch['index'])
+
+  if not np.all(np.isfinite(patches)) or np.abs(patches).max(initial=0) > 1:
+    raise ValueError('image/patches: values must be finite and in [-1, 1]')
+  if segment.min() < 0 or segment.max() > spec.slots:
+    raise ValueError(f'image/segment: values must be in 0..{spec.slots}')
+
+  for r in range(spec.rows):
+    seg = segment[r]
+    # Non-decreasing segments with padding only at the end <=> contiguous runs.
+    real = seg[seg != PAD_SEGMENT]
+    n_real = real.size
+    if np.any(seg[n_real:] != PAD_SEGMENT):
+      raise ValueError(f'row {r}: padding tokens before image tokens')
+    if np.any(np.diff(real) < 0) or np.any(np.diff(real) > 1):
+      raise ValueError(f'row {r}: segments are not contiguous runs in slot order')
+    n_slots = int(real.max()) if n_real else 0
+    if n_real and real[0] != 1:
+      raise ValueError(f'row {r}: first segment is {real[0]}, expected 1')
+    expected_valid = np.arange(spec.slots) < n_slots
+    if not np.array_equal(valid[r], expected_valid):
+      raise ValueError(f'row {r}: valid {valid[r].tolist()} does not match '
+                       f'the {n_slots} segments present')
+    if np.any(index[r][valid[r]] < 0) or np.any(index[r][~valid[r]] != -1):
+      raise ValueError(f'row {r}: index must be >= 0 for valid slots, -1 otherwise')
+    if np.any(tokens[r][~valid[r]] != pad_id):
+      raise ValueError(f'row {r}: an empty slot carries caption tokens')
+    if np.any(grid[r][~valid[r]] != 0) or np.any(grid[r][valid[r]] <= 0):
+      raise ValueError(f'row {r}: grid must be positive for valid slots, 0 otherwise')
+    pad = seg == PAD_SEGMENT
+    if np.any(patches[r][pad] != 0) or np.any(yx[r][pad] != 0):
+      raise ValueError(f'row {r}: padding tokens must carry zero pixels and yx')
+    if n_real:
+      slot_grid = grid[r][real - 1]
+      if np.any(yx[r][~pad] < 0) or np.any(yx[r][~pad] >= slot_grid):
+        raise ValueError(f'row {r}: a token yx lies outside its image grid')
