@@ -1,0 +1,123 @@
+"""Config files, big_vision style, validated against one schema.
+
+A config file is a Python module with `get_config(arg)` returning an
+`ml_collections.ConfigDict`; it is named as `configs/x.py:key=value,...` and
+overridden with `--config.a.b=value`. Every config starts from
+`default_config()`, the schema: `check_config` rejects any key the schema
+lacks and any value of the wrong type, naming the key, before anything is
+compiled.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from lit_navit import optim
+from lit_navit import sharding
+from lit_navit.data import pipeline
+from lit_navit.data import sources
+from lit_navit.data import text
+from lit_navit.models import two_towers
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a training config may set, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 32  # global rows; each row packs up to input.images_per_row images
+  c.loss = 'sigmoid'  # 'sigmoid' (ring), 'sigmoid_allgather' or 'softmax'
+
+  c.input = pipeline.default_config()
+  c.input.source = sources.default_source_config()
+  c.input.tokenizer = text.default_tokenizer_path()
+  c.input.sticky_eos = False
+
+  c.model = two_towers.default_config()
+  c.optim = optim.default_config()
+
+  c.mesh = [('data', -1), ('fsdp', 1)]
+  c.sharding_rules = [('.*', 'fsdp')]
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=200,        # save every N steps
+      keep=3,           # keep the newest K
+      keep_every=0,     # and every M-th step for good (0: none)
+      async_save=True,
+  ))
+  c.log_every = 1  # steps between metrics.jsonl / TensorBoard records
+  c.evals = ml_collections.ConfigDict(dict(
+      every=0,               # steps between in-training evaluations (0: only at the end)
+      heldout_examples=256,  # held-out split for the loss
+      zero_shot=False,       # synthetic zero-shot + retrieval (the synthetic source only)
+      zero_shot_examples=256,
+  ))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'k=v,k2=v2' after the ':' of a config path, typed by `defaults`.
+
+  A bare word `k` sets a boolean `k` to True. Unknown keys are errors.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'config arg {key!r} is unknown; known: {sorted(defaults)}')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config arg {key!r} needs a value')
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      parsed[key] = value
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling the file's get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location('lit_navit_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first key the schema lacks or mistypes."""
+  _check_against(config, default_config(), prefix='')
+  if config.batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+
+
+def _check_against(config, schema, prefix):
+  for key in config.keys():
+    name = prefix + key
+    if key not in schema:
+      raise ValueError(f'config key {name!r} is unknown')
+    value, default = config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f'config key {name!r} must be a group of keys, got {value!r}')
+      _check_against(value, default, name + '.')
+    elif default is not None and value is not None and not _same_kind(value, default):
+      raise ValueError(f'config key {name!r} has type {type(value).__name__}, '
+                       f'expected {type(default).__name__}')
+
+
+def _same_kind(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, (int, float)):
+    return isinstance(value, (int, float))
+  if isinstance(default, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(default))

@@ -1,0 +1,70 @@
+"""Entry point: `python -m lit_navit.train --config configs/NAME.py[:args] --workdir DIR`.
+
+Overrides follow big_vision: `--config.total_steps=100 --config.input.source.kind=wds`.
+Multi-host: TPU pods need no flags; elsewhere pass --coordinator_address,
+--num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+"""
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
+config_flags.DEFINE_config_file('config', None, 'Config file, as path.py[:args].')
+FLAGS = flags.FLAGS
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails now, not at the first save, if the workdir cannot be written."""
+  os.makedirs(workdir, exist_ok=True)
+  probe = os.path.join(workdir, '.write_probe')
+  try:
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
+
+
+def train(config, workdir: str, hooks=()):
+  """Checks the config and workdir, then trains; returns the trainer's RunResult."""
+  # Imported here so `--help` and config errors don't pay for jax start-up.
+  import jax  # pylint: disable=g-import-not-at-top
+  from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_threefry_partitionable', True)
+  config_lib.check_config(config)
+  check_workdir(workdir)
+  trainer = trainer_lib.Trainer(config, workdir)
+  return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError('--config and --workdir are required')
+  from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  logging.getLogger().setLevel(logging.INFO)
+  result = train(FLAGS.config, FLAGS.workdir)
+  if result.preempted:
+    logging.warning('preempted after step %d: checkpoint saved', result.steps)
+
+
+def main():
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(_main, argv=sys.argv)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,253 @@
+"""The one trainer: state set-up, the step function and the loop with its hooks.
+
+The step stays short; checkpointing, logging, evaluation and preemption are
+hooks the loop runs every N steps. Decisions that must agree across hosts
+(stop now) are made once and shared.
+"""
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from lit_navit import checkpoint
+from lit_navit import losses
+from lit_navit import metrics as metrics_lib
+from lit_navit import optim
+from lit_navit import sharding
+from lit_navit.data import batch as batch_lib
+from lit_navit.data import pipeline as pipeline_lib
+from lit_navit.data import sources
+from lit_navit.data import text
+from lit_navit.models import two_towers
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  steps: int
+  seconds: float
+  preempted: bool
+  final_metrics: dict
+
+
+def make_pipeline(config, source, *, rows: int, mode: str = 'train'):
+  """The input pipeline of this process for `config` (train or eval mode)."""
+  tokenizer = text.Tokenizer(config.input.tokenizer, length=config.input.text_len,
+                             sticky_eos=config.input.sticky_eos)
+  input_config = config.input.copy_and_resolve_references()
+  with input_config.unlocked():
+    input_config.mode = mode
+  return pipeline_lib.Pipeline(
+      source, tokenizer, input_config, rows=rows, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def check_divisibility(config, mesh) -> None:
+  """Rejects a global batch that the devices or hosts cannot split evenly."""
+  if config.batch_size % mesh.size:
+    raise ValueError(f'config key batch_size={config.batch_size} does not divide '
+                     f'over the {mesh.size} devices of the mesh')
+  if config.batch_size % jax.process_count():
+    raise ValueError(f'config key batch_size={config.batch_size} does not divide '
+                     f'over {jax.process_count()} processes')
+
+
+class Trainer:
+  """Trains a two-tower model from a checked config into `workdir`."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(config)
+    check_divisibility(config, self.mesh)
+    self.local_rows = config.batch_size // jax.process_count()
+    self.source = sources.make_source(config.input.source)
+    self.pipeline = make_pipeline(config, self.source, rows=self.local_rows)
+    self.model = two_towers.TwoTowers(config.model)
+    self.loss_fn = losses.make_loss(config.loss, self.mesh)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self._compiled = {}  # patch size -> compiled train step
+    self._stop_requested = False
+    self._init_state()
+    self.checkpointer = checkpoint.Checkpointer(
+        workdir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
+        async_save=config.checkpoint.async_save)
+
+  # --- state ---------------------------------------------------------------
+
+  def _example_batch(self, patch_size: int) -> dict:
+    spec = batch_lib.BatchSpec(rows=self.config.batch_size,
+                               tokens_per_row=self.config.input.tokens_per_row,
+                               slots=self.config.input.images_per_row,
+                               text_len=self.config.input.text_len,
+                               patch_size=patch_size)
+    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()}
+
+  def _init_state(self) -> None:
+    example = self._example_batch(self.config.input.patch_sizes[0])
+    init_params = lambda: self.model.init(
+        jax.random.key(self.config.seed), _zeros(example))['params']
+    abstract_params = jax.eval_shape(init_params)
+    self.tx, self.schedules = optim.make_optimizer(
+        self.config.optim, abstract_params, self.config.total_steps)
+
+    def init_state():
+      params = init_params()
+      return {'step': jnp.zeros((), jnp.int32), 'params': params,
+              'opt_state': self.tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state)
+    param_sh = sharding.param_shardings(
+        abstract_params, self.config.sharding_rules, self.mesh)
+    self.state_sharding = {
+        'step': sharding.replicated(self.mesh),
+        'params': param_sh,
+        'opt_state': sharding.state_shardings(
+            self.tx, abstract_state['opt_state'], param_sh, self.mesh),
+    }
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, self.state_sharding)
+    self._init_fn = jax.jit(init_state, out_shardings=self.state_sharding)
+
+  def restore_or_init(self):
+    """The newest good checkpoint's state (and the pipeline's), else a fresh one."""
+    restored = self.checkpointer.restore_latest(self.abstract_state)
+    if restored is None:
+      logging.info('no checkpoint in %s: starting from scratch', self.workdir)
+      return self._init_fn()
+    step, state, data_state = restored
+    self.pipeline.set_state(data_state)
+    logging.info('resumed from step %d', step)
+    return state
+
+  # --- the step ------------------------------------------------------------
+
+  def _train_step(self, state, batch):
+    valid = batch['valid'].reshape(-1)
+
+    def loss_of(params):
+      zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
+      return self.loss_fn(zimg, ztxt, valid, params['t'], params.get('b'))
+
+    (loss, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state['params'])
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
+    step_metrics = dict(
+        step_metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        images=jnp.sum(valid), tokens=real_tokens,
+        padding_fraction=1.0 - real_tokens / batch['image/segment'].size,
+        images_per_row=jnp.sum(valid) / batch['valid'].shape[0])
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    return new_state, step_metrics
+
+  def compiled_step(self, state, batch):
+    """The train step compiled for this batch's patch size (FlexiViT: one per p)."""
+    p = batch_lib.spec_of(batch).patch_size
+    if p not in self._compiled:
+      jitted = jax.jit(self._train_step, donate_argnums=0,
+                       in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)))
+      compiled = jitted.lower(state, batch).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops = float((cost or {}).get('flops', 0.0))
+      self._compiled[p] = (compiled, flops)
+    return self._compiled[p]
+
+  # --- the loop ------------------------------------------------------------
+
+  def _request_stop(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('signal %d: saving a checkpoint and stopping', signum)
+    self._stop_requested = True
+
+  def _all_agree_to_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self._stop_requested
+    flags = multihost_utils.process_allgather(np.array(self._stop_requested))
+    return bool(np.any(flags))
+
+  def _save(self, step: int, state) -> None:
+    self.checkpointer.save(step, state, self.pipeline.get_state(), self.config)
+
+  def run(self, hooks=()) -> RunResult:
+    """Trains to config.total_steps (or until preempted). `hooks` get (step, state)."""
+    config = self.config
+    writer = metrics_lib.MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+    peak = metrics_lib.measure_matmul_peak() if jax.default_backend() == 'cpu' else None
+    throughput = metrics_lib.Throughput(config.total_steps, peak)
+    previous = signal.signal(signal.SIGTERM, self._request_stop), signal.signal(
+        signal.SIGINT, self._request_stop)
+    start_time = time.perf_counter()
+    state = self.restore_or_init()
+    step = int(jax.device_get(state['step']))
+    first_step = step
+    pending = None  # (step, device metrics, host stats): logged one step late
+    last = {}
+    preempted = False
+    try:
+      while step < config.total_steps:
+        if self._all_agree_to_stop():
+          preempted = True
+          break
+        batch = sharding.make_global_batch(next(self.pipeline), self.mesh)
+        compiled, flops = self.compiled_step(state, batch)
+        state, device_metrics = compiled(state, batch)
+        step += 1
+        if pending is not None:
+          last = self._log(writer, throughput, *pending)
+        pending = (step, device_metrics, flops)
+        if step % config.checkpoint.every == 0 or step == config.total_steps:
+          last = self._log(writer, throughput, *pending)
+          pending = None
+          self._save(step, state)
+        for hook in hooks:
+          hook(step, state)
+      if pending is not None:
+        last = self._log(writer, throughput, *pending)
+      if preempted and self.checkpointer.latest_step() != step:
+        self._save(step, state)
+    finally:
+      self.checkpointer.close()
+      writer.close()
+      signal.signal(signal.SIGTERM, previous[0])
+      signal.signal(signal.SIGINT, previous[1])
+    self.state = state
+    return RunResult(steps=step - first_step, seconds=time.perf_counter() - start_time,
+                     preempted=preempted, final_metrics=last)
+
+  def _log(self, writer, throughput, step, device_metrics, flops) -> dict:
+    """Pulls one step's metrics off the device, checks the loss, writes a record."""
+    scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    throughput.add(scalars['images'], scalars['tokens'], flops)
+    if not math.isfinite(scalars['loss']):
+      raise NonFiniteLoss(
+          f"loss is {scalars['loss']} at step {step}; stopping. The last good "
+          f'checkpoint is step {self.checkpointer.latest_step()} in '
+          f'{self.checkpointer.directory}')
+    if step % self.config.log_every and step != self.config.total_steps:
+      return scalars
+    scalars['lr'] = float(self.schedules(step - 1)) if callable(self.schedules) else 0.0
+    scalars.update({f'skipped/{k}': v for k, v in self.pipeline.skipped.counts.items()})
+    scalars.update(throughput.report(step))
+    writer.write(step, scalars)
+    if jax.process_index() == 0:
+      metrics_lib.print_line(metrics_lib.console_line(step, self.config.total_steps, scalars))
+    return scalars
+
+
+def _zeros(abstract: dict) -> dict:
+  return {k: jnp.zeros(v.shape, v.dtype) for k, v in abstract.items()}
