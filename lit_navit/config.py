@@ -16,8 +16,6 @@ import ml_collections
 from lit_navit import optim
 from lit_navit import sharding
 from lit_navit.data import pipeline
-from lit_navit.data import sources
-from lit_navit.data import text
 from lit_navit.models import two_towers
 
 
@@ -27,18 +25,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 32  # global rows; each row packs up to input.images_per_row images
-  c.loss = 'sigmoid'  # 'sigmoid' (ring), 'sigmoid_allgather' or 'softmax'
 
   c.input = pipeline.default_config()
-  c.input.source = sources.default_source_config()
-  c.input.tokenizer = text.default_tokenizer_path()
-  c.input.sticky_eos = False
-
-  c.model = two_towers.default_config()
+  c.model = two_towers.default_config()  # model.loss picks sigmoid (ring) or softmax
   c.optim = optim.default_config()
-
-  c.mesh = [('data', -1), ('fsdp', 1)]
-  c.sharding_rules = [('.*', 'fsdp')]
+  c.update(sharding.default_config())  # mesh, sharding_rules
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200,        # save every N steps

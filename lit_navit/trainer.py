@@ -26,6 +26,7 @@ from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import sources
 from lit_navit.data import text
+from jax.sharding import NamedSharding, PartitionSpec as P
 from lit_navit.models import two_towers
 
 
@@ -41,8 +42,9 @@ class RunResult:
   final_metrics: dict
 
 
-def make_pipeline(config, source, *, rows: int, mode: str = 'train'):
-  """The input pipeline of this process for `config` (train or eval mode)."""
+def make_pipeline(config, source, *, rows: int, mode: str = 'train',
+                  process_index: int | None = None, process_count: int | None = None):
+  """The input pipeline of this process (or of the host given) for `config`."""
   tokenizer = text.Tokenizer(config.input.tokenizer, length=config.input.text_len,
                              sticky_eos=config.input.sticky_eos)
   input_config = config.input.copy_and_resolve_references()
@@ -50,7 +52,8 @@ def make_pipeline(config, source, *, rows: int, mode: str = 'train'):
     input_config.mode = mode
   return pipeline_lib.Pipeline(
       source, tokenizer, input_config, rows=rows, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
 
 
 def check_divisibility(config, mesh) -> None:
@@ -75,8 +78,9 @@ class Trainer:
     self.source = sources.make_source(config.input.source)
     self.pipeline = make_pipeline(config, self.source, rows=self.local_rows)
     self.model = two_towers.TwoTowers(config.model)
-    self.loss_fn = losses.make_loss(config.loss, self.mesh)
+    self.loss_fn = losses.make_loss(config.model.loss, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = NamedSharding(self.mesh, P())
     self._compiled = {}  # patch size -> compiled train step
     self._stop_requested = False
     self._init_state()
@@ -111,10 +115,10 @@ class Trainer:
     param_sh = sharding.param_shardings(
         abstract_params, self.config.sharding_rules, self.mesh)
     self.state_sharding = {
-        'step': sharding.replicated(self.mesh),
+        'step': self.replicated,
         'params': param_sh,
         'opt_state': sharding.state_shardings(
-            self.tx, abstract_state['opt_state'], param_sh, self.mesh),
+            abstract_state['opt_state'], abstract_params, param_sh, self.mesh),
     }
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -160,7 +164,7 @@ class Trainer:
     if p not in self._compiled:
       jitted = jax.jit(self._train_step, donate_argnums=0,
                        in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=(self.state_sharding, sharding.replicated(self.mesh)))
+                       out_shardings=(self.state_sharding, self.replicated))
       compiled = jitted.lower(state, batch).compile()
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -240,7 +244,10 @@ class Trainer:
           f'{self.checkpointer.directory}')
     if step % self.config.log_every and step != self.config.total_steps:
       return scalars
-    scalars['lr'] = float(self.schedules(step - 1)) if callable(self.schedules) else 0.0
+    lrs = {pattern: float(fn(step - 1)) for pattern, fn in self.schedules.items()}
+    scalars['lr'] = next(iter(lrs.values()), 0.0)
+    if len(lrs) > 1:
+      scalars.update({f'lr/{pattern}': lr for pattern, lr in lrs.items()})
     scalars.update({f'skipped/{k}': v for k, v in self.pipeline.skipped.counts.items()})
     scalars.update(throughput.report(step))
     writer.write(step, scalars)

@@ -1,0 +1,239 @@
+"""The trainer end to end: real processes, real checkpoints, real signals."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lit_navit import checkpoint
+from lit_navit import config as config_lib
+from lit_navit import train
+from lit_navit import trainer as trainer_lib
+
+pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, 'tiny_config.py')
+
+
+def _env(devices=8):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return env
+
+
+def _train_cmd(workdir, arg='', *overrides):
+  return [sys.executable, '-m', 'lit_navit.train', f'--config={TINY}:{arg}',
+          f'--workdir={workdir}', *overrides]
+
+
+def _run(workdir, arg='', *overrides, check=True):
+  proc = subprocess.run(_train_cmd(workdir, arg, *overrides), env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f'training failed:\n{proc.stdout}\n{proc.stderr}')
+  return proc
+
+
+def _params(workdir):
+  return jax.tree.map(np.asarray, checkpoint.load_for_inference(workdir)[1])
+
+
+def _assert_bitwise_equal(a, b):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _steps(workdir):
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted 12-step run, checkpoints every 4 steps."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  _run(workdir, 'steps=12,every=4')
+  return workdir
+
+
+def test_metrics_and_summaries_are_written(reference):
+  records = _metrics(reference)
+  assert [r['step'] for r in records] == list(range(1, 13))
+  for key in ('loss', 'lr', 't', 'b', 'grad_norm', 'images_per_s', 'tokens_per_s',
+              'padding_fraction', 'images_per_row', 'mfu', 'eta_seconds'):
+    assert all(np.isfinite(r[key]) for r in records), key
+  assert all(0 <= r['padding_fraction'] < 1 for r in records)
+  assert records[-1]['eta_seconds'] == 0
+  events = os.listdir(os.path.join(reference, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events)
+  assert _steps(reference) == [4, 8, 12]
+
+
+def test_rerunning_a_finished_run_trains_nothing(reference, tmp_path):
+  before = _params(reference)
+  proc = _run(reference, 'steps=12,every=4')
+  assert 'resumed from step 12' in proc.stderr
+  _assert_bitwise_equal(before, _params(reference))
+
+
+def test_exact_resume_after_sigkill(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_train_cmd(workdir, 'steps=12,every=4'), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # Kill as soon as the first checkpoint is committed (orbax renames a
+  # finished temporary directory to the step number).
+  deadline = time.time() + 240
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '4')):
+    assert proc.poll() is None, proc.stderr.read().decode()
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.kill()
+  proc.wait()
+  killed_at = _steps(workdir)
+  assert killed_at and killed_at[-1] < 12, killed_at
+  _run(workdir, 'steps=12,every=4')
+  _assert_bitwise_equal(_params(reference), _params(workdir))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  subprocess.run(['cp', '-r', reference, workdir], check=True)
+  state_dir = os.path.join(workdir, 'checkpoints', '12', 'state')
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  proc = _run(workdir, 'steps=12,every=4')
+  assert 'step 12' in proc.stderr and 'unreadable' in proc.stderr
+  assert 'resumed from step 8' in proc.stderr
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12.corrupt-0'))
+  # Retraining steps 9-12 from step 8 reproduces the lost checkpoint exactly.
+  _assert_bitwise_equal(_params(reference), _params(workdir))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_train_cmd(workdir, 'steps=100000,every=100000'), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics_file) and len(open(metrics_file).readlines()) >= 3):
+    assert proc.poll() is None, proc.stderr.read().decode()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr.decode()
+  steps = _steps(workdir)
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
+  data_state = os.path.join(workdir, 'checkpoints', str(steps[0]), 'data')
+  assert os.listdir(data_state)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+  # exp(200) overflows float32: the very first loss is not finite.
+  proc = _run(str(tmp_path), 'steps=6', '--config.model.t_init=200.0', check=False)
+  assert proc.returncode != 0
+  assert 'NonFiniteLoss' in proc.stderr and 'at step 1' in proc.stderr
+
+
+def test_unknown_override_key_fails_before_training(tmp_path):
+  proc = _run(str(tmp_path), '', '--config.input.tokens_per_roww=3', check=False)
+  assert proc.returncode != 0
+  assert 'tokens_per_roww' in proc.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_config_errors_name_the_key(tmp_path):
+  config = config_lib.load_config_file(TINY)
+  with config.unlocked():
+    config.input.tokens_per_roww = 3
+  with pytest.raises(ValueError, match='input.tokens_per_roww'):
+    config_lib.check_config(config)
+
+  config = config_lib.load_config_file(TINY)
+  with pytest.raises(TypeError, match='images_per_row'):
+    config.input.images_per_row = 'four'
+  with config.ignore_type():
+    config.input.images_per_row = 'four'
+  with pytest.raises(ValueError, match='input.images_per_row'):
+    config_lib.check_config(config)
+
+  config = config_lib.load_config_file(TINY + ':batch=6')
+  with pytest.raises(ValueError, match='batch_size=6 does not divide'):
+    train.train(config, str(tmp_path / 'a'))
+
+  config = config_lib.load_config_file(TINY)
+  config.input.source.kind = 'tfrecord'
+  config.input.source.path = str(tmp_path / 'missing-*.tfrecord')
+  with pytest.raises(FileNotFoundError, match='missing-'):
+    train.train(config, str(tmp_path / 'b'))
+
+  with pytest.raises(ValueError, match='loss'):
+    config_lib.parse_arg('loss=softmax,lr=3', loss='sigmoid')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class _TwoHostRows:
+  """One process feeding what two hosts would: host 0's rows, then host 1's."""
+
+  def __init__(self, config):
+    self.hosts = [trainer_lib.make_pipeline(config, trainer_lib.sources.make_source(
+        config.input.source), rows=config.batch_size // 2, process_index=i,
+        process_count=2) for i in range(2)]
+    self.skipped = self.hosts[0].skipped
+
+  def __next__(self):
+    rows = [next(host) for host in self.hosts]
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+  def get_state(self):
+    return [host.get_state() for host in self.hosts]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  procs = [subprocess.Popen(
+      _train_cmd(multi, 'steps=4,every=4', f'--coordinator_address=127.0.0.1:{port}',
+                 '--num_processes=2', f'--process_id={i}'),
+      env=_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-3000:]
+
+  single = str(tmp_path / 'single')
+  config = config_lib.load_config_file(TINY + ':steps=4,every=4')
+  trainer = trainer_lib.Trainer(config, single)
+  trainer.pipeline = _TwoHostRows(config)
+  trainer.run()
+
+  multi_loss = [r['loss'] for r in _metrics(multi)]
+  single_loss = [r['loss'] for r in _metrics(single)]
+  assert len(multi_loss) == 4
+  np.testing.assert_allclose(multi_loss, single_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               _params(multi), _params(single))
