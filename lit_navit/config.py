@@ -25,6 +25,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 32  # global rows; each row packs up to input.images_per_row images
+  # Start from another run's params (a workdir or step directory): those whose
+  # path matches init_params are loaded, the rest initialised (LiT).
+  c.init_from = ''
+  c.init_params = '.*'
 
   c.input = pipeline.default_config()
   c.model = two_towers.default_config()  # model.loss picks sigmoid (ring) or softmax

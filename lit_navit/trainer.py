@@ -21,6 +21,7 @@ from lit_navit import checkpoint
 from lit_navit import losses
 from lit_navit import metrics as metrics_lib
 from lit_navit import optim
+from lit_navit import rules
 from lit_navit import sharding
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
@@ -130,11 +131,35 @@ class Trainer:
     restored = self.checkpointer.restore_latest(self.abstract_state)
     if restored is None:
       logging.info('no checkpoint in %s: starting from scratch', self.workdir)
-      return self._init_fn()
+      state = self._init_fn()
+      if self.config.init_from:
+        state['params'] = self._load_init_params(state['params'])
+      return state
     step, state, data_state = restored
     self.pipeline.set_state(data_state)
     logging.info('resumed from step %d', step)
     return state
+
+  def _load_init_params(self, params):
+    """Replaces the params matching config.init_params with init_from's."""
+    _, loaded = checkpoint.load_for_inference(self.config.init_from)
+    take = rules.match_rules(params, [(self.config.init_params, True), ('.*', False)],
+                             'config.init_params')
+    loaded_by_path = dict(zip(rules.tree_paths(loaded), jax.tree.leaves(loaded)))
+
+    def pick(key_path, param, take_it, sharding_):
+      if not take_it:
+        return param
+      path = rules.path_str(key_path)
+      if path not in loaded_by_path or loaded_by_path[path].shape != param.shape:
+        raise ValueError(f'config.init_from={self.config.init_from!r} has no param '
+                         f'{path!r} of shape {param.shape}')
+      return jax.device_put(np.asarray(loaded_by_path[path]), sharding_)
+
+    logging.info('initialising %r params from %s', self.config.init_params,
+                 self.config.init_from)
+    return jax.tree_util.tree_map_with_path(pick, params, take,
+                                            self.state_sharding['params'])
 
   # --- the step ------------------------------------------------------------
 

@@ -1,0 +1,67 @@
+"""SigLIP recipe with a NaViT image tower, for pods and GPU clusters.
+
+NaViT-B/16 + text B, sigmoid loss (ring across devices), Adam lr 1e-3,
+wd 1e-4, clip 1, linear warmup then cosine; side ~ N_t(-0.5, 1) on
+[64, 384] pixels, rows of L=256 tokens.
+
+  python -m lit_navit.train --workdir gs://bucket/run \\
+    --config configs/siglip_navit.py:variant=B/16,batch=4096,source=tfrecord,path=gs://bucket/webli-*.tfrecord
+
+Args: variant (image tower), text_variant, batch (global rows), steps,
+source (tfrecord | wds | files | synthetic), path, tokenizer (a sentencepiece
+.model; c4_en or Gemma models work), vocab (its vocabulary size), loss.
+"""
+
+from lit_navit import config as config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(
+      arg, variant='B/16', text_variant='B', batch=4096, steps=100_000,
+      source='tfrecord', path='', tokenizer='', vocab=32_000, loss='sigmoid',
+      warmup=5_000)
+  c = config_lib.default_config()
+  c.total_steps = arg.steps
+  c.batch_size = arg.batch
+
+  c.input.source.kind = arg.source
+  c.input.source.path = arg.path
+  if arg.tokenizer:
+    c.input.tokenizer = arg.tokenizer
+  c.input.tokens_per_row = 256
+  c.input.images_per_row = 16
+  c.input.text_len = 64
+  c.input.patch_sizes = (int(arg.variant.split('/')[1]),)
+  c.input.resolution.mode = 'side'
+  c.input.resolution.dist = 'truncated_normal'
+  c.input.resolution.mean = -0.5
+  c.input.resolution.std = 1.0
+  c.input.resolution.min = 64
+  c.input.resolution.max = 384
+  c.input.pack_buffer = 1024
+  c.input.workers = 32
+
+  c.model.image.variant = arg.variant
+  c.model.image.pool = 'map'
+  c.model.text.variant = arg.text_variant
+  c.model.text.vocab_size = arg.vocab
+  c.model.text.max_len = 64
+  c.model.embed_dim = 768
+  c.model.dtype = 'bfloat16'
+  c.model.loss = arg.loss
+  c.model.image.remat_policy = 'nothing_saveable'
+  c.model.text.remat_policy = 'nothing_saveable'
+
+  c.optim.optax_name = 'adam'
+  c.optim.optax = dict(b1=0.9, b2=0.95)
+  c.optim.lr = 1e-3
+  c.optim.wd = 1e-4
+  c.optim.grad_clip_norm = 1.0
+  c.optim.schedule = [('.*', dict(decay_type='cosine', warmup_steps=arg.warmup))]
+
+  c.mesh = [('data', -1), ('fsdp', 1)]
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_every = 10_000
+  c.log_every = 50
+  return c
