@@ -1,0 +1,79 @@
+"""Queries exported image embeddings by text or by image.
+
+  python eval/query.py --checkpoint workdirs/run --index embeddings/photos \
+      --text "a red circle" --k 5
+
+Embeds each --text / --image query with the checkpoint and prints the top-k
+exported images (brute force over all parts). Use the checkpoint, patch size
+and token budget the export was made with.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from lit_navit.evaluate import cli
+from lit_navit.evaluate import datasets
+from lit_navit.evaluate import export
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  cli.add_model_flags(parser)
+  parser.add_argument('--index', required=True,
+                      help='an export folder (eval/export_embeddings.py)')
+  parser.add_argument('--text', action='append', default=[],
+                      help='a text query; repeat for more')
+  parser.add_argument('--image', action='append', default=[],
+                      help='an image file query; repeat for more')
+  parser.add_argument('--k', type=int, default=10, help='results per query')
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if not args.text and not args.image:
+    raise ValueError('give at least one --text or --image query')
+  manifest_path = os.path.join(args.index, export.MANIFEST)
+  if not os.path.isfile(manifest_path):
+    raise FileNotFoundError(f'not an export folder (no {export.MANIFEST}): {args.index}')
+  with open(manifest_path, encoding='utf-8') as f:
+    manifest = json.load(f)
+  budgets = cli.parse_token_budgets(args.max_tokens or manifest['max_tokens'])
+  if len(budgets) != 1:
+    raise ValueError(f'--max_tokens {args.max_tokens!r}: give one budget')
+  if args.patch_size is None:
+    args.patch_size = manifest['patch_size']
+  config, params = cli.load_checkpoint(args.checkpoint)
+  embedder = cli.make_embedder(config, params, args, budgets[0])
+  if embedder.dim != manifest['dim']:
+    raise ValueError(f'the checkpoint embeds into {embedder.dim} dims but the '
+                     f'export in {args.index} holds {manifest["dim"]}')
+  queries = [{'text': t} for t in args.text] + [{'image': p} for p in args.image]
+  vectors = []
+  if args.text:
+    vectors.extend(embedder.texts(args.text))
+  if args.image:
+    emb, failed = embedder.images(datasets.ImageFiles(args.image), progress=False)
+    if failed:
+      _, key, reason = failed[0]
+      raise ValueError(f'query image {key} cannot be read: {reason}')
+    vectors.extend(emb)
+  results = export.query(args.index, vectors, k=args.k)
+  for q, hits in zip(queries, results):
+    print(f'{q.get("text", q.get("image"))!r}:')
+    q['results'] = hits
+    for rank, hit in enumerate(hits, start=1):
+      label = hit.get('image_path', hit.get('key'))
+      caption = f'  "{hit["caption"]}"' if hit.get('caption') else ''
+      print(f'  {rank:2d}. {hit["score"]:.4f}  {label}{caption}')
+  if args.output:
+    cli.write_json(args.output, {'index': os.path.abspath(args.index),
+                                 'checkpoint': os.path.abspath(args.checkpoint),
+                                 'queries': queries})
+  return queries
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,168 @@
+"""Robust image decoding: encoded bytes -> uint8 RGB array, or a `BadImage`.
+
+Web-scale image-text data holds every kind of broken or odd file. Decoding
+never crashes the pipeline: each failure becomes a `BadImage` with a short
+reason, which the pipeline counts in a `SkipCounter` and moves on.
+"""
+
+import collections
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+# PIL.Image.MAX_IMAGE_PIXELS, the default cap: about a 9459 x 9459 image.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Formats worth decoding for image-text data. Naming them keeps PIL from
+# trying every plugin it has on arbitrary bytes (EPS would run ghostscript).
+_FORMATS = ('JPEG', 'MPO', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
+
+_WHITE = (255, 255, 255)
+
+
+class BadImage(ValueError):
+  """An image that cannot be used; `reason` is a short key for counting.
+
+  Reasons: 'empty' (no bytes), 'not_image' (not a supported image format),
+  'too_large' (over the pixel budget), 'truncated', 'corrupt'.
+  """
+
+  def __init__(self, reason: str, detail: str = ''):
+    super().__init__(f'{reason}: {detail}' if detail else reason)
+    self.reason = reason
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Decodes JPEG/PNG/WebP/GIF (first frame)/BMP/TIFF bytes to uint8 [H, W, 3].
+
+  The EXIF orientation is applied, so the array is the image as a viewer shows
+  it. Every mode becomes RGB; transparency is composited onto white. Images
+  over `max_pixels` are refused from their header, before any pixel is
+  decoded. PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
+
+  Raises:
+    BadImage: with reason 'empty', 'not_image', 'too_large', 'truncated' or
+      'corrupt'.
+  """
+  if not data:
+    raise BadImage('empty', 'zero bytes')
+  with warnings.catch_warnings():
+    # PIL warns between its limit and twice it; our own check decides.
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    try:
+      image = Image.open(io.BytesIO(data), formats=_FORMATS)
+    except Image.DecompressionBombError as e:
+      raise BadImage('too_large', str(e)) from e
+    except Image.UnidentifiedImageError as e:
+      raise BadImage('not_image', f'{len(data)} bytes, no known image header') from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+      raise BadImage('corrupt', f'header: {e}') from e
+
+  width, height = image.size
+  if width <= 0 or height <= 0:
+    raise BadImage('corrupt', f'size {width}x{height}')
+  if width * height > max_pixels:
+    raise BadImage('too_large', f'{width}x{height} > {max_pixels} pixels')
+
+  try:
+    image.load()  # The first frame only, for animations.
+    image = _exif_transposed(image)
+    return _to_rgb(image)
+  except (OSError, EOFError) as e:
+    if 'truncated' in str(e).lower() or isinstance(e, EOFError):
+      raise BadImage('truncated', str(e)) from e
+    raise BadImage('corrupt', str(e)) from e
+  except (SyntaxError, ValueError, IndexError, KeyError, TypeError,
+          MemoryError) as e:
+    # Pillow's plugins raise all of these on malformed streams.
+    raise BadImage('corrupt', f'{type(e).__name__}: {e}') from e
+
+
+def _exif_transposed(image: Image.Image) -> Image.Image:
+  """Applies the EXIF orientation; a malformed EXIF block is ignored."""
+  try:
+    return ImageOps.exif_transpose(image)
+  except (SyntaxError, ValueError, KeyError, TypeError, struct.error):
+    # The pixels are fine; only the metadata is broken.
+    return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  """Any PIL mode -> uint8 [H, W, 3]."""
+  mode = image.mode
+  if mode == 'RGB':
+    rgb = image
+  elif mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      mode == 'P' and 'transparency' in image.info) or (
+          mode in ('L', 'RGB') and 'transparency' in image.info):
+    # Without compositing, fully transparent pixels keep whatever colour
+    # they store (often black), so transparent logos would turn black.
+    rgba = image.convert('RGBA')
+    background = Image.new('RGBA', rgba.size, _WHITE + (255,))
+    rgb = Image.alpha_composite(background, rgba).convert('RGB')
+  elif mode.startswith('I'):
+    # 16-bit (and 32-bit integer) grey: PIL's convert('L') clips at 255,
+    # which turns almost every pixel white, so rescale the 16-bit range.
+    grey = np.asarray(image).astype(np.float64)
+    return _grey_to_rgb(np.clip(grey, 0, 65535) / 257.0)
+  elif mode == 'F':
+    # Float images conventionally hold [0, 1].
+    grey = np.asarray(image).astype(np.float64)
+    return _grey_to_rgb(np.clip(np.nan_to_num(grey), 0, 1) * 255.0)
+  else:  # '1', 'L', 'P', 'CMYK', 'YCbCr', 'LAB', 'HSV'.
+    rgb = image.convert('RGB')
+  return np.asarray(rgb, dtype=np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+  grey = np.round(grey).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
+class SkipCounter:
+  """Counts skipped records by reason; its dict form is loggable and saveable.
+
+  `SkipCounter(counter.as_dict())` restores a counter, e.g. from the
+  pipeline's checkpointed state.
+  """
+
+  def __init__(self, counts=None):
+    self._counts = collections.Counter()
+    for reason, n in dict(counts or {}).items():
+      self.add(reason, n)
+
+  def add(self, reason: str, n: int = 1) -> None:
+    """Counts `n` more records skipped for `reason`."""
+    if n < 0:
+      raise ValueError(f'skip count for {reason!r} must be >= 0, got {n}')
+    if n:
+      self._counts[str(reason)] += int(n)
+
+  def merge(self, other: 'SkipCounter') -> 'SkipCounter':
+    """Adds another counter's counts into this one (e.g. across workers)."""
+    for reason, n in other.counts.items():
+      self.add(reason, n)
+    return self
+
+  @property
+  def counts(self) -> dict:
+    """Reason -> count, sorted by reason."""
+    return dict(sorted(self._counts.items()))
+
+  @property
+  def total(self) -> int:
+    return sum(self._counts.values())
+
+  def as_dict(self, prefix: str = '') -> dict:
+    """Counts keyed `prefix + reason`: 'skipped/' for metrics, '' for state."""
+    return {prefix + reason: n for reason, n in self.counts.items()}
+
+  def __eq__(self, other):
+    return isinstance(other, SkipCounter) and self.counts == other.counts
+
+  def __repr__(self):
+    return f'SkipCounter({self.counts})'

@@ -1,0 +1,443 @@
+"""The input pipeline: records -> packed batches, with exact save and restore.
+
+One `Pipeline` serves training and evaluation:
+
+  train  this host's shard in an order shuffled by (seed, epoch), repeated
+         forever; resolutions sampled, tokens dropped, patch size sampled per
+         step (FlexiViT) as a function of (seed, step), the same on every host.
+  eval   this host's shard once, in order; each image fitted to the token
+         budget, nothing dropped; the last batch is padded with empty slots,
+         then StopIteration.
+
+Each step tops a buffer of decoded, pending images up to `pack_buffer`,
+plans which of them fill the batch's rows (by token counts alone), then
+resizes, patchifies and drops tokens of the chosen ones. Decoding and
+resizing run on a thread pool (PIL releases the GIL); results are taken in
+submission order, so batches do not depend on the number of workers.
+
+Every random choice is keyed: an image's resolution by (seed, index, epoch),
+its drop rate and dropped patches by (seed, index, step), the patch size by
+(seed, step). The state therefore holds only positions and example indices,
+never pixels, and a restored pipeline recomputes everything else.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+
+import ml_collections
+import numpy as np
+
+from lit_navit.data import batch as batch_lib
+from lit_navit.data import decode
+from lit_navit.data import dropping
+from lit_navit.data import packing
+from lit_navit.data import patches as patches_lib
+from lit_navit.data import resolution
+from lit_navit.data import sources
+from lit_navit.data import text
+
+MODES = ('train', 'eval')
+STATE_VERSION = 1
+_ORDER_TAG = 0x6f72
+_RESOLUTION_TAG = 0x7273
+_PATCH_SIZE_TAG = 0x7073
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `input` config: every key the pipeline reads, with its default."""
+  config = ml_collections.ConfigDict()
+  config.mode = 'train'  # 'train' or 'eval'.
+  config.source = sources.default_source_config()
+  config.tokenizer = text.default_tokenizer_path()  # A sentencepiece model.
+  config.sticky_eos = False  # Keep EOS when a caption is truncated.
+  config.tokens_per_row = 256  # L, image tokens per packed row.
+  config.images_per_row = 16  # E, image slots per row.
+  config.text_len = 16  # T, tokens per caption.
+  # FlexiViT: one is drawn per step from (seed, step); eval needs exactly one.
+  config.patch_sizes = (16,)
+  config.resolution = ml_collections.ConfigDict(dict(
+      mode='side',  # 'side' (longer side), 'area' (sqrt of area) or 'fit'.
+      dist='uniform',  # 'uniform' or 'truncated_normal'.
+      min=64,  # Pixels.
+      max=256,
+      mean=-0.5,  # truncated_normal: N(mean, std) on [-1, 1] -> [min, max].
+      std=1.0,
+      # Most tokens of one image in every mode, and the budget that 'fit'
+      # mode (and eval) fills; None = a full row.
+      max_tokens=None,
+  ))
+  config.token_drop = ml_collections.ConfigDict(dict(
+      kind='none',  # 'none', 'constant', 'beta' or 'resolution'.
+      rate=0.0,  # constant and beta: the (mean) rate.
+      rate_min=0.0,  # resolution: mean rate at 1 token ...
+      rate_max=0.5,  # ... and at a full row.
+      resolution_sd=0.02,
+      schedule_steps=0,  # Rates scale linearly from 1x at step 0 to
+      schedule_end_factor=1.0,  # this factor at schedule_steps; 0 = off.
+  ))
+  # Decoded images waiting to be packed. More packs tighter; it should
+  # exceed rows * (images per row) by a good margin.
+  config.pack_buffer = 256
+  config.shuffle = True  # Train mode: shuffle each epoch's order.
+  config.max_pixels = decode.DEFAULT_MAX_PIXELS  # Larger images are skipped.
+  config.workers = 4  # Decode/resize threads; 0 runs them inline.
+  # Stop when more than this fraction of the last `bad_record_window`
+  # records failed: a broken source, not a few bad records.
+  config.bad_record_budget = 0.1
+  config.bad_record_window = 1000
+  return config
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A decoded image waiting for a row; `grids` caches its grid per patch size."""
+  index: int
+  epoch: int
+  image: np.ndarray
+  tokens: np.ndarray
+  grids: dict = dataclasses.field(default_factory=dict)
+
+
+class Pipeline:
+  """Iterator of packed numpy batches of `rows` rows each (see module doc).
+
+  Args:
+    source: a random-access `sources.Source`.
+    tokenizer: has `encode(list[str]) -> int32 [N, text_len]` and `pad_id`.
+    config: the `input` config (`default_config()`).
+    rows: B, rows per batch on this host.
+    seed: the data seed.
+    process_index, process_count: this host and the number of hosts; each
+      reads its own `sources.host_shard`.
+
+  Attributes:
+    skipped: a `decode.SkipCounter` of records skipped, by reason.
+  """
+
+  def __init__(self, source, tokenizer, config, *, rows: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    _check_config(config)
+    if rows < 1:
+      raise ValueError(f'rows must be >= 1, got {rows}')
+    self._source = source
+    self._tokenizer = tokenizer
+    self._config = config
+    self._rows = rows
+    self._seed = seed
+    self._process = (process_index, process_count)
+    self._shard = sources.host_shard(len(source), process_index, process_count)
+    self._train = config.mode == 'train'
+    if self._train and not self._shard:
+      raise ValueError(f'host {process_index} of {process_count} has no '
+                       f'examples: the source holds {len(source)}')
+    self._resolution = config.resolution.copy_and_resolve_references()
+    self._token_drop = config.token_drop.copy_and_resolve_references()
+    if not self._train:
+      self._resolution.mode = 'fit'
+      self._token_drop.kind = 'none'
+    self._max_tokens = self._resolution.max_tokens or config.tokens_per_row
+    workers = config.workers
+    self._pool = (concurrent.futures.ThreadPoolExecutor(workers)
+                  if workers else None)
+    self._order = (None, None)  # (epoch, its permutation of the shard).
+    self.skipped = decode.SkipCounter()
+    self._reset()
+
+  def _reset(self):
+    self._step = 0
+    self._epoch = 0
+    self._position = 0
+    self._buffer = []
+    self._records_read = 0
+    self._recent_failures = collections.deque()
+    self._totals = collections.Counter()
+
+  # Iteration.
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    self._fill()
+    if not self._buffer:
+      raise StopIteration
+    step = self._step
+    patch_size = self.patch_size_at(step)
+    jobs = []  # (pending image, grid, tokens kept) for each buffer entry.
+    for item in self._buffer:
+      grid = self._grid(item, patch_size)
+      jobs.append((item, grid, self._kept_tokens(item, grid, step)))
+    # Plan from token counts alone; only the chosen images are patchified.
+    plan = packing.plan_rows([keep for _, _, keep in jobs], self._rows,
+                             self._config.tokens_per_row,
+                             self._config.images_per_row)
+    patches = iter(self._map(
+        lambda job: self._patchify(*job, patch_size=patch_size, step=step),
+        [jobs[position] for row in plan for position in row]))
+    rows = [[packing.PackedImage(next(patches), jobs[position][0].tokens,
+                                 jobs[position][0].index)
+             for position in row] for row in plan]
+    batch = packing.pack_batch(rows, self.batch_spec(patch_size),
+                               self._tokenizer.pad_id)
+    taken = {position for row in plan for position in row}
+    self._buffer = [item for position, item in enumerate(self._buffer)
+                    if position not in taken]
+    self._step += 1
+    self._count(batch)
+    return batch
+
+  def batch_spec(self, patch_size: int) -> batch_lib.BatchSpec:
+    """The static shapes of this pipeline's batches at `patch_size`."""
+    return batch_lib.BatchSpec(
+        rows=self._rows, tokens_per_row=self._config.tokens_per_row,
+        slots=self._config.images_per_row, text_len=self._config.text_len,
+        patch_size=patch_size)
+
+  def patch_size_at(self, step: int) -> int:
+    """The patch size of batch `step`: a function of (seed, step) only."""
+    sizes = tuple(self._config.patch_sizes)
+    if len(sizes) == 1:
+      return sizes[0]
+    rng = np.random.default_rng([self._seed, _PATCH_SIZE_TAG, step])
+    return sizes[rng.integers(len(sizes))]
+
+  def _grid(self, item: _Pending, patch_size: int) -> tuple[int, int]:
+    if patch_size not in item.grids:
+      rng = np.random.default_rng(
+          [self._seed, _RESOLUTION_TAG, item.index, item.epoch])
+      height, width = item.image.shape[:2]
+      item.grids[patch_size] = resolution.sample_grid(
+          rng, height, width, patch_size, self._resolution, self._max_tokens)
+    return item.grids[patch_size]
+
+  def _kept_tokens(self, item: _Pending, grid, step: int) -> int:
+    num_tokens = grid[0] * grid[1]
+    rate = dropping.drop_rate(
+        self._token_drop, seed=self._seed, index=item.index, step=step,
+        num_tokens=num_tokens, max_tokens=self._config.tokens_per_row)
+    return dropping.kept_count(num_tokens, rate)
+
+  def _patchify(self, item: _Pending, grid, keep: int, *, patch_size: int,
+                step: int) -> patches_lib.Patches:
+    patches = patches_lib.resize_and_patchify(item.image, grid, patch_size)
+    return dropping.drop_patches(patches, keep, seed=self._seed,
+                                 index=item.index, step=step)
+
+  def _map(self, fn, items) -> list:
+    """fn over items, in order, on the thread pool when there is one."""
+    if self._pool is None:
+      return [fn(item) for item in items]
+    return list(self._pool.map(fn, items))
+
+  # Reading records.
+
+  def _fill(self):
+    """Tops the buffer up to `pack_buffer` decoded images (less at the end of eval)."""
+    while len(self._buffer) < self._config.pack_buffer:
+      wanted = self._config.pack_buffer - len(self._buffer)
+      keys = []
+      while len(keys) < wanted and not self._exhausted():
+        keys.append((self._next_index(), self._epoch))
+        self._advance()
+      if not keys:
+        return
+      loaded = self._map(self._load, [index for index, _ in keys])
+      for record, _, reason in loaded:
+        self._account_record(record, reason)
+      self._buffer.extend(self._pending(
+          [(key, (record, image)) for key, (record, image, _) in zip(keys, loaded)
+           if image is not None]))
+
+  def _exhausted(self) -> bool:
+    return not self._train and self._position >= len(self._shard)
+
+  def _next_index(self) -> int:
+    epoch, order = self._order
+    if epoch != self._epoch:
+      if self._train and self._config.shuffle:
+        rng = np.random.default_rng([self._seed, _ORDER_TAG, self._epoch])
+        order = rng.permutation(len(self._shard))
+      else:
+        order = np.arange(len(self._shard))
+      self._order = (self._epoch, order)
+    return self._shard[int(order[self._position])]
+
+  def _advance(self):
+    self._position += 1
+    if self._train and self._position == len(self._shard):
+      self._epoch += 1
+      self._position = 0
+
+  def _load(self, index: int):
+    """(record, decoded image or None, skip reason or None); runs in a worker."""
+    record = self._source[index]
+    if record.error:
+      return record, None, record.error.split(':')[0]
+    try:
+      return record, decode.decode_image(record.image,
+                                         self._config.max_pixels), None
+    except decode.BadImage as e:
+      return record, None, e.reason
+
+  def _pending(self, decoded: list) -> list:
+    """Pending images from [((index, epoch), (record, image))], captions tokenized."""
+    if not decoded:
+      return []
+    captions = [record.caption for _, (record, _) in decoded]
+    tokens = np.asarray(self._tokenizer.encode(captions), np.int32)
+    if tokens.shape != (len(decoded), self._config.text_len):
+      raise ValueError(f'the tokenizer returned captions of shape {tokens.shape}'
+                       f'; input.text_len is {self._config.text_len}')
+    return [_Pending(index, epoch, image, row)
+            for ((index, epoch), (_, image)), row in zip(decoded, tokens)]
+
+  def _account_record(self, record, reason):
+    """Counts a read record; raises if the recent failure rate is too high."""
+    self._records_read += 1
+    window = self._config.bad_record_window
+    if reason is not None:
+      self.skipped.add(reason)
+      self._recent_failures.append(self._records_read)
+      logging.debug('skipped %s: %s', record.key, reason)
+    while (self._recent_failures and
+           self._recent_failures[0] <= self._records_read - window):
+      self._recent_failures.popleft()
+    budget = self._config.bad_record_budget
+    if (self._records_read >= window and
+        len(self._recent_failures) > budget * window):
+      raise RuntimeError(
+          f'{len(self._recent_failures)} of the last {window} records failed '
+          f'(input.bad_record_budget is {budget:.0%}): the source looks '
+          f'broken, not a few bad records. Skipped so far: '
+          f'{self.skipped.counts}; the last was {record.key} ({reason}).')
+
+  # Statistics.
+
+  def _count(self, batch: dict):
+    segment = batch['image/segment']
+    self._totals['batches'] += 1
+    self._totals['rows'] += segment.shape[0]
+    self._totals['tokens'] += segment.size
+    self._totals['image_tokens'] += int(np.count_nonzero(segment))
+    self._totals['images'] += int(batch['valid'].sum())
+
+  @property
+  def stats(self) -> dict:
+    """Running figures for logging, over all batches produced so far."""
+    t = self._totals
+    return {
+        'batches': t['batches'],
+        'images': t['images'],
+        'padding_fraction': 1 - t['image_tokens'] / max(1, t['tokens']),
+        'images_per_row': t['images'] / max(1, t['rows']),
+        'skipped': self.skipped.total,
+    }
+
+  # State.
+
+  def get_state(self) -> dict:
+    """The iterator's position as JSON-serialisable scalars and short lists.
+
+    Holds the step, the read position (epoch, position in the epoch's
+    order), the (index, epoch) of each image pending in the packer buffer,
+    skip counts and the bad-record window; no pixels.
+    """
+    return {
+        'version': STATE_VERSION,
+        'seed': self._seed,
+        'process_index': self._process[0],
+        'process_count': self._process[1],
+        'mode': self._config.mode,
+        'step': self._step,
+        'epoch': self._epoch,
+        'position': self._position,
+        'pending': [[item.index, item.epoch] for item in self._buffer],
+        'skipped': self.skipped.as_dict(),
+        'records_read': self._records_read,
+        'recent_failures': list(self._recent_failures),
+        'totals': dict(self._totals),
+    }
+
+  def set_state(self, state: dict):
+    """Restores `get_state()` output: the next batch is the one that followed it.
+
+    Pending images are re-read and re-decoded from their indices.
+    """
+    if state.get('version') != STATE_VERSION:
+      raise ValueError(f'pipeline state version {state.get("version")}, '
+                       f'expected {STATE_VERSION}')
+    expected = {'seed': self._seed, 'process_index': self._process[0],
+                'process_count': self._process[1], 'mode': self._config.mode}
+    for key, value in expected.items():
+      if state[key] != value:
+        raise ValueError(f'pipeline state has {key}={state[key]!r} but this '
+                         f'pipeline has {value!r}; the run cannot resume '
+                         'exactly')
+    self._reset()
+    self._step = int(state['step'])
+    self._epoch = int(state['epoch'])
+    self._position = int(state['position'])
+    self._records_read = int(state['records_read'])
+    self._recent_failures.extend(int(n) for n in state['recent_failures'])
+    self._totals.update({k: int(v) for k, v in state['totals'].items()})
+    self.skipped = decode.SkipCounter(state['skipped'])
+    pending = [(int(index), int(epoch)) for index, epoch in state['pending']]
+    loaded = self._map(self._load, [index for index, _ in pending])
+    for (index, _), (record, image, reason) in zip(pending, loaded):
+      if image is None:
+        raise RuntimeError(f'pending example {index} ({record.key}) no longer '
+                           f'decodes ({reason}): has the source changed?')
+    self._buffer = self._pending(
+        [(key, (record, image)) for key, (record, image, _) in zip(pending, loaded)])
+
+  def close(self):
+    """Stops the worker threads."""
+    if self._pool is not None:
+      self._pool.shutdown()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+def _check_config(config):
+  """Raises ValueError naming the first bad `input` key."""
+  def need(ok, key, value, what):
+    if not ok:
+      raise ValueError(f'input.{key} = {value!r}: {what}')
+
+  need(config.mode in MODES, 'mode', config.mode, f'expected one of {MODES}')
+  need(config.tokens_per_row >= 1, 'tokens_per_row', config.tokens_per_row,
+       'must be >= 1')
+  need(config.images_per_row >= 1, 'images_per_row', config.images_per_row,
+       'must be >= 1')
+  need(config.text_len >= 1, 'text_len', config.text_len, 'must be >= 1')
+  sizes = tuple(config.patch_sizes)
+  need(sizes and all(int(p) == p and p >= 1 for p in sizes), 'patch_sizes',
+       sizes, 'must be a non-empty tuple of positive ints')
+  need(config.mode == 'train' or len(sizes) == 1, 'patch_sizes', sizes,
+       'eval mode needs exactly one patch size')
+  res = config.resolution
+  need(res.mode in resolution.MODES, 'resolution.mode', res.mode,
+       f'expected one of {resolution.MODES}')
+  need(res.dist in resolution.DISTRIBUTIONS, 'resolution.dist', res.dist,
+       f'expected one of {resolution.DISTRIBUTIONS}')
+  need(0 < res.min <= res.max, 'resolution.min', (res.min, res.max),
+       'need 0 < min <= max')
+  need(res.max_tokens is None or 1 <= res.max_tokens <= config.tokens_per_row,
+       'resolution.max_tokens', res.max_tokens,
+       f'must be None or in 1..tokens_per_row ({config.tokens_per_row})')
+  drop = config.token_drop
+  need(drop.kind in dropping.KINDS, 'token_drop.kind', drop.kind,
+       f'expected one of {dropping.KINDS}')
+  need(config.pack_buffer >= 1, 'pack_buffer', config.pack_buffer,
+       'must be >= 1')
+  need(config.workers >= 0, 'workers', config.workers, 'must be >= 0')
+  need(0 <= config.bad_record_budget < 1, 'bad_record_budget',
+       config.bad_record_budget, 'must be in [0, 1)')
+  need(config.bad_record_window >= 1, 'bad_record_window',
+       config.bad_record_window, 'must be >= 1')

@@ -1,0 +1,76 @@
+"""What the eval/ scripts share: model flags, loading a checkpoint, JSON output."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def add_model_flags(parser, max_tokens_help='token budget per image'):
+  """--checkpoint, --max_tokens, --patch_size, --batch_rows, --output,
+  --no_progress."""
+  parser.add_argument('--checkpoint', required=True,
+                      help='a workdir (its newest checkpoint) or one step directory')
+  parser.add_argument('--max_tokens', default=None,
+                      help=f'{max_tokens_help} (default: the training config\'s '
+                      'input.resolution.max_tokens, else a full row)')
+  parser.add_argument('--patch_size', type=int, default=None,
+                      help='patch size (default: the first of the training '
+                      'config\'s input.patch_sizes)')
+  parser.add_argument('--batch_rows', type=int, default=8,
+                      help='packed rows per image batch')
+  parser.add_argument('--output', default=None, help='write results as JSON here')
+  parser.add_argument('--no_progress', action='store_true',
+                      help='hide progress bars')
+
+
+def parse_token_budgets(value):
+  """'64,128,256' -> [64, 128, 256]; None -> [None] (the config's budget)."""
+  if value is None:
+    return [None]
+  try:
+    budgets = [int(v) for v in str(value).split(',') if v.strip()]
+  except ValueError as e:
+    raise ValueError(f'--max_tokens {value!r}: expected integers like 64,128,256') from e
+  if not budgets or min(budgets) < 1:
+    raise ValueError(f'--max_tokens {value!r}: expected positive integers')
+  return budgets
+
+
+def load_checkpoint(path):
+  """(config, params) of a workdir or step directory."""
+  from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load_for_inference(path)
+
+
+def make_embedder(config, params, args, max_tokens=None):
+  """An `embed.Embedder` for the checkpoint at the flags' budget and patch size."""
+  from lit_navit.evaluate import embed  # pylint: disable=g-import-not-at-top
+  return embed.Embedder.from_config(config, params, args.batch_rows,
+                                    max_tokens=max_tokens,
+                                    patch_size=args.patch_size)
+
+
+def to_json(value):
+  """Numpy values to plain Python; NaN and infinities to None."""
+  if isinstance(value, dict):
+    return {str(k): to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return to_json(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path, value):
+  """Writes `value` (see `to_json`) to `path`, creating its folder."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(to_json(value), f, indent=2)
+    f.write('\n')

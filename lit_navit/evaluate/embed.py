@@ -1,0 +1,165 @@
+"""Embeds images and texts with a trained two-tower model.
+
+Images go through the training pipeline in eval mode: every image once, in
+order, at its native aspect ratio, resized to fit a token budget, packed
+several to a row; nothing sampled, nothing dropped. Outputs are scattered
+back to source order by each slot's `index`, so packing never shows.
+"""
+
+import jax
+import numpy as np
+import tqdm
+
+from lit_navit.data import decode
+from lit_navit.data import pipeline as pipeline_lib
+from lit_navit.data import text as text_lib
+from lit_navit.models import two_towers
+
+# Model inputs of a packed batch; `index` stays on the host.
+_IMAGE_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment')
+
+
+def eval_input_config(input_config, *, max_tokens=None, patch_size=None,
+                      tokens_per_row=None, images_per_row=None):
+  """The `input` config turned to eval mode, with optional overrides.
+
+  Args:
+    input_config: a pipeline config (e.g. the training config's `input`).
+    max_tokens: token budget of one image; default: the config's
+      `resolution.max_tokens`, else a full row.
+    patch_size: default: the first of the config's `patch_sizes`.
+    tokens_per_row: L; default: the config's, raised to `max_tokens` if
+      that is larger.
+    images_per_row: E; default: the config's.
+  """
+  config = input_config.copy_and_resolve_references()
+  config.mode = 'eval'
+  config.patch_sizes = (int(patch_size or tuple(config.patch_sizes)[0]),)
+  if max_tokens is not None:
+    config.resolution.max_tokens = int(max_tokens)
+  if tokens_per_row is not None:
+    config.tokens_per_row = int(tokens_per_row)
+  elif config.resolution.max_tokens:
+    config.tokens_per_row = max(config.tokens_per_row,
+                                config.resolution.max_tokens)
+  if images_per_row is not None:
+    config.images_per_row = int(images_per_row)
+  return config
+
+
+class Embedder:
+  """L2-normalised image and text embeddings from one model and its params.
+
+  Args:
+    model: a `two_towers.TwoTowers`.
+    params: its parameters (the tree under 'params').
+    input_config: the pipeline config; it is used in eval mode (see
+      `eval_input_config`, which the keyword arguments are passed to).
+    tokenizer: has `encode(list[str]) -> int32 [N, T]` and `pad_id`.
+    batch_rows: packed rows per image batch.
+    text_batch: captions per text batch; default: rows x images per row.
+  """
+
+  def __init__(self, model, params, input_config, tokenizer, batch_rows, *,
+               max_tokens=None, patch_size=None, tokens_per_row=None,
+               images_per_row=None, text_batch=None):
+    self.model = model
+    self.params = params
+    self.input_config = eval_input_config(
+        input_config, max_tokens=max_tokens, patch_size=patch_size,
+        tokens_per_row=tokens_per_row, images_per_row=images_per_row)
+    self.tokenizer = tokenizer
+    self.batch_rows = batch_rows
+    self.text_batch = text_batch or batch_rows * self.input_config.images_per_row
+    self.dim = model.config.embed_dim
+    # Shapes are static per patch size, so each of these compiles once per
+    # patch size (images) or once (texts).
+    self._embed_images = jax.jit(lambda p, batch: model.apply(
+        {'params': p}, batch, method=model.embed_images))
+    self._embed_texts = jax.jit(lambda p, tokens: model.apply(
+        {'params': p}, tokens, method=model.embed_texts))
+
+  @classmethod
+  def from_config(cls, config, params, batch_rows, **kwargs):
+    """From a full training config (`config.model`, `config.input`), as
+    `checkpoint.load_for_inference` returns it."""
+    tokenizer = text_lib.Tokenizer(config.input.tokenizer,
+                                   config.input.text_len,
+                                   sticky_eos=config.input.sticky_eos)
+    return cls(two_towers.TwoTowers(config.model), params, config.input,
+               tokenizer, batch_rows, **kwargs)
+
+  @property
+  def patch_size(self):
+    return self.input_config.patch_sizes[0]
+
+  @property
+  def max_tokens(self):
+    return (self.input_config.resolution.max_tokens or
+            self.input_config.tokens_per_row)
+
+  def images(self, source, progress=True):
+    """Embeds every image of `source`.
+
+    Returns:
+      (emb, failed): emb float32 [len(source), D] in source order, a zero row
+      for each image that failed; failed lists (index, key, reason) for the
+      images that could not be read or decoded.
+    """
+    emb = np.zeros((len(source), self.dim), np.float32)
+    seen = np.zeros(len(source), bool)
+    bar = tqdm.tqdm(total=len(source), unit='img', disable=not progress,
+                    desc=f'images (p={self.patch_size}, <={self.max_tokens} tokens)')
+    in_flight = None  # The previous batch's (indices, device result).
+
+    def collect(indices, result):
+      result = np.asarray(result)
+      valid = indices >= 0
+      emb[indices[valid]] = result[valid]
+      seen[indices[valid]] = True
+      bar.update(int(valid.sum()))
+
+    with pipeline_lib.Pipeline(source, self.tokenizer, self.input_config,
+                               rows=self.batch_rows, seed=0) as batches:
+      for batch in batches:
+        inputs = {k: batch[k] for k in _IMAGE_KEYS}
+        result = self._embed_images(self.params, inputs)
+        # Dispatch is asynchronous: the host packs the next batch while the
+        # device runs this one, and only then waits for the previous result.
+        if in_flight is not None:
+          collect(*in_flight)
+        in_flight = (batch['index'].reshape(-1), result)
+    if in_flight is not None:
+      collect(*in_flight)
+    bar.close()
+    failed = [self._failure(source, int(i)) for i in np.flatnonzero(~seen)]
+    return emb, failed
+
+  def _failure(self, source, index):
+    """(index, key, reason) of an image the pipeline skipped."""
+    record = source[index]
+    if record.error:
+      return index, record.key, record.error
+    try:
+      decode.decode_image(record.image, self.input_config.max_pixels)
+    except decode.BadImage as e:
+      return index, record.key, str(e)
+    return index, record.key, 'skipped by the pipeline'
+
+  def texts(self, texts, progress=False):
+    """Embeds captions; returns float32 [len(texts), D].
+
+    Texts go in fixed-size chunks, the last one padded, so one compilation
+    serves every call.
+    """
+    texts = list(texts)
+    out = np.zeros((len(texts), self.dim), np.float32)
+    chunks = range(0, len(texts), self.text_batch)
+    for start in tqdm.tqdm(chunks, unit='batch', desc='texts',
+                           disable=not progress):
+      chunk = texts[start:start + self.text_batch]
+      padded = chunk + [''] * (self.text_batch - len(chunk))
+      tokens = np.asarray(self.tokenizer.encode(padded), np.int32)
+      result = np.asarray(self._embed_texts(self.params, tokens))
+      out[start:start + len(chunk)] = result[:len(chunk)]
+    return out

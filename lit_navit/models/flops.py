@@ -1,0 +1,82 @@
+"""Analytic FLOP counts of TwoTowers, for MFU.
+
+Counts 2 FLOPs per multiply-accumulate of every matmul and einsum the model
+runs: patch embedding (and its once-per-step PI-resize), resized position
+embeddings, q/k/v/out projections, both attention einsums over the full
+L x L (T x T) grid the masked kernels compute (the masked-out part of a
+packed row is computed and thrown away), MLPs, MAP heads and the projection
+heads. Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
+lookups are left out: they are a few percent at real widths.
+"""
+
+from typing import Sequence
+
+from lit_navit.data import batch as batch_lib
+from lit_navit.models import two_towers
+from lit_navit.models import variants
+
+
+def _encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
+  per_layer = (2 * tokens * width * 4 * width        # q, k, v, out projections
+               + 2 * 2 * tokens * tokens * width     # q k^T and weights v
+               + 2 * 2 * tokens * width * mlp_dim)   # MLP
+  return depth * per_layer
+
+
+def _map_head_flops(queries: int, tokens: int, width: int, mlp_dim: int) -> int:
+  return (2 * queries * width * 2 * width            # q and out projections
+          + 2 * tokens * width * 2 * width           # k, v projections
+          + 2 * 2 * queries * tokens * width         # attention
+          + 2 * 2 * queries * width * mlp_dim)       # MLP
+
+
+def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
+  """Forward FLOPs of the image tower on one batch of `spec`."""
+  c = config.image
+  size = variants.decode(c.variant)
+  width, mlp_dim = size['width'], size['mlp_dim']
+  tokens, slots, p = spec.tokens_per_row, spec.slots, spec.patch_size
+  p0 = two_towers.base_patch_size(c)
+  per_row = 2 * tokens * 3 * p * p * width
+  if c.posemb == 'learn_2d_resized':
+    per_row += 2 * tokens * c.max_grid ** 2 * width
+  per_row += _encoder_flops(tokens, width, size['depth'], mlp_dim)
+  if c.pool == 'map':
+    per_row += _map_head_flops(slots, tokens, width, mlp_dim)
+  per_row += 2 * slots * width * config.embed_dim
+  pi_resize = 2 * p * p * p0 * p0 * 3 * width if p != p0 else 0
+  return spec.rows * per_row + pi_resize
+
+
+def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
+  """Forward FLOPs of the text tower on the B*E captions of one batch."""
+  c = config.text
+  size = variants.decode(c.variant)
+  width, mlp_dim = size['width'], size['mlp_dim']
+  tokens = spec.text_len
+  per_caption = _encoder_flops(tokens, width, size['depth'], mlp_dim)
+  if c.pool == 'map':
+    per_caption += _map_head_flops(1, tokens, width, mlp_dim)
+  per_caption += 2 * width * config.embed_dim
+  return spec.rows * spec.slots * per_caption
+
+
+def forward_flops(config, spec: batch_lib.BatchSpec) -> int:
+  """Forward FLOPs of TwoTowers(config) on one batch of `spec` (both towers)."""
+  return image_forward_flops(config, spec) + text_forward_flops(config, spec)
+
+
+def training_flops(config, spec: batch_lib.BatchSpec,
+                   frozen: Sequence[str] = ()) -> int:
+  """FLOPs of one training step: forward, plus backward = 2 x forward.
+
+  A tower named in `frozen` ('img', 'txt') runs forward only (LiT): nothing
+  below it needs a gradient. Remat's recompute is not counted (model FLOPs
+  utilisation, not hardware utilisation).
+  """
+  unknown = set(frozen) - {'img', 'txt'}
+  if unknown:
+    raise ValueError(f'unknown towers {sorted(unknown)} in frozen; expected img, txt')
+  img = image_forward_flops(config, spec)
+  txt = text_forward_flops(config, spec)
+  return (img if 'img' in frozen else 3 * img) + (txt if 'txt' in frozen else 3 * txt)

@@ -1,0 +1,117 @@
+"""NaViT image tower: packed patches of many images per row -> one vector per slot.
+
+Reads the packed-batch contract (lit_navit/data/batch.py): patches
+[B, L, p*p*3], yx [B, L, 2], segment [B, L], grid [B, E, 2]. Tokens attend
+only within their own image, pooling is per slot, and an empty slot yields a
+zero vector. The patch size p is read off the patches, so one set of weights
+serves every patch size (FlexiViT PI-resize of the stored kernel).
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lit_navit.data import patches as patches_lib
+from lit_navit.models import attention as attention_lib
+from lit_navit.models import encoder
+from lit_navit.models import flexi
+from lit_navit.models import pooling
+from lit_navit.models import posemb as posemb_lib
+
+
+def patch_size_of(patch_dim: int) -> int:
+  """p from the flattened patch length p*p*3."""
+  p = math.isqrt(patch_dim // 3)
+  if p * p * 3 != patch_dim:
+    raise ValueError(f'image/patches last dim {patch_dim} is not p*p*3')
+  return p
+
+
+class PatchEmbedding(nn.Module):
+  """Linear map of flattened (py, px, c) patches to width.
+
+  The kernel is stored as [p0, p0, 3, width] (a big_vision conv kernel) at
+  `base_patch_size` p0 and PI-resized to the input's patch size.
+  """
+  width: int
+  base_patch_size: int
+  use_bias: bool = True
+  resize_fn: flexi.ResizeFn = patches_lib.resize_image
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches):
+    p = patch_size_of(patches.shape[-1])
+    p0 = self.base_patch_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (p0, p0, 3, self.width))
+    kernel = flexi.pi_resize(kernel, p, self.resize_fn).reshape(p * p * 3, self.width)
+    x = patches.astype(self.dtype) @ kernel.astype(self.dtype)
+    if self.use_bias:
+      x = x + self.param('bias', nn.initializers.zeros, (self.width,)).astype(self.dtype)
+    return x
+
+
+class NaViT(nn.Module):
+  """Packed ViT. Returns [B, E, out_dim or width] float32, zero for empty slots.
+
+  Attributes:
+    width, depth, mlp_dim, num_heads: transformer size (see variants.py).
+    base_patch_size: patch size the embedding kernel is stored at.
+    posemb: a kind in posemb.KINDS.
+    max_grid: position table size (patches per side).
+    pool: 'map' (attention pooling per slot) or 'mean'.
+    out_dim: width of a final linear 'head'; None for no head.
+    qk_norm, use_bias, attention, scan, remat_policy, dtype: see encoder.py.
+    resize_fn: the pipeline's image resize, for the PI-resize matrix.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  base_patch_size: int
+  posemb: str = 'learn_factorized'
+  max_grid: int = 64
+  pool: str = 'map'
+  out_dim: int | None = None
+  qk_norm: bool = False
+  use_bias: bool = True
+  attention: Any = 'dense'
+  scan: bool = True
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+  resize_fn: flexi.ResizeFn = patches_lib.resize_image
+
+  @nn.compact
+  def __call__(self, patches, yx, segment, grid):
+    if self.pool not in pooling.POOLS:
+      raise ValueError(f'unknown image pool {self.pool!r}; expected one of {pooling.POOLS}')
+    segment, grid = jnp.asarray(segment), jnp.asarray(grid)
+    batch, _, _ = patches.shape
+    slots = grid.shape[1]
+    x = PatchEmbedding(self.width, self.base_patch_size, self.use_bias,
+                       self.resize_fn, self.dtype, name='embedding')(patches)
+
+    # Each token's image size; padding reads slot 1's, which nothing uses.
+    token_grid = grid[jnp.arange(batch)[:, None], jnp.maximum(segment - 1, 0)]
+    pos = posemb_lib.make(self.posemb, self.width, self.max_grid)(yx, token_grid)
+    x = x + pos.astype(self.dtype)
+
+    x = encoder.Encoder(
+        self.depth, self.mlp_dim, self.num_heads, self.qk_norm, self.use_bias,
+        self.attention, self.scan, self.remat_policy, self.dtype,
+        name='Transformer')(x, attention_lib.segment_mask(segment, segment))
+
+    slot_mask = segment[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
+    if self.pool == 'map':
+      pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
+                               self.use_bias, self.dtype, name='MAPHead_0')(x, slot_mask)
+    else:
+      pooled = pooling.masked_mean(x, slot_mask)
+    if self.out_dim is not None:
+      pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
+                        name='head')(pooled)
+    nonempty = slot_mask.any(axis=-1, keepdims=True)
+    return jnp.where(nonempty, pooled, 0).astype(jnp.float32)

@@ -1,0 +1,167 @@
+"""The two-tower image-text model (SigLIP / CLIP / LiT) and its config.
+
+Parameters: 'img' (NaViT), 'txt' (text transformer), 't' (log temperature)
+and, for the sigmoid loss, 'b' (logit bias), as in big_vision.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lit_navit.data import batch as batch_lib
+from lit_navit.models import navit
+from lit_navit.models import text
+from lit_navit.models import variants
+
+LOSSES = ('sigmoid', 'softmax')
+# Initial log temperature when config `t_init` is unset: SigLIP's 10, CLIP's 1/0.07.
+DEFAULT_T_INIT = {'sigmoid': math.log(10.0), 'softmax': math.log(1 / 0.07)}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """SigLIP B/16 with a NaViT image tower. Sizes come from the `variant` strings."""
+  c = ml_collections.ConfigDict()
+  c.image = ml_collections.ConfigDict(dict(
+      variant='B/16',
+      # Patch size the embedding kernel is stored at; unset: the variant's.
+      base_patch_size=ml_collections.config_dict.placeholder(int),
+      posemb='learn_factorized',  # See models/posemb.py KINDS.
+      max_grid=64,                # Position table size, in patches per side.
+      pool='map',                 # 'map' | 'mean'.
+      qk_norm=False,
+      use_bias=True,
+      scan=True,
+      remat_policy='none',
+      attention='dense',          # 'dense' | 'xla' | 'cudnn'.
+  ))
+  c.text = ml_collections.ConfigDict(dict(
+      variant='B',
+      vocab_size=32_000,
+      max_len=64,
+      pool='last',                # 'last' | 'first' | 'map' | 'mean'.
+      causal=False,
+      pad_id=0,
+      qk_norm=False,
+      use_bias=True,
+      scan=True,
+      remat_policy='none',
+      attention='dense',
+  ))
+  c.embed_dim = 768
+  c.dtype = 'float32'             # Compute dtype; parameters stay float32.
+  c.loss = 'sigmoid'              # 'sigmoid' | 'softmax': which of t, b to init how.
+  # Initial log temperature; unset: log 10 (sigmoid) or log(1/0.07) (softmax).
+  c.t_init = ml_collections.config_dict.placeholder(float)
+  c.b_init = -10.0                # Initial logit bias (sigmoid only).
+  return c
+
+
+def base_patch_size(image_config) -> int:
+  """`image.base_patch_size`, or else the patch size in `image.variant`."""
+  size = image_config.base_patch_size
+  if size is None:
+    size = variants.decode(image_config.variant).get('patch_size')
+  if size is None:
+    raise ValueError(f'image.variant {image_config.variant!r} names no patch '
+                     'size and image.base_patch_size is unset')
+  return size
+
+
+def image_tower(config, name: str | None = None) -> navit.NaViT:
+  """The NaViT described by `config.image`, projecting to `config.embed_dim`."""
+  c = config.image
+  size = variants.decode(c.variant)
+  size.pop('patch_size', None)
+  return navit.NaViT(
+      **size, base_patch_size=base_patch_size(c), posemb=c.posemb,
+      max_grid=c.max_grid, pool=c.pool, out_dim=config.embed_dim,
+      qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
+      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
+      name=name)
+
+
+def text_tower(config, name: str | None = None) -> text.TextTransformer:
+  """The text transformer described by `config.text`, projecting to `config.embed_dim`."""
+  c = config.text
+  size = variants.decode(c.variant)
+  size.pop('patch_size', None)
+  return text.TextTransformer(
+      vocab_size=c.vocab_size, max_len=c.max_len, **size, pool=c.pool,
+      out_dim=config.embed_dim, causal=c.causal, pad_id=c.pad_id,
+      qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
+      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
+      name=name)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """x / |x| along the last axis; zero stays zero, with finite gradients."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class TwoTowers(nn.Module):
+  """Image and text towers into one L2-normalised embedding space.
+
+  `config` is a ConfigDict from `default_config()` (possibly overridden).
+  """
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    if self.config.loss not in LOSSES:
+      raise ValueError(f'unknown loss {self.config.loss!r}; expected one of {LOSSES}')
+    self.img = image_tower(self.config)
+    self.txt = text_tower(self.config)
+    t_init = self.config.t_init
+    if t_init is None:
+      t_init = DEFAULT_T_INIT[self.config.loss]
+    self.t = self.param('t', nn.initializers.constant(t_init), (1,), jnp.float32)
+    if self.config.loss == 'sigmoid':
+      self.b = self.param('b', nn.initializers.constant(self.config.b_init),
+                          (1,), jnp.float32)
+
+  def embed_images(self, batch):
+    """Packed image batch -> L2-normalised z_img [B*E, embed_dim] (zero for empty slots)."""
+    z = self.img(batch['image/patches'], batch['image/yx'],
+                 batch['image/segment'], batch['image/grid'])
+    return l2_normalize(z.reshape(-1, z.shape[-1]))
+
+  def embed_texts(self, tokens):
+    """Tokens int [..., T] -> L2-normalised z_txt [prod(...), embed_dim]."""
+    z = self.txt(tokens)
+    return l2_normalize(z.reshape(-1, z.shape[-1]))
+
+  def __call__(self, batch, train: bool = False):
+    """Returns (z_img [B*E, D], z_txt [B*E, D], extras).
+
+    extras: 't' (the temperature exp(t)), 'b' (the bias; sigmoid loss only)
+    and 'valid' bool [B*E]. The model has no dropout, so `train` changes
+    nothing; it is accepted so trainers call every model alike.
+    """
+    del train
+    extras = {'t': jnp.exp(self.t[0]), 'valid': batch['valid'].reshape(-1)}
+    if self.config.loss == 'sigmoid':
+      extras['b'] = self.b[0]
+    return self.embed_images(batch), self.embed_texts(batch['text/tokens']), extras
+
+
+def dummy_batch(spec: batch_lib.BatchSpec) -> dict:
+  """Abstract arrays of a batch's model inputs, for init and eval_shape."""
+  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()
+          if k != 'index'}
+
+
+def param_shapes(config, spec: batch_lib.BatchSpec | None = None):
+  """Parameter shapes (ShapeDtypeStructs) of TwoTowers(config); allocates nothing."""
+  if spec is None:
+    # Parameters do not depend on the batch's shapes: use the smallest.
+    spec = batch_lib.BatchSpec(rows=1, tokens_per_row=1, slots=1, text_len=1,
+                               patch_size=base_patch_size(config.image))
+  return jax.eval_shape(TwoTowers(config).init, jax.random.key(0), dummy_batch(spec))
+
+
+def param_count(params) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,141 @@
+"""The device mesh, parameter and batch shardings, multi-host start-up.
+
+Config keys (`default_config` gives them):
+
+  mesh             [(axis name, size)], -1 meaning "the remaining devices";
+                   the batch is sharded over ('data', 'fsdp') together.
+  sharding_rules   [(regex, 'replicate' | 'fsdp')], first match wins, every
+                   parameter must match one. 'fsdp' shards a parameter's
+                   largest dimension that the fsdp axis size divides evenly
+                   (the first such if several tie) and replicates it when
+                   none does.
+
+Shardings are data: the trainer gets abstract parameters from
+`jax.eval_shape(init)`, turns them into shardings with `param_shardings`, the
+optimizer state's with `state_shardings`, and passes both to
+`jax.jit(..., out_shardings=...)`.
+"""
+
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lit_navit import rules
+
+BATCH_AXES = ('data', 'fsdp')
+FSDP = 'fsdp'
+SHARDING_RULES = ('replicate', 'fsdp')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Data parallel over every device; parameters fsdp-sharded when fsdp > 1."""
+  config = ml_collections.ConfigDict()
+  config.mesh = [('data', -1), ('fsdp', 1)]
+  config.sharding_rules = [('.*', 'fsdp')]
+  return config
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """The mesh of config.mesh over `devices` (default: all, on every host)."""
+  devices = jax.devices() if devices is None else list(devices)
+  names = [name for name, _ in config.mesh]
+  sizes = [size for _, size in config.mesh]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'config.mesh={config.mesh}: at most one size may be -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes and len(devices) % known == 0:
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'config.mesh={config.mesh} does not fit the '
+                     f'{len(devices)} devices: sizes must multiply to it.')
+  return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def _fsdp_spec(shape, fsdp_size):
+  divisible = [d for d, n in enumerate(shape) if n % fsdp_size == 0]
+  if fsdp_size == 1 or not divisible:
+    return P()
+  dim = max(divisible, key=lambda d: shape[d])
+  return P(*(FSDP if d == dim else None for d in range(len(shape))))
+
+
+def param_shardings(params, sharding_rules, mesh: Mesh):
+  """A tree of NamedSharding for `params` (arrays or ShapeDtypeStructs)."""
+  unknown = [rule for _, rule in sharding_rules if rule not in SHARDING_RULES]
+  if unknown:
+    raise ValueError(f'Unknown rules {unknown} in config.sharding_rules: '
+                     f'expected one of {SHARDING_RULES}.')
+  fsdp_size = mesh.shape.get(FSDP, 1)
+
+  def sharding(param, rule):
+    spec = _fsdp_spec(param.shape, fsdp_size) if rule == 'fsdp' else P()
+    return NamedSharding(mesh, spec)
+
+  rule_tree = rules.match_rules(params, sharding_rules, 'config.sharding_rules')
+  return jax.tree.map(sharding, params, rule_tree)
+
+
+def state_shardings(abstract_state, abstract_params, param_shardings_tree,
+                    mesh: Mesh):
+  """Shardings of an optimizer state, from those of the parameters.
+
+  optax states hold trees that mirror the parameters (Adam's moments), so a
+  state leaf whose path ends with a parameter's path and whose shape is that
+  parameter's gets its sharding; everything else (step counts, Adafactor's
+  factored rows and columns) is replicated.
+  """
+  by_path = {}
+  for path, param, sharding in zip(
+      rules.tree_paths(abstract_params),
+      jax.tree.leaves(abstract_params),
+      jax.tree.leaves(param_shardings_tree)):
+    by_path[path] = (param.shape, sharding)
+  replicated = NamedSharding(mesh, P())
+
+  def sharding_of(key_path, leaf):
+    parts = rules.path_str(key_path).split('/')
+    for start in range(len(parts)):  # Longest suffix first.
+      shape, sharding = by_path.get('/'.join(parts[start:]), (None, None))
+      if shape is not None:
+        return sharding if shape == leaf.shape else replicated
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data and fsdp axes together."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def make_global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Global arrays from each host's own rows (numpy arrays, leading batch axis)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _multihost_tpu() -> bool:
+  hosts = (os.environ.get('TPU_PROCESS_ADDRESSES')
+           or os.environ.get('TPU_WORKER_HOSTNAMES') or '')
+  return ',' in hosts
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None):
+  """Joins the processes of a multi-host run; does nothing on a single host.
+
+  Runs `jax.distributed.initialize` when given any argument, when
+  JAX_COORDINATOR_ADDRESS is set, or on a multi-host TPU slice (where jax
+  finds the coordinator itself); must come before any other jax call.
+  """
+  given = (coordinator_address, num_processes, process_id)
+  if (any(x is not None for x in given)
+      or os.environ.get('JAX_COORDINATOR_ADDRESS') or _multihost_tpu()):
+    jax.distributed.initialize(*given)

@@ -1,0 +1,57 @@
+"""Embedder: eval-mode pipeline, outputs in source order, one compile."""
+
+import numpy as np
+
+from lit_navit.evaluate import datasets
+from eval_helpers import tiny_embedder, write_images
+
+SIZES = [(30, 20), (16, 48), (40, 40), (24, 8), (64, 16), (20, 20), (8, 40),
+         (33, 17), (50, 25)]
+
+
+def test_images_come_back_in_source_order_independent_of_packing(tmp_path):
+  paths = write_images(str(tmp_path), SIZES)
+  embedder = tiny_embedder(batch_rows=2)
+  emb, failed = embedder.images(datasets.ImageFiles(paths), progress=False)
+  assert failed == []
+  assert emb.shape == (len(SIZES), 16) and emb.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  # Each image alone in its batch embeds the same as packed with others.
+  for i in (0, 4, 8):
+    alone, _ = embedder.images(datasets.ImageFiles([paths[i]]), progress=False)
+    np.testing.assert_allclose(alone[0], emb[i], atol=2e-5)
+  # Several batches of one shape: a single compilation.
+  assert embedder._embed_images._cache_size() == 1
+
+
+def test_unreadable_images_are_listed_not_fatal(tmp_path):
+  paths = write_images(str(tmp_path), SIZES[:3])
+  broken = tmp_path / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8 not really a jpeg')
+  files = datasets.ImageFiles([paths[0], str(broken), str(tmp_path / 'gone.png'),
+                               paths[1]])
+  emb, failed = tiny_embedder().images(files, progress=False)
+  assert [(i, key) for i, key, _ in failed] == [(1, str(broken)),
+                                                (2, str(tmp_path / 'gone.png'))]
+  assert 'unreadable' in failed[1][2]
+  assert np.all(emb[[1, 2]] == 0)
+  np.testing.assert_allclose(np.linalg.norm(emb[[0, 3]], axis=1), 1.0, rtol=1e-5)
+
+
+def test_texts_in_padded_chunks_match_one_by_one():
+  embedder = tiny_embedder(text_batch=4)
+  texts = [f'caption number {i}' for i in range(7)]
+  together = embedder.texts(texts)
+  assert together.shape == (7, 16)
+  for i in (0, 5, 6):
+    np.testing.assert_allclose(embedder.texts([texts[i]])[0], together[i], atol=1e-5)
+  assert embedder._embed_texts._cache_size() == 1
+  assert embedder.texts([]).shape == (0, 16)
+
+
+def test_budget_and_patch_size_overrides():
+  embedder = tiny_embedder(max_tokens=64, patch_size=4)
+  assert embedder.max_tokens == 64 and embedder.patch_size == 4
+  # The row grows to hold one image at the full budget.
+  assert embedder.input_config.tokens_per_row == 64
+  assert embedder.input_config.mode == 'eval'

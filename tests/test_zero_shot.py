@@ -1,0 +1,120 @@
+"""Zero-shot math on constructed embeddings, and the synthetic eval plumbing."""
+
+import numpy as np
+import pytest
+
+from lit_navit.data import synthetic
+from lit_navit.evaluate import zero_shot
+
+
+def test_class_embeddings_normalise_each_template_then_the_mean():
+  vectors = {
+      'a cat': [3.0, 0.0], 'the cat': [0.0, 1.0],  # unequal norms
+      'a dog': [1.0, 1.0], 'the dog': [2.0, 2.0],
+  }
+  seen = []
+
+  def embed_texts(prompts):
+    seen.extend(prompts)
+    return np.asarray([vectors[p] for p in prompts])
+
+  emb = zero_shot.class_embeddings(embed_texts, ['cat', 'dog'], ['a {}', 'the {}'])
+  assert seen == ['a cat', 'the cat', 'a dog', 'the dog']
+  # Normalised first, so the longer 'a cat' vector does not dominate.
+  np.testing.assert_allclose(emb[0], [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+  np.testing.assert_allclose(emb[1], [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
+
+
+def test_classify_top1_top5_and_per_class():
+  num_classes = 6
+  class_emb = np.eye(num_classes, dtype=np.float32)
+  # Image i scores class c with weight w[i, c]; the true class sits at a
+  # chosen rank.
+  ranks_wanted = [0, 0, 1, 4, 5, 2]
+  labels = [0, 1, 1, 2, 3, 3]
+  image_emb = np.zeros((6, num_classes), np.float32)
+  for i, (label, rank) in enumerate(zip(labels, ranks_wanted)):
+    others = [c for c in range(num_classes) if c != label]
+    order = others[:rank] + [label] + others[rank:]
+    image_emb[i, order] = np.linspace(1.0, 0.5, num_classes)
+  metrics = zero_shot.classify(image_emb, class_emb, labels)
+  assert metrics['top1'] == pytest.approx(2 / 6)
+  assert metrics['top5'] == pytest.approx(5 / 6)
+  np.testing.assert_allclose(metrics['per_class'][:4], [1.0, 0.5, 0.0, 0.0])
+  assert np.isnan(metrics['per_class'][4]) and np.isnan(metrics['per_class'][5])
+  assert metrics['mean_per_class'] == pytest.approx(0.375)
+  np.testing.assert_array_equal(metrics['count_per_class'], [1, 2, 1, 2, 0, 0])
+  assert metrics['num_images'] == 6
+
+
+def test_classify_ties_go_to_the_lower_class():
+  class_emb = np.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+  image_emb = np.asarray([[1.0, 0.0], [1.0, 0.0]], np.float32)
+  metrics = zero_shot.classify(image_emb, class_emb, [0, 1], ks=(1, 2))
+  # Classes 0 and 1 tie: image 0 (class 0) is right, image 1 is not at top-1.
+  assert metrics['top1'] == 0.5 and metrics['top2'] == 1.0
+  np.testing.assert_array_equal(metrics['predictions'], [0, 0])
+
+
+def test_classify_rejects_bad_labels():
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 2\)'):
+    zero_shot.classify(np.eye(2), np.eye(2), [0, 2])
+  with pytest.raises(ValueError, match='2 image embeddings but 1 labels'):
+    zero_shot.classify(np.eye(2), np.eye(2), [0])
+
+
+class _OracleEmbedder:
+  """Embeds a synthetic image as its class, a prompt as the class it names."""
+
+  def __init__(self, source, failed=()):
+    self._source, self._failed = source, list(failed)
+
+  def images(self, source, progress=False):
+    del progress
+    emb = np.zeros((len(source), 64), np.float32)
+    for i in range(len(source)):
+      emb[i, source.attributes(i)['class_id']] = 1.0
+    for index, _, _ in self._failed:
+      emb[index] = 0.0
+    return emb, self._failed
+
+  def texts(self, texts):
+    names = synthetic.class_names()
+    emb = np.zeros((len(texts), 64), np.float32)
+    for row, text in enumerate(texts):
+      for class_id, name in enumerate(names):
+        if name in text:
+          emb[row, class_id] = 1.0
+    return emb
+
+
+def test_synthetic_zero_shot_scores_all_classes_on_heldout_images():
+  source = synthetic.SyntheticSource(40, seed=3, split='heldout')
+  result = zero_shot.synthetic_zero_shot(_OracleEmbedder(source), source)
+  assert result['top1'] == 1.0
+  assert result['num_classes'] == 64
+  assert result['chance'] == pytest.approx(1 / 64)
+  held_out = {synthetic.class_names()[i] for i in synthetic.held_out_class_ids()}
+  assert set(result['per_class']) <= held_out
+  assert all(acc == 1.0 for acc in result['per_class'].values())
+
+
+def test_failed_images_are_left_out_and_reported():
+  source = synthetic.SyntheticSource(10, seed=0, split='heldout')
+  failed = [(3, 'key-3', 'corrupt: test')]
+  embedder = _OracleEmbedder(source, failed)
+  labels = [source.attributes(i)['class_id'] for i in range(10)]
+  metrics = zero_shot.evaluate_classification(
+      embedder, source, labels, synthetic.class_names(), ['a {}'])
+  assert metrics['num_images'] == 9 and metrics['top1'] == 1.0
+  assert metrics['num_failed'] == 1 and metrics['failed'] == failed
+
+
+def test_synthetic_eval_reports_both_metrics():
+  source = synthetic.SyntheticSource(12, seed=1, split='heldout')
+  result = zero_shot.synthetic_eval(_OracleEmbedder(source), source)
+  assert result['zero_shot/top1'] == 1.0
+  assert result['num_images'] == 12
+  assert 0.0 < result['retrieval/image_to_text/R@1'] <= 1.0
+  assert 0.0 < result['retrieval/text_to_image/R@1'] <= 1.0
