@@ -19,9 +19,10 @@ softmax loss (value and gradient wrt both embeddings, t and b):
 
 import os
 
-if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                             + ' --xla_force_host_platform_device_count=8')
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+if _DEVICE_COUNT_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + f' {_DEVICE_COUNT_FLAG}=8')
 
 import argparse
 import json
@@ -49,8 +50,7 @@ def train_step(name, mesh):
   """jit(value and gradient) of the loss wrt zimg, ztxt, t_log and b."""
   loss_fn = losses.make_loss(name, mesh)
   return jax.jit(jax.value_and_grad(
-      lambda zimg, ztxt, valid, t_log, b: loss_fn(zimg, ztxt, valid, t_log, b)[0],
-      argnums=(0, 1, 3, 4)))
+      lambda *args: loss_fn(*args)[0], argnums=(0, 1, 3, 4)))
 
 
 def abstract_inputs(batch, dim, mesh):
@@ -75,7 +75,8 @@ def random_inputs(batch, dim, mesh, seed=0):
 def measure(name, batch, dim, mesh, repeats, timed):
   """One table row: per-device memory and, if `timed`, median step time."""
   step = train_step(name, mesh)
-  memory = step.lower(*abstract_inputs(batch, dim, mesh)).compile().memory_analysis()
+  compiled = step.lower(*abstract_inputs(batch, dim, mesh)).compile()
+  memory = compiled.memory_analysis()
   row = {
       'loss': name, 'devices': mesh.size, 'global_batch': batch,
       'per_device_batch': batch // mesh.size,
@@ -136,8 +137,9 @@ def main():
       for name in names for n in (1, 2, 4, 8)]
 
   if args.json:
-    print(json.dumps({'dim': args.dim, 'device': str(jax.devices()[0].platform),
-                      'by_batch': by_batch, 'by_devices': by_devices}, indent=1))
+    print(json.dumps({'dim': args.dim, 'platform': jax.devices()[0].platform,
+                      'by_batch': by_batch, 'by_devices': by_devices},
+                     indent=1))
   else:
     print_table(f'Global batch sweep, 8 devices, D={args.dim} '
                 '(memory per device; step = value and grad)', by_batch)

@@ -68,18 +68,24 @@ def unmasked_attention(q, k, v, mask):
   return attention.dense_attention(q, k, v)
 
 
-def time_step(model, inputs, iters):
-  """Median seconds of a jitted forward+backward (compile excluded)."""
+def compile_step(model, inputs):
+  """A jitted forward+backward of `model` on `inputs`, compiled and warmed up."""
   params = jax.jit(model.init)(jax.random.key(0), *inputs)
   loss = lambda params: jnp.sum(model.apply(params, *inputs) ** 2)
   step = jax.jit(jax.grad(loss))
   jax.block_until_ready(step(params))
-  times = []
+  return lambda: jax.block_until_ready(step(params))
+
+
+def median_seconds(steps: dict, iters: int) -> dict:
+  """Median wall time of each step, timed round-robin so load drifts hit all alike."""
+  times = {name: [] for name in steps}
   for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -107,11 +113,12 @@ def main():
       'packed_nomask': (unmasked_model, packed),
       'one_per_row': (masked_model, one_per_row),
   }
-  results = {}
-  for name, (model, inputs) in runs.items():
-    seconds = time_step(model, inputs, args.iters)
-    results[name] = dict(rows=inputs[0].shape[0], images=len(placed),
-                         seconds=seconds)
+  seconds = median_seconds(
+      {name: compile_step(model, inputs) for name, (model, inputs) in runs.items()},
+      args.iters)
+  results = {name: dict(rows=inputs[0].shape[0], images=len(placed),
+                        seconds=seconds[name])
+             for name, (_, inputs) in runs.items()}
   for r in results.values():
     r['ratio_to_packed'] = r['seconds'] / results['packed']['seconds']
     r['images_per_s'] = r['images'] / r['seconds']

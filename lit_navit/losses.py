@@ -79,23 +79,31 @@ def _stats(valid, pos, neg_sum, i2t_neg_max, t2i_neg_max):
   }
 
 
+def _per_valid_slot(loss_sum, stats):
+  return loss_sum / jnp.maximum(stats['n_valid'], 1.0)
+
+
 def _metrics(stats, t_log, b):
   n = stats['n_valid']
-  per_slot = lambda x: x / jnp.maximum(n, 1.0)
   metrics = {
       't': jnp.exp(t_log),
-      'pos_logit': per_slot(stats['pos_sum']),
+      'pos_logit': _per_valid_slot(stats['pos_sum'], stats),
       'neg_logit': stats['neg_sum'] / jnp.maximum(n * (n - 1), 1.0),
-      'i2t_top1': per_slot(stats['i2t_correct']),
-      't2i_top1': per_slot(stats['t2i_correct']),
+      'i2t_top1': _per_valid_slot(stats['i2t_correct'], stats),
+      't2i_top1': _per_valid_slot(stats['t2i_correct'], stats),
   }
   if b is not None:
     metrics['b'] = b
   return jax.lax.stop_gradient(metrics)
 
 
-def _bias_or_zero(b, dtype):
-  return jnp.zeros((), dtype) if b is None else b
+def _bias_or_zero(b):
+  return jnp.zeros((), jnp.float32) if b is None else b
+
+
+def _float32(zimg, ztxt):
+  """Losses run in float32, whatever the towers' compute dtype."""
+  return zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
 
 
 def sigmoid_loss_dense(zimg, ztxt, valid, t_log, b=None):
@@ -103,23 +111,25 @@ def sigmoid_loss_dense(zimg, ztxt, valid, t_log, b=None):
 
   z_ij is +1 on the pairs (i = j) and -1 elsewhere; |B| counts valid slots.
   """
+  zimg, ztxt = _float32(zimg, ztxt)
   eye = jnp.eye(len(valid), dtype=bool)
   loss_sum, logits = _sigmoid_block(
-      zimg, ztxt, valid, valid, t_log, _bias_or_zero(b, zimg.dtype), eye)
+      zimg, ztxt, valid, valid, t_log, _bias_or_zero(b), eye)
   neg_sum, i2t_max, t2i_max = _negatives(logits, eye, valid, valid)
   stats = _stats(valid, jnp.diagonal(logits), neg_sum, i2t_max, t2i_max)
-  return loss_sum / jnp.maximum(stats['n_valid'], 1.0), _metrics(stats, t_log, b)
+  return _per_valid_slot(loss_sum, stats), _metrics(stats, t_log, b)
 
 
 def softmax_loss_dense(zimg, ztxt, valid, t_log):
-  """CLIP loss on one device: mean of image->text and text->image cross-entropy."""
+  """CLIP loss on one device: mean of image->text and text->image CE."""
+  zimg, ztxt = _float32(zimg, ztxt)
   logits = jnp.exp(t_log) * zimg @ ztxt.T
   eye = jnp.eye(len(valid), dtype=bool)
   loss_sum = (_softmax_rows(logits, eye, valid, valid)
               + _softmax_rows(logits.T, eye, valid, valid)) / 2
   neg_sum, i2t_max, t2i_max = _negatives(logits, eye, valid, valid)
   stats = _stats(valid, jnp.diagonal(logits), neg_sum, i2t_max, t2i_max)
-  return loss_sum / jnp.maximum(stats['n_valid'], 1.0), _metrics(stats, t_log, None)
+  return _per_valid_slot(loss_sum, stats), _metrics(stats, t_log, None)
 
 
 def _num_devices(mesh, batch_axes):
@@ -127,7 +137,7 @@ def _num_devices(mesh, batch_axes):
 
 
 def _offset_eye(rows, cols, batch_axes):
-  """Marks, in a device's b x N block, its rows' own columns in the global batch."""
+  """Marks, in a device's b x N block, each row's own column."""
   first = jax.lax.axis_index(batch_axes) * rows
   return jnp.arange(cols)[None, :] == first + jnp.arange(rows)[:, None]
 
@@ -141,12 +151,13 @@ def _run_sharded(local_fn, mesh, batch_axes, args):
   def global_sums(zimg, ztxt, valid, t_log, b):
     loss_sum, stats = jax.lax.psum(
         local_fn(zimg, ztxt, valid, t_log, b), batch_axes)
-    return loss_sum / jnp.maximum(stats['n_valid'], 1.0), stats
+    return _per_valid_slot(loss_sum, stats), stats
 
+  zimg, ztxt, *rest = args
   rows = P(batch_axes)
   return jax.shard_map(
       global_sums, mesh=mesh, in_specs=(rows, rows, rows, P(), P()),
-      out_specs=P())(*args)
+      out_specs=P())(*_float32(zimg, ztxt), *rest)
 
 
 def _ring_perm(n):
@@ -160,7 +171,7 @@ def _ring_sigmoid(zimg, ztxt, valid, t_log, b, batch_axes, n):
 
 
 def _ring_positives(valid, step):
-  """The device's own chunk (step 0) holds the pairs; the others negatives only."""
+  """The device's own chunk (step 0) holds the pairs; others only negatives."""
   return jnp.eye(len(valid), dtype=bool) & (step == 0)
 
 
@@ -233,7 +244,7 @@ def sigmoid_loss_ring(zimg, ztxt, valid, t_log, b=None, *, mesh,
     t_log, b = jax.lax.pcast((t_log, b), batch_axes, to='varying')
     return _ring_sigmoid(zimg, ztxt, valid, t_log, b, batch_axes, n)
 
-  bias = _bias_or_zero(b, zimg.dtype)
+  bias = _bias_or_zero(b)
   loss, stats = _run_sharded(
       local, mesh, batch_axes, (zimg, ztxt, valid, t_log, bias))
   return loss, _metrics(stats, t_log, b)
@@ -256,7 +267,7 @@ def sigmoid_loss_allgather(zimg, ztxt, valid, t_log, b=None, *, mesh,
     pos = jnp.where(pos_mask, logits, 0.0).sum(1)
     return loss, _stats(valid, pos, neg_sum, i2t_max, t2i_max)
 
-  bias = _bias_or_zero(b, zimg.dtype)
+  bias = _bias_or_zero(b)
   loss, stats = _run_sharded(
       local, mesh, batch_axes, (zimg, ztxt, valid, t_log, bias))
   return loss, _metrics(stats, t_log, b)

@@ -21,7 +21,7 @@ Config keys (`default_config` gives them all):
 Rules are regexes over '/'-joined parameter paths, matched in full, first
 match wins. A trainable parameter p of schedule group g moves by
 
-  -lr * schedule_g(step) * lr_mult(p) * (scaled(clipped grad) + wd * wd_mult(p) * p)
+  -lr * sched_g(step) * lr_mult(p) * (scaled(clipped g) + wd * wd_mult(p) * p)
 
 A schedule dict holds `decay_type` ('cosine' | 'rsqrt' | 'linear' |
 'constant') and the keyword arguments of `make_schedule`.
@@ -86,8 +86,8 @@ def make_schedule(total_steps: int, *, decay_type: str, warmup_steps: int = 0,
   result linearly down to 0 at `total_steps`.
   """
   if decay_type not in DECAY_TYPES:
-    raise ValueError(
-        f'Unknown schedule decay_type {decay_type!r}: expected one of {DECAY_TYPES}.')
+    raise ValueError(f'Unknown schedule decay_type {decay_type!r}: '
+                     f'expected one of {DECAY_TYPES}.')
   warmup = _warmup_or_cooldown_steps(
       warmup_steps, warmup_percent, total_steps, 'warmup')
   cooldown = _warmup_or_cooldown_steps(
@@ -95,7 +95,8 @@ def make_schedule(total_steps: int, *, decay_type: str, warmup_steps: int = 0,
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+    decay_steps = max(total_steps - warmup, 1)
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
     if decay_type == 'cosine':
       lr = min_lr + (1 - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
     elif decay_type == 'linear':

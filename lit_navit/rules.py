@@ -22,10 +22,11 @@ def tree_paths(tree) -> list[str]:
 
 
 def match_rules(tree, rules, what: str):
-  """A tree like `tree` holding, for each leaf, the value of its first matching rule.
+  """A tree like `tree` holding each leaf's first matching rule's value.
 
-  Raises ValueError listing the paths that no rule matches; `what` names the
-  rules (e.g. 'config.schedule') in that message.
+  Values must not be None (jax reads None as an empty subtree). Raises
+  ValueError listing the paths that no rule matches; `what` names the rules
+  (e.g. 'config.schedule') in that message.
   """
   compiled = [(re.compile(pattern), value) for pattern, value in rules]
   unmatched = []

@@ -114,7 +114,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def make_global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Global arrays from each host's own rows (numpy arrays, leading batch axis)."""
+  """Global arrays from each host's own rows (numpy, batch axis first)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

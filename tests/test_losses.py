@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lit_navit import losses
-from lit_navit.sharding import make_mesh
+from lit_navit.sharding import batch_sharding, make_mesh
 
 N, DIM = 32, 8
 # Fractions of valid slots: all, most, few, exactly one (below), none.
@@ -23,7 +23,8 @@ def _embeddings(seed, n=N):
   rng = np.random.default_rng(seed)
   zimg = rng.normal(size=(n, DIM))
   ztxt = zimg + 1.5 * rng.normal(size=(n, DIM))
-  return _normalise(zimg).astype(np.float32), _normalise(ztxt).astype(np.float32)
+  return (_normalise(zimg).astype(np.float32),
+          _normalise(ztxt).astype(np.float32))
 
 
 def _masks(seed, n=N):
@@ -173,10 +174,11 @@ def test_ring_runs_on_sharded_global_arrays():
   mesh = _mesh('data4_fsdp2')
   zimg, ztxt = _embeddings(5)
   valid = _masks(5)[1]
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  rows = batch_sharding(mesh)
   placed = [jax.device_put(x, rows) for x in (zimg, ztxt, valid)]
-  loss, _ = jax.jit(lambda *a: losses.sigmoid_loss_ring(*a, 1.0, -2.0, mesh=mesh))(
-      *placed)
+  ring = jax.jit(
+      lambda *a: losses.sigmoid_loss_ring(*a, 1.0, -2.0, mesh=mesh))
+  loss, _ = ring(*placed)
   want, _ = losses.sigmoid_loss_dense(zimg, ztxt, valid, 1.0, -2.0)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
 
@@ -204,7 +206,8 @@ def _temp_bytes(fn, n, mesh):
   valid = jax.ShapeDtypeStruct((n,), jnp.bool_)
   step = jax.jit(jax.value_and_grad(
       lambda zi, zt, v: fn(zi, zt, v, 1.0, -1.0, mesh=mesh)[0], argnums=(0, 1)))
-  return step.lower(zimg, zimg, valid).compile().memory_analysis().temp_size_in_bytes
+  compiled = step.lower(zimg, zimg, valid).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_ring_memory_is_flat_in_device_count():
@@ -218,3 +221,17 @@ def test_ring_memory_is_flat_in_device_count():
       losses.sigmoid_loss_allgather, 8 * per_device, mesh(8))
   assert ring[8] <= ring[2] * 1.05
   assert ring[8] < 4 * block < 8 * block < gathered
+
+
+def test_bfloat16_towers_get_a_float32_loss_and_bfloat16_gradients():
+  mesh = _mesh('data8')
+  zimg, ztxt = (x.astype(jnp.bfloat16) for x in _embeddings(9))
+  valid = _masks(9)[1]
+  loss_fn = lambda zi, zt: losses.sigmoid_loss_ring(
+      zi, zt, valid, 1.0, -2.0, mesh=mesh)[0]
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(zimg, ztxt)
+  want = losses.sigmoid_loss_dense(
+      zimg.astype(jnp.float32), ztxt.astype(jnp.float32), valid, 1.0, -2.0)[0]
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert all(g.dtype == jnp.bfloat16 for g in grads)

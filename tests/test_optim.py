@@ -1,4 +1,4 @@
-"""The optax chain: freezing, decay, lr multipliers, clipping, schedules, rules."""
+"""The optax chain: freezing, decay, lr mults, clipping, schedules, rules."""
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,8 @@ def _bits(x):
 
 @pytest.mark.parametrize('frozen,trained', [('img', 'txt'), ('txt', 'img')])
 @pytest.mark.parametrize('optax_name', ['adam', 'adafactor'])
-def test_frozen_tower_is_unchanged_and_has_no_state(frozen, trained, optax_name):
+def test_frozen_tower_is_unchanged_and_has_no_state(
+    frozen, trained, optax_name):
   config = _config(optax_name=optax_name)
   if optax_name == 'adafactor':
     config.optax = dict(min_dim_size_to_factor=4)
@@ -236,7 +237,8 @@ def test_unknown_optimizer_is_named():
 def test_rules_first_match_wins_and_match_whole_paths():
   params = _params()
   got = rules.match_rules(
-      params, [('img/.*/kernel', 'a'), ('img/.*', 'b'), ('t', 'c'), ('.*', 'd')],
+      params,
+      [('img/.*/kernel', 'a'), ('img/.*', 'b'), ('t', 'c'), ('.*', 'd')],
       'test rules')
   flat = dict(zip(rules.tree_paths(params), jax.tree.leaves(got)))
   assert flat['img/embedding/kernel'] == 'a'

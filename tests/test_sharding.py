@@ -1,4 +1,4 @@
-"""Mesh, partition rules, optimizer-state and batch shardings, multi-host start-up."""
+"""Mesh, partition rules, state and batch shardings, multi-host start-up."""
 
 import jax
 import jax.numpy as jnp
@@ -136,20 +136,22 @@ def test_state_shardings_follow_the_params(optax_name):
       assert spec == P(), path
   if optax_name == 'adam':  # Both moments of the kernel are fsdp-sharded.
     sharded = [p for p in specs if p.endswith('img/embedding/kernel')]
-    assert len(sharded) == 2 and all(specs[p] == P(None, 'fsdp') for p in sharded)
+    assert len(sharded) == 2
+    assert all(specs[p] == P(None, 'fsdp') for p in sharded)
 
   # The trainer's use: initialise the state straight into its shardings.
   params = jax.device_put(jax.tree.map(lambda a: jnp.ones(a.shape), PARAMS),
                           param_shardings)
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-  for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)):
+  for leaf, want in zip(jax.tree.leaves(state),
+                        jax.tree.leaves(state_shardings)):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
 
 def test_global_batch_splits_rows_over_data_and_fsdp():
   mesh = _mesh([('data', 4), ('fsdp', 2)])
   local = {'valid': np.arange(16) % 3 > 0,
-           'image/patches': np.arange(16 * 5 * 3, dtype=np.float32).reshape(16, 5, 3)}
+           'image/patches': np.arange(240, dtype=np.float32).reshape(16, 5, 3)}
   batch = sharding.make_global_batch(local, mesh)
   for key, value in local.items():
     assert batch[key].sharding.is_equivalent_to(
