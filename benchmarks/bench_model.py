@@ -78,10 +78,16 @@ def compile_step(model, inputs):
 
 
 def median_seconds(steps: dict, iters: int) -> dict:
-  """Median wall time of each step, timed round-robin so load drifts hit all alike."""
+  """Median wall time of each step, timed round-robin so load drifts hit all alike.
+
+  Each timed call follows an untimed one of the same step: a step run right
+  after a bigger one measures ~30% slow on CPU (memory given back and
+  re-faulted), which would bias whichever step follows the largest.
+  """
   times = {name: [] for name in steps}
   for _ in range(iters):
     for name, step in steps.items():
+      step()
       start = time.perf_counter()
       step()
       times[name].append(time.perf_counter() - start)

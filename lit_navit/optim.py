@@ -114,7 +114,7 @@ def make_schedule(total_steps: int, *, decay_type: str, warmup_steps: int = 0,
   return schedule
 
 
-def _schedule_rules(schedule):
+def schedule_rules(schedule):
   """config.schedule as a list of (regex, schedule dict or None)."""
   if isinstance(schedule, (dict, ml_collections.ConfigDict)):
     return [('.*', schedule)]
@@ -147,7 +147,7 @@ def make_optimizer(config, params, total_steps: int):
   for logging. Raises ValueError naming the parameters no schedule rule
   matches.
   """
-  schedules = _schedule_rules(config.schedule)
+  schedules = schedule_rules(config.schedule)
   group = rules.match_rules(
       params, [(pattern, i) for i, (pattern, _) in enumerate(schedules)],
       'config.schedule')

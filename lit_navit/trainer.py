@@ -28,6 +28,7 @@ from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
+from lit_navit.models import flops as flops_lib
 from lit_navit.models import two_towers
 
 
@@ -106,6 +107,7 @@ class Trainer:
     abstract_params = jax.eval_shape(init_params)
     self.tx, self.schedules = optim.make_optimizer(
         self.config.optim, abstract_params, self.config.total_steps)
+    self.frozen_towers = frozen_towers(self.config.optim.schedule, abstract_params)
 
     def init_state():
       params = init_params()
@@ -190,11 +192,9 @@ class Trainer:
       jitted = jax.jit(self._train_step, donate_argnums=0,
                        in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.state_sharding, self.replicated))
-      compiled = jitted.lower(state, batch).compile()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops = float((cost or {}).get('flops', 0.0))
-      self._compiled[p] = (compiled, flops)
+      flops = flops_lib.training_flops(self.config.model, batch_lib.spec_of(batch),
+                                       frozen=self.frozen_towers)
+      self._compiled[p] = (jitted.lower(state, batch).compile(), float(flops))
     return self._compiled[p]
 
   # --- the loop ------------------------------------------------------------
@@ -279,6 +279,15 @@ class Trainer:
     if jax.process_index() == 0:
       metrics_lib.print_line(metrics_lib.console_line(step, self.config.total_steps, scalars))
     return scalars
+
+
+def frozen_towers(schedule, params) -> tuple[str, ...]:
+  """The towers ('img', 'txt') whose every parameter has a None schedule."""
+  groups = rules.match_rules(
+      params, [(pattern, sched is None) for pattern, sched in optim.schedule_rules(schedule)],
+      'config.optim.schedule')
+  return tuple(tower for tower in ('img', 'txt')
+               if all(jax.tree.leaves(groups[tower])))
 
 
 def _zeros(abstract: dict) -> dict:

@@ -30,7 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
       # Patch size the embedding kernel is stored at; unset: the variant's.
       base_patch_size=ml_collections.config_dict.placeholder(int),
       posemb='learn_factorized',  # See models/posemb.py KINDS.
-      max_grid=64,                # Position table size, in patches per side.
+      # Position table side, in patches; for learn_2d_resized the learned
+      # grid's side (NaFlex: 16; its cost grows with max_grid**2).
+      max_grid=64,
       pool='map',                 # 'map' | 'mean'.
       qk_norm=False,
       use_bias=True,
@@ -71,7 +73,7 @@ def base_patch_size(image_config) -> int:
   return size
 
 
-def image_tower(config, name: str | None = None) -> navit.NaViT:
+def image_tower(config) -> navit.NaViT:
   """The NaViT described by `config.image`, projecting to `config.embed_dim`."""
   c = config.image
   size = variants.decode(c.variant)
@@ -80,11 +82,10 @@ def image_tower(config, name: str | None = None) -> navit.NaViT:
       **size, base_patch_size=base_patch_size(c), posemb=c.posemb,
       max_grid=c.max_grid, pool=c.pool, out_dim=config.embed_dim,
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
-      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
-      name=name)
+      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype))
 
 
-def text_tower(config, name: str | None = None) -> text.TextTransformer:
+def text_tower(config) -> text.TextTransformer:
   """The text transformer described by `config.text`, projecting to `config.embed_dim`."""
   c = config.text
   size = variants.decode(c.variant)
@@ -93,8 +94,7 @@ def text_tower(config, name: str | None = None) -> text.TextTransformer:
       vocab_size=c.vocab_size, max_len=c.max_len, **size, pool=c.pool,
       out_dim=config.embed_dim, causal=c.causal, pad_id=c.pad_id,
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
-      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
-      name=name)
+      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype))
 
 
 def l2_normalize(x, eps: float = 1e-12):
