@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 
+log = logging.getLogger('lit_navit')
+
 
 class Checkpointer:
   """Saves and restores the train state, the data state and the config."""
@@ -68,7 +70,7 @@ class Checkpointer:
         return step, restored['state'], restored['data']
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read a step means that step is unusable; fall back.
-        logging.error('checkpoint step %d in %s is unreadable (%s: %s); '
+        log.error('checkpoint step %d in %s is unreadable (%s: %s); '
                       'using the previous one', step, self.directory,
                       type(e).__name__, e)
         self._set_aside(step)

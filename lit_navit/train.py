@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.')
@@ -34,6 +35,18 @@ def check_workdir(workdir: str) -> None:
     raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
 
 
+def setup_logging() -> None:
+  """lit_navit's own messages at INFO on stderr; libraries' (orbax, absl) at WARNING."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger('lit_navit')
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def train(config, workdir: str, hooks=()):
   """Checks the config and workdir, then trains; returns the trainer's RunResult."""
   # Imported here so `--help` and config errors don't pay for jax start-up.
@@ -41,6 +54,7 @@ def train(config, workdir: str, hooks=()):
   from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
   from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_threefry_partitionable', True)
+  setup_logging()
   config_lib.check_config(config)
   check_workdir(workdir)
   trainer = trainer_lib.Trainer(config, workdir)
@@ -55,10 +69,9 @@ def _main(argv):
   from lit_navit import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  logging.getLogger().setLevel(logging.INFO)
   result = train(FLAGS.config, FLAGS.workdir)
   if result.preempted:
-    logging.warning('preempted after step %d: checkpoint saved', result.steps)
+    logging.getLogger('lit_navit').warning('preempted: checkpoint saved, exiting')
 
 
 def main():

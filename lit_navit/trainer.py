@@ -31,6 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lit_navit.models import flops as flops_lib
 from lit_navit.models import two_towers
 
+log = logging.getLogger('lit_navit')
+
+
+# What the device needs of a batch; `index` (int64 example ids) stays on the host.
+MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
+              'text/tokens', 'valid')
+
 
 class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
@@ -98,7 +105,8 @@ class Trainer:
                                slots=self.config.input.images_per_row,
                                text_len=self.config.input.text_len,
                                patch_size=patch_size)
-    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()}
+    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()
+            if k in MODEL_KEYS}
 
   def _init_state(self) -> None:
     example = self._example_batch(self.config.input.patch_sizes[0])
@@ -132,14 +140,14 @@ class Trainer:
     """The newest good checkpoint's state (and the pipeline's), else a fresh one."""
     restored = self.checkpointer.restore_latest(self.abstract_state)
     if restored is None:
-      logging.info('no checkpoint in %s: starting from scratch', self.workdir)
+      log.info('no checkpoint in %s: starting from scratch', self.workdir)
       state = self._init_fn()
       if self.config.init_from:
         state['params'] = self._load_init_params(state['params'])
       return state
     step, state, data_state = restored
     self.pipeline.set_state(data_state)
-    logging.info('resumed from step %d', step)
+    log.info('resumed from step %d', step)
     return state
 
   def _load_init_params(self, params):
@@ -158,7 +166,7 @@ class Trainer:
                          f'{path!r} of shape {param.shape}')
       return jax.device_put(np.asarray(loaded_by_path[path]), sharding_)
 
-    logging.info('initialising %r params from %s', self.config.init_params,
+    log.info('initialising %r params from %s', self.config.init_params,
                  self.config.init_from)
     return jax.tree_util.tree_map_with_path(pick, params, take,
                                             self.state_sharding['params'])
@@ -170,7 +178,9 @@ class Trainer:
 
     def loss_of(params):
       zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
-      return self.loss_fn(zimg, ztxt, valid, params['t'], params.get('b'))
+      # t and b are stored as shape (1,), as in big_vision checkpoints.
+      b = params['b'].reshape(()) if 'b' in params else None
+      return self.loss_fn(zimg, ztxt, valid, params['t'].reshape(()), b)
 
     (loss, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state['params'])
@@ -200,7 +210,7 @@ class Trainer:
   # --- the loop ------------------------------------------------------------
 
   def _request_stop(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('signal %d: saving a checkpoint and stopping', signum)
+    log.warning('signal %d: saving a checkpoint and stopping', signum)
     self._stop_requested = True
 
   def _all_agree_to_stop(self) -> bool:
@@ -232,7 +242,8 @@ class Trainer:
         if self._all_agree_to_stop():
           preempted = True
           break
-        batch = sharding.make_global_batch(next(self.pipeline), self.mesh)
+        local = next(self.pipeline)
+        batch = sharding.make_global_batch({k: local[k] for k in MODEL_KEYS}, self.mesh)
         compiled, flops = self.compiled_step(state, batch)
         state, device_metrics = compiled(state, batch)
         step += 1

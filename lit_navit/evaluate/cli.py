@@ -18,8 +18,8 @@ def add_model_flags(parser, max_tokens_help='token budget per image'):
   parser.add_argument('--patch_size', type=int, default=None,
                       help='patch size (default: the first of the training '
                       'config\'s input.patch_sizes)')
-  parser.add_argument('--batch_rows', type=int, default=8,
-                      help='packed rows per image batch')
+  parser.add_argument('--batch_rows', type=int, default=64,
+                      help='packed rows per image batch (one image a row)')
   parser.add_argument('--output', default=None, help='write results as JSON here')
   parser.add_argument('--no_progress', action='store_true',
                       help='hide progress bars')

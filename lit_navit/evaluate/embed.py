@@ -2,8 +2,9 @@
 
 Images go through the training pipeline in eval mode: every image once, in
 order, at its native aspect ratio, resized to fit a token budget, packed
-several to a row; nothing sampled, nothing dropped. Outputs are scattered
-back to source order by each slot's `index`, so packing never shows.
+into rows (one image a row by default, see `eval_input_config`); nothing
+sampled, nothing dropped. Outputs are scattered back to source order by
+each slot's `index`, so packing never shows.
 """
 
 import jax
@@ -26,24 +27,22 @@ def eval_input_config(input_config, *, max_tokens=None, patch_size=None,
   Args:
     input_config: a pipeline config (e.g. the training config's `input`).
     max_tokens: token budget of one image; default: the config's
-      `resolution.max_tokens`, else a full row.
+      `resolution.max_tokens`, else its row length.
     patch_size: default: the first of the config's `patch_sizes`.
-    tokens_per_row: L; default: the config's, raised to `max_tokens` if
-      that is larger.
-    images_per_row: E; default: the config's.
+    tokens_per_row: L; default: the budget.
+    images_per_row: E; default: 1.
   """
   config = input_config.copy_and_resolve_references()
   config.mode = 'eval'
   config.patch_sizes = (int(patch_size or tuple(config.patch_sizes)[0]),)
-  if max_tokens is not None:
-    config.resolution.max_tokens = int(max_tokens)
-  if tokens_per_row is not None:
-    config.tokens_per_row = int(tokens_per_row)
-  elif config.resolution.max_tokens:
-    config.tokens_per_row = max(config.tokens_per_row,
-                                config.resolution.max_tokens)
-  if images_per_row is not None:
-    config.images_per_row = int(images_per_row)
+  budget = int(max_tokens or config.resolution.max_tokens or config.tokens_per_row)
+  config.resolution.max_tokens = budget
+  # Eval sizing scales every image to fill its budget, so a row of one
+  # budget holding one image (NaFlex-style) wastes only aspect rounding.
+  # Longer packed rows save no padding and pay for attention over the whole
+  # row: 0.4-0.6x the throughput in benchmarks/bench_export.py.
+  config.tokens_per_row = int(tokens_per_row or budget)
+  config.images_per_row = int(images_per_row or 1)
   return config
 
 
@@ -57,12 +56,12 @@ class Embedder:
       `eval_input_config`, which the keyword arguments are passed to).
     tokenizer: has `encode(list[str]) -> int32 [N, T]` and `pad_id`.
     batch_rows: packed rows per image batch.
-    text_batch: captions per text batch; default: rows x images per row.
+    text_batch: captions per text batch.
   """
 
   def __init__(self, model, params, input_config, tokenizer, batch_rows, *,
                max_tokens=None, patch_size=None, tokens_per_row=None,
-               images_per_row=None, text_batch=None):
+               images_per_row=None, text_batch=256):
     self.model = model
     self.params = params
     self.input_config = eval_input_config(
@@ -70,7 +69,7 @@ class Embedder:
         tokens_per_row=tokens_per_row, images_per_row=images_per_row)
     self.tokenizer = tokenizer
     self.batch_rows = batch_rows
-    self.text_batch = text_batch or batch_rows * self.input_config.images_per_row
+    self.text_batch = text_batch
     self.dim = model.config.embed_dim
     # Shapes are static per patch size, so each of these compiles once per
     # patch size (images) or once (texts).
@@ -95,8 +94,7 @@ class Embedder:
 
   @property
   def max_tokens(self):
-    return (self.input_config.resolution.max_tokens or
-            self.input_config.tokens_per_row)
+    return self.input_config.resolution.max_tokens
 
   def images(self, source, progress=True):
     """Embeds every image of `source`.
