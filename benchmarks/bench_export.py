@@ -7,8 +7,13 @@ Both modes fit every image into the same --max_tokens budget at its native
 aspect ratio, and push the same number of tokens per batch through the
 same model; they differ only in how images fill the rows:
 
-  packed  rows of --max_tokens tokens hold up to --images_per_row images
+  packed  rows of --row_multiple x --max_tokens tokens, up to
+          --images_per_row images each
   naflex  one image per row, padded to --max_tokens
+
+Eval sizing ('fit') scales each image up or down to the largest grid within
+the budget, so an image wastes only what its aspect ratio rounds off; that,
+against the cost of attention over longer rows, is what packing trades.
 
 Images are a folder of mixed-aspect JPEGs (--images, or synthetic ones
 drawn at 1:4 to 4:1). Each mode runs the full export (read, decode, resize,
@@ -24,7 +29,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from lit_navit import config as config_lib
 from lit_navit.data import batch as batch_lib
@@ -44,7 +48,10 @@ def parse_args(argv=None):
   parser.add_argument('--num_images', type=int, default=256,
                       help='synthetic images to draw')
   parser.add_argument('--variant', default='Ti/16', help='image tower size')
-  parser.add_argument('--max_tokens', type=int, default=256)
+  parser.add_argument('--max_tokens', default='64,256',
+                      help='token budget(s) per image, comma separated')
+  parser.add_argument('--row_multiple', type=int, default=4,
+                      help='packed rows hold this many budgets of tokens')
   parser.add_argument('--images_per_row', type=int, default=16,
                       help='slots per packed row')
   parser.add_argument('--tokens_per_batch', type=int, default=4096,
@@ -79,19 +86,21 @@ def build_model(variant):
   return config, model, params
 
 
-def run_mode(name, config, model, params, tokenizer, source, args, workdir):
-  """Best-of-repeats export throughput of one packing mode."""
+def run_mode(name, max_tokens, config, model, params, tokenizer, source, args,
+             workdir):
+  """Best-of-repeats export throughput of one packing mode at one budget."""
   packed = name == 'packed'
+  tokens_per_row = max_tokens * (args.row_multiple if packed else 1)
   embedder = embed.Embedder(
       model, params, config.input, tokenizer,
-      batch_rows=max(1, args.tokens_per_batch // args.max_tokens),
-      max_tokens=args.max_tokens, tokens_per_row=args.max_tokens,
+      batch_rows=max(1, args.tokens_per_batch // tokens_per_row),
+      max_tokens=max_tokens, tokens_per_row=tokens_per_row,
       images_per_row=args.images_per_row if packed else 1)
   warmup = min(len(source), 2 * embedder.batch_rows)
   embedder.images(datasets.Subset(source, range(warmup)), progress=False)
   best = None
   for repeat in range(args.repeats):
-    out = os.path.join(workdir, f'{name}_{repeat}')
+    out = os.path.join(workdir, f'{name}_{max_tokens}_{repeat}')
     start = time.perf_counter()
     summary = export.export(embedder, source, out, part_size=len(source),
                             texts=False, key_column='image_path', progress=False)
@@ -100,7 +109,8 @@ def run_mode(name, config, model, params, tokenizer, source, args, workdir):
       best = {'seconds': seconds, 'images_per_second': len(source) / seconds,
               'num_failed': summary['num_failed']}
   stats = padding_stats(embedder, source)
-  return {'mode': name, 'rows_per_batch': embedder.batch_rows,
+  return {'mode': name, 'max_tokens': max_tokens,
+          'rows_per_batch': embedder.batch_rows,
           'tokens_per_row': embedder.input_config.tokens_per_row,
           'images_per_row': embedder.input_config.images_per_row, **best, **stats}
 
@@ -119,6 +129,7 @@ def padding_stats(embedder, source):
 
 def main(argv=None):
   args = parse_args(argv)
+  budgets = [int(b) for b in args.max_tokens.split(',')]
   with tempfile.TemporaryDirectory() as workdir:
     folder = args.images
     if folder is None:
@@ -129,22 +140,28 @@ def main(argv=None):
     config, model, params = build_model(args.variant)
     tokenizer = text_lib.Tokenizer(config.input.tokenizer, config.input.text_len,
                                    sticky_eos=config.input.sticky_eos)
-    runs = [run_mode(name, config, model, params, tokenizer, source, args, workdir)
-            for name in ('packed', 'naflex')]
+    runs = [run_mode(name, max_tokens, config, model, params, tokenizer,
+                     source, args, workdir)
+            for max_tokens in budgets for name in ('packed', 'naflex')]
   results = {
-      'variant': args.variant, 'max_tokens': args.max_tokens,
+      'variant': args.variant,
       'patch_size': two_towers.base_patch_size(config.model.image),
       'num_images': len(source), 'tokens_per_batch': args.tokens_per_batch,
+      'row_multiple': args.row_multiple,
       'device': jax.devices()[0].device_kind, 'runs': runs,
-      'speedup': runs[0]['images_per_second'] / runs[1]['images_per_second'],
   }
-  print(f'{len(source)} images, {args.variant}, <= {args.max_tokens} tokens each, '
-        f'{args.tokens_per_batch} tokens per batch, {results["device"]}')
-  print(f'{"mode":8} {"img/s":>8} {"batches":>8} {"img/row":>8} {"padding":>8}')
+  print(f'{len(source)} images, {args.variant}, {args.tokens_per_batch} tokens '
+        f'per batch, packed rows of {args.row_multiple}x the budget, '
+        f'{results["device"]}')
+  print(f'{"budget":>6} {"mode":8} {"img/s":>8} {"batches":>8} {"img/row":>8} '
+        f'{"padding":>8}')
   for run in runs:
-    print(f'{run["mode"]:8} {run["images_per_second"]:8.1f} {run["batches"]:8d} '
-          f'{run["mean_images_per_row"]:8.2f} {run["padding_fraction"]:8.1%}')
-  print(f'packed / naflex: {results["speedup"]:.2f}x')
+    print(f'{run["max_tokens"]:6d} {run["mode"]:8} {run["images_per_second"]:8.1f} '
+          f'{run["batches"]:8d} {run["mean_images_per_row"]:8.2f} '
+          f'{run["padding_fraction"]:8.1%}')
+  for packed, naflex in zip(runs[::2], runs[1::2]):
+    print(f'budget {packed["max_tokens"]}: packed / naflex '
+          f'{packed["images_per_second"] / naflex["images_per_second"]:.2f}x')
   if args.output:
     with open(args.output, 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=2)

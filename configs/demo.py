@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.input.resolution.dist = 'uniform'
   c.input.resolution.min = 24
   c.input.resolution.max = 64
-  c.input.pack_buffer = 96
+  c.input.pack_buffer = 384
   c.input.workers = 2
 
   c.model.image.variant = 'mu/8'

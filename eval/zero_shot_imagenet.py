@@ -9,6 +9,8 @@ Images keep their aspect ratio and are resized to fit each token budget in
 the accuracy-vs-tokens curve is drawn next to the JSON (or to --plot).
 Reports top-1, top-5 and per-class accuracy. Class names and the 80 / 7
 prompt templates are CLIP's unless --classnames / --templates say otherwise.
+--synthetic N evaluates the held-out synthetic shape-colour pairs instead,
+through the same function as the trainer's eval hook.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import time
 
 import numpy as np
 
+from lit_navit.data import synthetic
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
 from lit_navit.evaluate import imagenet_metadata
@@ -37,6 +40,10 @@ def parse_args(argv=None):
                     '{000..099} ranges or a comma list) with image and label')
   data.add_argument('--tfds', action='store_true',
                     help='TFDS imagenet2012, prepared under --tfds_data_dir')
+  data.add_argument('--synthetic', type=int, metavar='N',
+                    help='N held-out images of the checkpoint\'s synthetic '
+                    'source, over all shape-colour classes (what the trainer\'s '
+                    'eval hook reports)')
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--tfds_split', default='validation')
   parser.add_argument('--image_key', default='image', help='--tfrecord image feature')
@@ -47,9 +54,10 @@ def parse_args(argv=None):
                       help='class-name file: one a line in class order, or JSON '
                       '(list, or {folder: name}); default: CLIP\'s ImageNet names, '
                       'or the folder names for --folder')
-  parser.add_argument('--templates', default='80',
+  parser.add_argument('--templates', default=None,
                       help="'80' or '7' (CLIP's ImageNet prompts) or a file with "
-                      "one template a line, '{}' marking the class name")
+                      "one template a line, '{}' marking the class name; "
+                      "default: '80', or the synthetic prompts for --synthetic")
   parser.add_argument('--max_images', type=int, default=None,
                       help='evaluate an evenly spaced subset of this many images')
   parser.add_argument('--plot', default=None,
@@ -57,7 +65,12 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def load_dataset(args):
+def load_dataset(args, config):
+  if args.synthetic:
+    source = zero_shot.synthetic_heldout_source(config.input.source, args.synthetic)
+    labels = [source.attributes(i)['class_id'] for i in range(len(source))]
+    return datasets.ClassificationSet(source, np.asarray(labels, np.int64),
+                                      synthetic.class_names())
   classnames = (datasets.read_classnames(args.classnames, imagenet_metadata.WNIDS)
                 if args.classnames and not args.folder else None)
   if args.imagenet:
@@ -72,7 +85,10 @@ def load_dataset(args):
       classnames=classnames or imagenet_metadata.CLASSNAMES)
 
 
-def load_templates(value):
+def load_templates(args):
+  value = args.templates or ('synthetic' if args.synthetic else '80')
+  if value == 'synthetic':
+    return list(zero_shot.SYNTHETIC_TEMPLATES)
   if value == '80':
     return list(imagenet_metadata.TEMPLATES)
   if value == '7':
@@ -82,13 +98,13 @@ def load_templates(value):
 
 def evaluate(args):
   """Runs every budget; returns the JSON-ready results."""
-  data = load_dataset(args)
-  templates = load_templates(args.templates)
+  config, params = cli.load_checkpoint(args.checkpoint)
+  data = load_dataset(args, config)
+  templates = load_templates(args)
   source, labels = data.source, data.labels
   if args.max_images and args.max_images < len(source):
     indices = np.linspace(0, len(source) - 1, args.max_images).round().astype(int)
     source, labels = datasets.Subset(source, indices), labels[indices]
-  config, params = cli.load_checkpoint(args.checkpoint)
   budgets = cli.parse_token_budgets(args.max_tokens)
   class_emb = None
   runs = []

@@ -32,6 +32,15 @@ class ByteTokenizer:
     return tokens
 
 
+def init_params(model_config, text_len=TEXT_LEN):
+  """Random parameters of TwoTowers(model_config)."""
+  model = two_towers.TwoTowers(model_config)
+  spec = batch_lib.BatchSpec(rows=1, tokens_per_row=4, slots=1, text_len=text_len,
+                             patch_size=two_towers.base_patch_size(model_config.image))
+  batch = {k: v for k, v in spec.empty().items() if k != 'index'}
+  return jax.jit(model.init)(jax.random.key(0), batch)['params']
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model():
   """(TwoTowers, params): 'mu' towers, 16-dim embeddings; built once."""
@@ -42,12 +51,7 @@ def tiny_model():
   config.text.vocab_size = 257
   config.text.max_len = TEXT_LEN
   config.embed_dim = 16
-  model = two_towers.TwoTowers(config)
-  spec = batch_lib.BatchSpec(rows=1, tokens_per_row=4, slots=1,
-                             text_len=TEXT_LEN, patch_size=PATCH_SIZE)
-  batch = {k: v for k, v in spec.empty().items() if k != 'index'}
-  params = jax.jit(model.init)(jax.random.key(0), batch)['params']
-  return model, params
+  return two_towers.TwoTowers(config), init_params(config)
 
 
 def input_config(max_tokens=16):

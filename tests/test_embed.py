@@ -3,7 +3,8 @@
 import numpy as np
 
 from lit_navit.evaluate import datasets
-from eval_helpers import tiny_embedder, write_images
+from lit_navit.evaluate import embed
+from eval_helpers import input_config, tiny_embedder, write_images
 
 SIZES = [(30, 20), (16, 48), (40, 40), (24, 8), (64, 16), (20, 20), (8, 40),
          (33, 17), (50, 25)]
@@ -11,7 +12,8 @@ SIZES = [(30, 20), (16, 48), (40, 40), (24, 8), (64, 16), (20, 20), (8, 40),
 
 def test_images_come_back_in_source_order_independent_of_packing(tmp_path):
   paths = write_images(str(tmp_path), SIZES)
-  embedder = tiny_embedder(batch_rows=2)
+  # Rows of two budgets and four slots: images share rows.
+  embedder = tiny_embedder(batch_rows=2, tokens_per_row=32, images_per_row=4)
   emb, failed = embedder.images(datasets.ImageFiles(paths), progress=False)
   assert failed == []
   assert emb.shape == (len(SIZES), 16) and emb.dtype == np.float32
@@ -49,9 +51,29 @@ def test_texts_in_padded_chunks_match_one_by_one():
   assert embedder.texts([]).shape == (0, 16)
 
 
-def test_budget_and_patch_size_overrides():
-  embedder = tiny_embedder(max_tokens=64, patch_size=4)
-  assert embedder.max_tokens == 64 and embedder.patch_size == 4
-  # The row grows to hold one image at the full budget.
-  assert embedder.input_config.tokens_per_row == 64
+def test_eval_config_defaults_and_overrides():
+  embedder = tiny_embedder()
+  assert embedder.max_tokens == 16 and embedder.patch_size == 8
+  # NaFlex-style rows by default: one image of one budget per row.
+  assert embedder.input_config.tokens_per_row == 16
+  assert embedder.input_config.images_per_row == 1
   assert embedder.input_config.mode == 'eval'
+  embedder = tiny_embedder(max_tokens=64, patch_size=4, tokens_per_row=128,
+                           images_per_row=3)
+  assert embedder.max_tokens == 64 and embedder.patch_size == 4
+  assert embedder.input_config.tokens_per_row == 128
+  assert embedder.input_config.images_per_row == 3
+
+
+def test_default_budget_is_the_largest_training_image():
+  config = input_config(max_tokens=None)
+  config.tokens_per_row = 128
+  config.resolution.mode = 'side'
+  config.resolution.max = 60  # ceil(60 / 8) = 8 patches a side
+  assert embed.default_budget(config, 8) == 64
+  assert embed.default_budget(config, 4) == 128  # 15 x 15, capped at a row
+  config.resolution.mode = 'fit'
+  assert embed.default_budget(config, 8) == 128
+  config.resolution.max_tokens = 32
+  assert embed.default_budget(config, 8) == 32
+  assert embed.eval_input_config(config).resolution.max_tokens == 32

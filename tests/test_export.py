@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -86,6 +87,12 @@ def test_export_layout_failures_and_resume(tmp_path, images):
   with pytest.raises(ValueError, match='part_size'):
     export.export(embedder, images, out, part_size=5, texts=True,
                   key_column='image_path', progress=False)
+  # Other weights must not add parts to this export either.
+  other = tiny_embedder()
+  other.params = jax.tree.map(lambda x: x + 1, other.params)
+  with pytest.raises(ValueError, match='params_sha256'):
+    export.export(other, images, out, part_size=4, texts=True,
+                  key_column='image_path', progress=False)
 
 
 def test_query_finds_each_image_by_its_own_embedding(tmp_path, images):
@@ -108,7 +115,7 @@ def test_query_finds_each_image_by_its_own_embedding(tmp_path, images):
 
 class _ConstructedEmbedder:
   """Image k and the caption 'image k' both embed as basis vector k."""
-  dim, patch_size, max_tokens = 8, 16, 256
+  dim, patch_size, max_tokens, params = 8, 16, 256, {}
 
   def images(self, source, progress=False):
     del progress

@@ -1,10 +1,15 @@
 """Zero-shot math on constructed embeddings, and the synthetic eval plumbing."""
 
+import os
+
 import numpy as np
 import pytest
 
 from lit_navit.data import synthetic
+from lit_navit.evaluate import demo_eval
 from lit_navit.evaluate import zero_shot
+import tiny_config
+from eval_helpers import init_params
 
 
 def test_class_embeddings_normalise_each_template_then_the_mean():
@@ -118,3 +123,15 @@ def test_synthetic_eval_reports_both_metrics():
   assert result['num_images'] == 12
   assert 0.0 < result['retrieval/image_to_text/R@1'] <= 1.0
   assert 0.0 < result['retrieval/text_to_image/R@1'] <= 1.0
+
+
+def test_demo_metrics_run_the_synthetic_eval_on_a_checkpoint_config(tmp_path):
+  config = tiny_config.get_config()
+  params = init_params(config.model, config.input.text_len)
+  report = demo_eval.evaluate_and_export(config, params, str(tmp_path),
+                                         num_examples=12)
+  assert report['zero_shot_chance'] == pytest.approx(1 / 64)
+  assert 0 <= report['zero_shot_top1'] <= 1
+  assert 0 <= report['image_to_text_r1'] <= 1
+  assert len(report['query']['top_keys']) == 5
+  assert os.path.isdir(os.path.join(str(tmp_path), 'export', 'img_emb'))

@@ -14,7 +14,8 @@ def add_model_flags(parser, max_tokens_help='token budget per image'):
                       help='a workdir (its newest checkpoint) or one step directory')
   parser.add_argument('--max_tokens', default=None,
                       help=f'{max_tokens_help} (default: the training config\'s '
-                      'input.resolution.max_tokens, else a full row)')
+                      'input.resolution.max_tokens, else the tokens of its '
+                      'largest training image, capped at a row)')
   parser.add_argument('--patch_size', type=int, default=None,
                       help='patch size (default: the first of the training '
                       'config\'s input.patch_sizes)')
@@ -26,7 +27,7 @@ def add_model_flags(parser, max_tokens_help='token budget per image'):
 
 
 def parse_token_budgets(value):
-  """'64,128,256' -> [64, 128, 256]; None -> [None] (the config's budget)."""
+  """'64,128,256' -> [64, 128, 256]; None -> [None] (the default budget)."""
   if value is None:
     return [None]
   try:

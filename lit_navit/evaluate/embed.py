@@ -7,6 +7,8 @@ sampled, nothing dropped. Outputs are scattered back to source order by
 each slot's `index`, so packing never shows.
 """
 
+import math
+
 import jax
 import numpy as np
 import tqdm
@@ -20,14 +22,27 @@ from lit_navit.models import two_towers
 _IMAGE_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment')
 
 
+def default_budget(input_config, patch_size):
+  """Tokens of the largest training image: a square at `resolution.max`
+  pixels for 'side' / 'area' sizing, capped at a row; else the config's
+  `resolution.max_tokens`, else a row. Evaluating far above the training
+  resolution shifts the position embeddings out of what training saw."""
+  res = input_config.resolution
+  if res.max_tokens:
+    return int(res.max_tokens)
+  if res.mode in ('side', 'area'):
+    side = math.ceil(res.max / patch_size)
+    return int(min(side * side, input_config.tokens_per_row))
+  return int(input_config.tokens_per_row)
+
+
 def eval_input_config(input_config, *, max_tokens=None, patch_size=None,
                       tokens_per_row=None, images_per_row=None):
   """The `input` config turned to eval mode, with optional overrides.
 
   Args:
     input_config: a pipeline config (e.g. the training config's `input`).
-    max_tokens: token budget of one image; default: the config's
-      `resolution.max_tokens`, else its row length.
+    max_tokens: token budget of one image; default: `default_budget`.
     patch_size: default: the first of the config's `patch_sizes`.
     tokens_per_row: L; default: the budget.
     images_per_row: E; default: 1.
@@ -35,12 +50,12 @@ def eval_input_config(input_config, *, max_tokens=None, patch_size=None,
   config = input_config.copy_and_resolve_references()
   config.mode = 'eval'
   config.patch_sizes = (int(patch_size or tuple(config.patch_sizes)[0]),)
-  budget = int(max_tokens or config.resolution.max_tokens or config.tokens_per_row)
+  budget = int(max_tokens or default_budget(config, config.patch_sizes[0]))
   config.resolution.max_tokens = budget
   # Eval sizing scales every image to fill its budget, so a row of one
   # budget holding one image (NaFlex-style) wastes only aspect rounding.
   # Longer packed rows save no padding and pay for attention over the whole
-  # row: 0.4-0.6x the throughput in benchmarks/bench_export.py.
+  # row: 0.5-0.7x the throughput in benchmarks/bench_export.py.
   config.tokens_per_row = int(tokens_per_row or budget)
   config.images_per_row = int(images_per_row or 1)
   return config

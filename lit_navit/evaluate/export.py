@@ -15,11 +15,13 @@ renamed, so it is complete or absent; the metadata file goes last and marks
 its part done. A rerun skips finished parts and redoes the rest.
 """
 
+import hashlib
 import heapq
 import json
 import os
 import time
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,6 +86,15 @@ def _save_jsonl(path, rows):
   _atomic_write(path, write)
 
 
+def params_fingerprint(params):
+  """A short hash of a parameter tree's values, so a rerun with other
+  weights cannot mix its parts with an earlier export's."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def _check_manifest(output_dir, settings):
   """Writes the settings, or checks them against an earlier run's."""
   path = os.path.join(output_dir, MANIFEST)
@@ -134,7 +145,8 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
   _check_manifest(output_dir, {
       'num_images': len(source), 'part_size': part_size, 'dtype': dtype,
       'texts': texts, 'key_column': key_column, 'dim': embedder.dim,
-      'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens})
+      'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens,
+      'params_sha256': params_fingerprint(embedder.params)})
   start_time = time.perf_counter()
   written = skipped = embedded = 0
   for number in range(num_parts):
@@ -198,11 +210,15 @@ def _part_files(output_dir, kind):
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'no exported {kind} embeddings in {output_dir} '
                             f'({folder} is missing)')
-  names = sorted(n for n in os.listdir(folder) if n.endswith('.npy'))
-  return [(os.path.join(folder, n),
-           os.path.join(output_dir, 'metadata',
-                        n.replace(f'{kind}_emb_', 'metadata_').replace('.npy', '.parquet')))
-          for n in names]
+  files = []
+  for name in sorted(n for n in os.listdir(folder) if n.endswith('.npy')):
+    number = name[len(f'{kind}_emb_'):-len('.npy')]
+    metadata = os.path.join(output_dir, 'metadata', f'metadata_{number}.parquet')
+    if not os.path.exists(metadata):
+      raise FileNotFoundError(f'{metadata} is missing: part {number} is '
+                              'unfinished; rerun the export to complete it')
+    files.append((os.path.join(folder, name), metadata))
+  return files
 
 
 def query(output_dir, vectors, k=10, kind='img'):
