@@ -45,6 +45,12 @@ def get_config(arg=None):
   c.optim.wd = 1e-4
   c.optim.schedule = [('.*', dict(decay_type='cosine', warmup_steps=50))]
 
+  c.evals.every = 400
+  c.evals.heldout.kind = 'synthetic'
+  c.evals.heldout.seed = 1
+  c.evals.heldout.min_side = c.input.source.min_side
+  c.evals.heldout.max_side = c.input.source.max_side
+
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
   c.log_every = 10

@@ -16,6 +16,7 @@ import ml_collections
 from lit_navit import optim
 from lit_navit import sharding
 from lit_navit.data import pipeline
+from lit_navit.data import sources
 from lit_navit.models import two_towers
 
 
@@ -43,11 +44,15 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.log_every = 1  # steps between metrics.jsonl / TensorBoard records
   c.evals = ml_collections.ConfigDict(dict(
-      every=0,               # steps between in-training evaluations (0: only at the end)
-      heldout_examples=256,  # held-out split for the loss
-      zero_shot=False,       # synthetic zero-shot + retrieval (the synthetic source only)
-      zero_shot_examples=256,
+      every=0,  # steps between in-training evaluations; 0: only after the last step
+      # Held-out loss on batches drawn like the training ones from this source
+      # (kind '' = no held-out loss).
+      heldout=sources.default_source_config(),
+      heldout_batches=4,
+      # Synthetic zero-shot and retrieval (synthetic training source, one host).
+      zero_shot_examples=0,
   ))
+  c.evals.heldout.kind = ''
   return c
 
 

@@ -38,6 +38,8 @@ def check_workdir(workdir: str) -> None:
 def setup_logging() -> None:
   """lit_navit's own messages at INFO on stderr; libraries' (orbax, absl) at WARNING."""
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # orbax warns that a checkpoint lacks optional metadata on every restore.
+  logging.getLogger('absl').setLevel(logging.ERROR)
   log = logging.getLogger('lit_navit')
   if not log.handlers:
     handler = logging.StreamHandler(sys.stderr)

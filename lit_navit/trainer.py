@@ -25,6 +25,7 @@ from lit_navit import rules
 from lit_navit import sharding
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
+from lit_navit.data import prefetch
 from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -85,7 +86,8 @@ class Trainer:
     check_divisibility(config, self.mesh)
     self.local_rows = config.batch_size // jax.process_count()
     self.source = sources.make_source(config.input.source)
-    self.pipeline = make_pipeline(config, self.source, rows=self.local_rows)
+    self.pipeline = prefetch.Prefetch(
+        make_pipeline(config, self.source, rows=self.local_rows))
     self.model = two_towers.TwoTowers(config.model)
     self.loss_fn = losses.make_loss(config.model.loss, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -254,6 +256,8 @@ class Trainer:
           last = self._log(writer, throughput, *pending)
           pending = None
           self._save(step, state)
+        if self._eval_due(step):
+          last.update(self._evaluate(writer, step, state))
         for hook in hooks:
           hook(step, state)
       if pending is not None:
@@ -261,6 +265,7 @@ class Trainer:
       if preempted and self.checkpointer.latest_step() != step:
         self._save(step, state)
     finally:
+      self.pipeline.close()
       self.checkpointer.close()
       writer.close()
       signal.signal(signal.SIGTERM, previous[0])
@@ -268,6 +273,54 @@ class Trainer:
     self.state = state
     return RunResult(steps=step - first_step, seconds=time.perf_counter() - start_time,
                      preempted=preempted, final_metrics=last)
+
+  # --- evaluation ----------------------------------------------------------
+
+  def _eval_due(self, step: int) -> bool:
+    every = self.config.evals.every
+    return step == self.config.total_steps or bool(every and step % every == 0)
+
+  def _evaluate(self, writer, step: int, state) -> dict:
+    """Held-out loss and synthetic zero-shot, as configured; logged under eval/."""
+    results = {}
+    if self.config.evals.heldout.kind:
+      results['eval/loss'] = self.heldout_loss(state['params'])
+    if self.config.evals.zero_shot_examples:
+      results.update(self.zero_shot(state['params']))
+    if results:
+      writer.write(step, results)
+      if jax.process_index() == 0:
+        metrics_lib.print_line(f'eval at step {step}: ' + ', '.join(
+            f'{k} {v:.4f}' for k, v in results.items() if isinstance(v, float)))
+    return results
+
+  def heldout_loss(self, params) -> float:
+    """Mean loss over evals.heldout_batches batches of the held-out source."""
+    if not hasattr(self, '_heldout_loss_fn'):
+      def loss_of(params, batch):
+        zimg, ztxt, _ = self.model.apply({'params': params}, batch)
+        b = params['b'].reshape(()) if 'b' in params else None
+        return self.loss_fn(zimg, ztxt, batch['valid'].reshape(-1),
+                            params['t'].reshape(()), b)[0]
+      self._heldout_loss_fn = jax.jit(loss_of)
+    source = sources.make_source(self.config.evals.heldout)
+    losses_ = []
+    with make_pipeline(self.config, source, rows=self.local_rows) as heldout:
+      for _ in range(self.config.evals.heldout_batches):
+        local = next(heldout)
+        batch = sharding.make_global_batch({k: local[k] for k in MODEL_KEYS}, self.mesh)
+        losses_.append(float(self._heldout_loss_fn(params, batch)))
+    return float(np.mean(losses_))
+
+  def zero_shot(self, params) -> dict:
+    """Synthetic zero-shot and retrieval, the demo's numbers (one host only)."""
+    if self.config.input.source.kind != 'synthetic' or jax.process_count() > 1:
+      log.warning('evals.zero_shot_examples needs a synthetic source and one host; skipped')
+      return {}
+    from lit_navit.evaluate import demo_eval  # pylint: disable=g-import-not-at-top
+    metrics = demo_eval.synthetic_metrics(self.config, params,
+                                          self.config.evals.zero_shot_examples)
+    return {f'eval/{k}': v for k, v in metrics.items() if not isinstance(v, dict)}
 
   def _log(self, writer, throughput, step, device_metrics, flops) -> dict:
     """Pulls one step's metrics off the device, checks the loss, writes a record."""

@@ -212,6 +212,10 @@ class _TwoHostRows:
   def get_state(self):
     return [host.get_state() for host in self.hosts]
 
+  def close(self):
+    for host in self.hosts:
+      host.close()
+
 
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
@@ -228,6 +232,7 @@ def test_two_processes_match_one_process(tmp_path):
   single = str(tmp_path / 'single')
   config = config_lib.load_config_file(TINY + ':steps=4,every=4')
   trainer = trainer_lib.Trainer(config, single)
+  trainer.pipeline.close()
   trainer.pipeline = _TwoHostRows(config)
   trainer.run()
 

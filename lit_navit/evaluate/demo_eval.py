@@ -39,7 +39,8 @@ def evaluate_and_export(config, params, workdir, num_examples=512,
   export.export(embedder, source, export_dir, part_size=max(1, num_examples // 4),
                 texts=True, progress=False)
   class_name = synthetic.class_names()[synthetic.held_out_class_ids()[0]]
-  query_text = f'a photo of a {class_name}'
+  article = 'an' if class_name[0] in 'aeiou' else 'a'
+  query_text = f'a photo of {article} {class_name}'
   hits = export.query(export_dir, embedder.texts([query_text])[0], k=5)
   return {
       'zero_shot_top1': metrics['zero_shot/top1'],
