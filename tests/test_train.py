@@ -240,5 +240,7 @@ def test_two_processes_match_one_process(tmp_path):
   single_loss = [r['loss'] for r in _metrics(single)]
   assert len(multi_loss) == 4
   np.testing.assert_allclose(multi_loss, single_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Adam turns float noise in near-zero gradients into steps of up to ~lr
+  # (1e-3), so parameters agree to a fraction of one step, not to rtol.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                _params(multi), _params(single))

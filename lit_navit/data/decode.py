@@ -19,7 +19,11 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 # Formats worth decoding for image-text data. Naming them keeps PIL from
 # trying every plugin it has on arbitrary bytes (EPS would run ghostscript).
-_FORMATS = ('JPEG', 'MPO', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
+# Only names this Pillow registers: an unknown one makes Image.open raise
+# KeyError (Pillow 13 has no separate MPO opener; JPEG opens MPO files).
+Image.init()
+_FORMATS = tuple(f for f in ('JPEG', 'MPO', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
+                 if f in Image.OPEN)
 
 _WHITE = (255, 255, 255)
 
