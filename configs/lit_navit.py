@@ -2,12 +2,12 @@
 
 Locking a tower is two lines: the image tower's schedule is None (frozen: no
 update, no optimizer state) and its weights come from a checkpoint. Lock the
-text tower instead with `lock=txt`.
+text tower instead with `locked=txt`.
 
   python -m lit_navit.train --workdir DIR \\
     --config configs/lit_navit.py:variant=B/16,batch=4096,path=...,init=/ckpts/siglip_b16
 
-Args: those of configs/siglip_navit.py, plus lock (img | txt) and init (a
+Args: those of configs/siglip_navit.py, plus locked (img | txt) and init (a
 workdir or step directory whose params initialise the model).
 """
 
@@ -21,13 +21,13 @@ from lit_navit import config as config_lib
 
 
 def get_config(arg=None):
-  lit_args = dict(lock='img', init='')
+  lit_args = dict(locked='img', init='')
   own = [kv for kv in (arg or '').split(',') if kv.split('=')[0] in lit_args]
   rest = [kv for kv in (arg or '').split(',') if kv and kv not in own]
   lit = config_lib.parse_arg(','.join(own), **lit_args)
   c = siglip_navit.get_config(','.join(rest))
   c.init_from = lit.init
-  c.init_params = f'{lit.lock}/.*'
-  c.optim.schedule = [(f'{lit.lock}/.*', None),
+  c.init_params = f'{lit.locked}/.*'
+  c.optim.schedule = [(f'{lit.locked}/.*', None),
                       ('.*', dict(decay_type='cosine', warmup_steps=5_000))]
   return c

@@ -61,6 +61,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
   A bare word `k` sets a boolean `k` to True. Unknown keys are errors.
   """
+  clashes = [key for key in defaults if hasattr(ml_collections.ConfigDict, key)]
+  if clashes:  # e.g. 'lock' would read back as ConfigDict.lock, a method
+    raise ValueError(f'config arg names {clashes} clash with ConfigDict attributes')
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')

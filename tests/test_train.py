@@ -190,6 +190,24 @@ def test_config_errors_name_the_key(tmp_path):
     config_lib.parse_arg('loss=softmax,lr=3', loss='sigmoid')
 
 
+def test_lit_locked_tower_loads_from_a_checkpoint_and_stays_bitwise_frozen(
+    reference, tmp_path):
+  config = config_lib.load_config_file(TINY + ':steps=3,every=3')
+  config.init_from = reference
+  config.init_params = 'img/.*'
+  config.optim.schedule = [('img/.*', None),
+                           ('.*', dict(decay_type='cosine', warmup_steps=1))]
+  train.train(config, str(tmp_path))
+  before, after = _params(reference), _params(str(tmp_path))
+  _assert_bitwise_equal(before['img'], after['img'])
+  assert not np.array_equal(before['txt']['head']['kernel'], after['txt']['head']['kernel'])
+
+
+def test_config_arg_names_may_not_shadow_config_dict_methods():
+  with pytest.raises(ValueError, match='lock'):
+    config_lib.parse_arg('', lock='img')
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

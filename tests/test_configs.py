@@ -1,0 +1,69 @@
+"""Every shipped config loads, passes the schema and builds its model and optimizer."""
+
+import glob
+import os
+
+import jax
+import pytest
+
+from lit_navit import config as config_lib
+from lit_navit import optim
+from lit_navit import trainer as trainer_lib
+from lit_navit.data import batch as batch_lib
+from lit_navit.models import two_towers
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       'configs')
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, '*.py')))
+
+
+def _abstract_params(config):
+  spec = batch_lib.BatchSpec(rows=1, tokens_per_row=config.input.tokens_per_row,
+                             slots=config.input.images_per_row,
+                             text_len=config.input.text_len,
+                             patch_size=config.input.patch_sizes[0])
+  return two_towers.param_shapes(config.model, spec)['params']
+
+
+def test_every_config_file_is_covered():
+  names = {os.path.basename(p) for p in SHIPPED}
+  assert names == {'demo.py', 'siglip_navit.py', 'clip_navit.py', 'lit_navit.py'}
+
+
+@pytest.mark.parametrize('spec', [
+    'demo.py', 'demo.py:steps=10,batch=8',
+    'siglip_navit.py', 'siglip_navit.py:variant=S/16,text_variant=S,batch=1024',
+    'clip_navit.py', 'lit_navit.py:locked=img', 'lit_navit.py:locked=txt,variant=L/16',
+])
+def test_shipped_config_builds(spec):
+  config = config_lib.load_config_file(os.path.join(CONFIGS, spec))
+  config_lib.check_config(config)
+  params = _abstract_params(config)
+  tx, schedules = optim.make_optimizer(config.optim, params, config.total_steps)
+  opt_state = jax.eval_shape(tx.init, params)
+  assert schedules and jax.tree.leaves(opt_state)
+
+
+def test_recipes_follow_the_papers():
+  siglip = config_lib.load_config_file(os.path.join(CONFIGS, 'siglip_navit.py'))
+  assert siglip.model.loss == 'sigmoid' and siglip.input.tokens_per_row == 256
+  assert (siglip.optim.lr, siglip.optim.wd, siglip.optim.grad_clip_norm) == (1e-3, 1e-4, 1.0)
+  assert siglip.input.resolution.dist == 'truncated_normal'
+  assert (siglip.input.resolution.min, siglip.input.resolution.max) == (64, 384)
+  assert two_towers.param_count(_abstract_params(siglip)['img']) == pytest.approx(93.4e6, rel=0.01)
+  clip = config_lib.load_config_file(os.path.join(CONFIGS, 'clip_navit.py'))
+  assert clip.model.loss == 'softmax'
+
+
+@pytest.mark.parametrize('lock', ['img', 'txt'])
+def test_lit_locks_exactly_one_tower(lock):
+  config = config_lib.load_config_file(os.path.join(CONFIGS, f'lit_navit.py:locked={lock}'))
+  params = _abstract_params(config)
+  assert trainer_lib.frozen_towers(config.optim.schedule, params) == (lock,)
+  tx, _ = optim.make_optimizer(config.optim, params, config.total_steps)
+  state_shapes = {leaf.shape for leaf in jax.tree.leaves(jax.eval_shape(tx.init, params))}
+  other = 'txt' if lock == 'img' else 'img'
+  # Adam moments exist for the trainable tower's largest kernels only.
+  locked_only = ({p.shape for p in jax.tree.leaves(params[lock])}
+                 - {p.shape for p in jax.tree.leaves(params[other])})
+  assert locked_only and not locked_only & state_shapes
