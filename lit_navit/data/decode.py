@@ -27,6 +27,17 @@ _FORMATS = tuple(f for f in ('JPEG', 'MPO', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
 
 _WHITE = (255, 255, 255)
 
+# How files of those formats begin (BMP's 'BM' is too short to tell from
+# text). Bytes that begin so but that no opener accepts are an image whose
+# header is damaged or cut short, not something other than an image.
+_SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a',
+               b'II*\x00', b'MM\x00*')
+
+
+def _looks_like_image(data: bytes) -> bool:
+  return data.startswith(_SIGNATURES) or (
+      data[:4] == b'RIFF' and data[8:12] == b'WEBP')
+
 
 class BadImage(ValueError):
   """An image that cannot be used; `reason` is a short key for counting.
@@ -62,8 +73,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except Image.DecompressionBombError as e:
       raise BadImage('too_large', str(e)) from e
     except Image.UnidentifiedImageError as e:
+      if _looks_like_image(data):
+        raise BadImage('corrupt', f'{len(data)} bytes, image header damaged '
+                       'or cut short') from e
       raise BadImage('not_image', f'{len(data)} bytes, no known image header') from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
+      if 'truncated' in str(e).lower() or isinstance(e, EOFError):
+        raise BadImage('truncated', f'header: {e}') from e
       raise BadImage('corrupt', f'header: {e}') from e
 
   width, height = image.size

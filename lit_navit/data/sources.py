@@ -72,7 +72,9 @@ def expand_paths(pattern_or_paths) -> list[str]:
   """Expands globs, `{000..099}` ranges and comma-separated lists to files.
 
   Raises:
-    FileNotFoundError: naming the first pattern that matches no file.
+    FileNotFoundError: naming the first pattern that matches no file, or a
+      file that a range or list names and that does not exist (a missing
+      shard of 'x-{000..099}' is an error, not quietly left out).
   """
   if isinstance(pattern_or_paths, (str, os.PathLike)):
     patterns = [p.strip() for p in os.fspath(pattern_or_paths).split(',')]
@@ -84,8 +86,14 @@ def expand_paths(pattern_or_paths) -> list[str]:
       continue
     matched = []
     for expanded in _expand_braces(pattern):
-      matched.extend(sorted(glob.glob(expanded)) if glob.has_magic(expanded)
-                     else [expanded] if os.path.isfile(expanded) else [])
+      if glob.has_magic(expanded):
+        matched.extend(sorted(glob.glob(expanded)))
+      elif os.path.isfile(expanded):
+        matched.append(expanded)
+      else:
+        raise FileNotFoundError(f'data file {expanded!r} not found'
+                                + (f' (from {pattern!r})'
+                                   if expanded != pattern else ''))
     if not matched:
       raise FileNotFoundError(f'no data file matches {pattern!r}')
     paths.extend(matched)
@@ -301,7 +309,7 @@ class WebDatasetSource:
             continue
           folder, name = os.path.split(member.name)
           stem, dot, extension = name.partition('.')
-          if not dot or stem.startswith('._'):  # No extension; macOS litter.
+          if not dot or not stem:  # No extension; hidden (.DS_Store, ._x).
             continue
           if member.offset_data + member.size > file_size:
             self._skip('truncated', path, member.name)
@@ -309,12 +317,25 @@ class WebDatasetSource:
           key = os.path.join(folder, stem)
           groups.setdefault(key, {})[extension.lower()] = (
               member.offset_data, member.size)
+        else:
+          # tarfile ends its walk quietly at a cut-short or damaged header,
+          # or at the end of the file; a complete tar ends in zero blocks.
+          tar.fileobj.seek(tar.offset)
+          block = tar.fileobj.read(tarfile.BLOCKSIZE)
+          if not block or block.strip(b'\0'):
+            self._skip('truncated' if len(block) < tarfile.BLOCKSIZE
+                       else 'corrupt_shard', path,
+                       f'no end-of-archive marker or a damaged header at '
+                       f'byte {tar.offset}; members from there on')
     except tarfile.ReadError as e:
-      if not groups:
+      if file_size < tarfile.BLOCKSIZE:  # Not even one whole header.
+        self._skip('truncated', path, f'{file_size} bytes ({e})')
+      elif not groups:
         raise ValueError(
             f'{path}: not an uncompressed tar file ({e}); compressed shards '
             'cannot be read by offset') from e
-      self._skip('corrupt_shard', path, str(e))
+      else:
+        self._skip('corrupt_shard', path, str(e))
     for key, members in groups.items():
       image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
       if image is None:
