@@ -1,24 +1,29 @@
-"""Export throughput: packed rows versus one image per row (NaFlex-style).
+"""Export throughput: 'native' packed rows against one image per row.
 
   python benchmarks/bench_export.py                      # tiny model, CPU
-  python benchmarks/bench_export.py --variant B/16 --num_images 2048
+  python benchmarks/bench_export.py --variant B/16 --num_images 2048 --json
 
-Both modes fit every image into the same --max_tokens budget at its native
-aspect ratio, and push the same number of tokens per batch through the
-same model; they differ only in how images fill the rows:
+Every run embeds the same images within the same --max_tokens budget at
+their native aspect ratio, and pushes the same number of tokens per batch
+(--tokens_per_batch) through the same model. Runs differ in how an image is
+sized (`resize`, see lit_navit/data/resolution.py) and how rows are filled:
 
-  packed  rows of --row_multiple x --max_tokens tokens, up to
-          --images_per_row images each
-  naflex  one image per row, padded to --max_tokens
+  native/packed  own size (shrunk only to fit the budget), rows of
+                 --row_multiple budgets of tokens, up to --images_per_row
+                 images each: NaViT.
+  native/single  own size, one image per row padded to the budget: what a
+                 framework without packing does with the same images.
+  fit/single     scaled up or down to fill the budget, one per row: SigLIP 2
+                 NaFlex, the zero-shot default.
+  fit/packed     fit images in native/packed's rows: images of ~the budget
+                 rarely share a row, so longer rows only add attention.
 
-Eval sizing ('fit') scales each image up or down to the largest grid within
-the budget, so an image wastes only what its aspect ratio rounds off; that,
-against the cost of attention over longer rows, is what packing trades.
-
-Images are a folder of mixed-aspect JPEGs (--images, or synthetic ones
-drawn at 1:4 to 4:1). Each mode runs the full export (read, decode, resize,
-patchify, pack, embed, write parts) after a warm-up that compiles the model,
-and reports images per second and the fraction of tokens that were padding.
+Images are a folder (--images) or synthetic JPEGs (sides 32..512, log-uniform
+shorter side, aspect up to 4:1). Each run does the full export (read,
+decode, resize, patchify, pack, embed, write parts) after a warm-up that
+compiles the model; repeats go round the runs in turn, so that drift on a
+shared machine hits them alike, and the best is kept. A Markdown table goes
+to stdout (or, with --json, the results as JSON).
 """
 
 import argparse
@@ -40,6 +45,9 @@ from lit_navit.evaluate import embed
 from lit_navit.evaluate import export
 from lit_navit.models import two_towers
 
+RUNS = ('native/packed', 'native/single', 'fit/single', 'fit/packed')
+BASELINE = 'fit/single'  # Ratios are against this run at the same budget.
+
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -48,22 +56,28 @@ def parse_args(argv=None):
   parser.add_argument('--num_images', type=int, default=256,
                       help='synthetic images to draw')
   parser.add_argument('--variant', default='Ti/16', help='image tower size')
-  parser.add_argument('--max_tokens', default='64,256',
+  parser.add_argument('--max_tokens', default='256',
                       help='token budget(s) per image, comma separated')
-  parser.add_argument('--row_multiple', type=int, default=4,
-                      help='packed rows hold this many budgets of tokens')
-  parser.add_argument('--images_per_row', type=int, default=16,
+  parser.add_argument('--runs', default='native/packed,native/single,fit/single',
+                      help=f'comma list of resize/layout runs from {RUNS}')
+  parser.add_argument('--row_multiple', default='1',
+                      help='packed rows hold this many budgets of tokens; '
+                      'a comma list runs each')
+  parser.add_argument('--images_per_row', type=int,
+                      default=embed.NATIVE_IMAGES_PER_ROW,
                       help='slots per packed row')
   parser.add_argument('--tokens_per_batch', type=int, default=4096,
-                      help='tokens per batch in both modes')
+                      help='tokens per batch in every run')
   parser.add_argument('--repeats', type=int, default=2,
-                      help='timed exports per mode; the best is reported')
-  parser.add_argument('--output', default=None, help='write results as JSON here')
+                      help='timed exports per run; the best is reported')
+  parser.add_argument('--json', action='store_true',
+                      help='print the results as JSON instead of a table')
+  parser.add_argument('--output', default=None, help='also write the JSON here')
   return parser.parse_args(argv)
 
 
 def write_synthetic_images(folder, num_images):
-  """Mixed-aspect synthetic JPEGs, sides 32..512, aspect up to 4:1."""
+  """Mixed-size, mixed-aspect synthetic JPEGs: sides 32..512, aspect <= 4:1."""
   source = synthetic.SyntheticSource(num_images, seed=0, split='all',
                                      min_side=32, max_side=512, max_aspect=4.0)
   for i in range(num_images):
@@ -86,50 +100,124 @@ def build_model(variant):
   return config, model, params
 
 
-def run_mode(name, max_tokens, config, model, params, tokenizer, source, args,
-             workdir):
-  """Best-of-repeats export throughput of one packing mode at one budget."""
-  packed = name == 'packed'
-  tokens_per_row = max_tokens * (args.row_multiple if packed else 1)
-  embedder = embed.Embedder(
-      model, params, config.input, tokenizer,
+def plan_runs(args, budgets):
+  """[(run name, budget, row multiple)]: packed runs once per multiple."""
+  names = [n.strip() for n in args.runs.split(',') if n.strip()]
+  unknown = sorted(set(names) - set(RUNS))
+  if unknown:
+    raise ValueError(f'--runs: unknown {unknown}; expected some of {RUNS}')
+  multiples = [int(m) for m in args.row_multiple.split(',')]
+  return [(name, budget, multiple)
+          for budget in budgets for name in names
+          for multiple in (multiples if name.endswith('/packed') else [1])]
+
+
+def make_embedder(run, model, params, config, tokenizer, args):
+  """The Embedder of one (name, budget, multiple) run."""
+  name, budget, multiple = run
+  resize, layout = name.split('/')
+  tokens_per_row = budget * multiple
+  return embed.Embedder(
+      model, params, config.input, tokenizer, resize=resize,
       batch_rows=max(1, args.tokens_per_batch // tokens_per_row),
-      max_tokens=max_tokens, tokens_per_row=tokens_per_row,
-      images_per_row=args.images_per_row if packed else 1)
+      max_tokens=budget, tokens_per_row=tokens_per_row,
+      images_per_row=args.images_per_row if layout == 'packed' else 1)
+
+
+def warm_up(embedder, source):
+  """Compiles the model on a few batches."""
   warmup = min(len(source), 2 * embedder.batch_rows)
   embedder.images(datasets.Subset(source, range(warmup)), progress=False)
-  best = None
-  for repeat in range(args.repeats):
-    out = os.path.join(workdir, f'{name}_{max_tokens}_{repeat}')
-    start = time.perf_counter()
-    summary = export.export(embedder, source, out, part_size=len(source),
-                            texts=False, key_column='image_path', progress=False)
-    seconds = time.perf_counter() - start
-    if best is None or seconds < best['seconds']:
-      best = {'seconds': seconds, 'images_per_second': len(source) / seconds,
-              'num_failed': summary['num_failed']}
-  stats = padding_stats(embedder, source)
-  return {'mode': name, 'max_tokens': max_tokens,
-          'rows_per_batch': embedder.batch_rows,
-          'tokens_per_row': embedder.input_config.tokens_per_row,
-          'images_per_row': embedder.input_config.images_per_row, **best, **stats}
+
+
+def time_export(embedder, source, out):
+  """Seconds of one full export of `source` into `out`."""
+  start = time.perf_counter()
+  summary = export.export(embedder, source, out, part_size=len(source),
+                          texts=False, key_column='image_path', progress=False)
+  if summary['num_failed']:
+    raise RuntimeError(f'{summary["num_failed"]} images failed to export')
+  return time.perf_counter() - start
 
 
 def padding_stats(embedder, source):
-  """Batches and padding fraction of one eval pass in this mode."""
-  with pipeline.Pipeline(source, embedder.tokenizer, embedder.input_config,
+  """Batches, padding and tokens per image of one eval pass (no model)."""
+  config = embedder.input_config
+  with pipeline.Pipeline(source, embedder.tokenizer, config,
                          rows=embedder.batch_rows, seed=0) as batches:
     for _ in batches:
       pass
     stats = batches.stats
+  tokens = stats['batches'] * embedder.batch_rows * config.tokens_per_row
+  real = (1 - stats['padding_fraction']) * tokens
   return {'batches': stats['batches'],
           'padding_fraction': stats['padding_fraction'],
-          'mean_images_per_row': stats['images_per_row']}
+          'mean_images_per_row': stats['images_per_row'],
+          'tokens_per_image': real / max(1, stats['images'])}
+
+
+def benchmark(args, source, workdir):
+  """Results of every planned run; repeats interleaved across runs."""
+  config, model, params = build_model(args.variant)
+  tokenizer = text_lib.Tokenizer(config.input.tokenizer, config.input.text_len,
+                                 sticky_eos=config.input.sticky_eos)
+  budgets = [int(b) for b in args.max_tokens.split(',')]
+  runs = plan_runs(args, budgets)
+  embedders = [make_embedder(run, model, params, config, tokenizer, args)
+               for run in runs]
+  for embedder in embedders:
+    warm_up(embedder, source)
+  seconds = [[] for _ in runs]
+  for repeat in range(args.repeats):
+    for n, embedder in enumerate(embedders):
+      out = os.path.join(workdir, f'run{n}_{repeat}')
+      seconds[n].append(time_export(embedder, source, out))
+  results = []
+  for (name, budget, multiple), embedder, times in zip(runs, embedders, seconds):
+    best = min(times)
+    results.append({
+        'run': name, 'max_tokens': budget, 'row_multiple': multiple,
+        'rows_per_batch': embedder.batch_rows,
+        'tokens_per_row': embedder.input_config.tokens_per_row,
+        'images_per_row': embedder.input_config.images_per_row,
+        'seconds': best, 'seconds_all': times,
+        'images_per_second': len(source) / best,
+        **padding_stats(embedder, source)})
+  add_ratios(results)
+  return config, results
+
+
+def add_ratios(results):
+  """Speed against the BASELINE run at the same budget, where there is one."""
+  base = {r['max_tokens']: r['images_per_second'] for r in results
+          if r['run'] == BASELINE}
+  for r in results:
+    if r['max_tokens'] in base:
+      r[f'vs_{BASELINE.replace("/", "_")}'] = (
+          r['images_per_second'] / base[r['max_tokens']])
+
+
+def print_table(meta, results):
+  """The results as a Markdown table, with a line saying what was run."""
+  print(f'{meta["num_images"]} images, {meta["variant"]} '
+        f'(p={meta["patch_size"]}), {meta["tokens_per_batch"]} tokens per '
+        f'batch, best of {meta["repeats"]}, {meta["device"]}')
+  ratio = f'vs_{BASELINE.replace("/", "_")}'
+  print()
+  print(f'| budget | run | L x E | rows/batch | img/s | tokens/img | img/row '
+        f'| batches | padding | vs {BASELINE} |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for r in results:
+    vs = f'{r[ratio]:.2f}x' if ratio in r else '-'
+    print(f'| {r["max_tokens"]} | {r["run"]} | {r["tokens_per_row"]} x '
+          f'{r["images_per_row"]} | {r["rows_per_batch"]} | '
+          f'{r["images_per_second"]:.1f} | {r["tokens_per_image"]:.1f} | '
+          f'{r["mean_images_per_row"]:.2f} | {r["batches"]} | '
+          f'{r["padding_fraction"]:.1%} | {vs} |')
 
 
 def main(argv=None):
   args = parse_args(argv)
-  budgets = [int(b) for b in args.max_tokens.split(',')]
   with tempfile.TemporaryDirectory() as workdir:
     folder = args.images
     if folder is None:
@@ -137,31 +225,18 @@ def main(argv=None):
       os.makedirs(folder)
       write_synthetic_images(folder, args.num_images)
     source = datasets.ImageFiles(datasets.find_images(folder))
-    config, model, params = build_model(args.variant)
-    tokenizer = text_lib.Tokenizer(config.input.tokenizer, config.input.text_len,
-                                   sticky_eos=config.input.sticky_eos)
-    runs = [run_mode(name, max_tokens, config, model, params, tokenizer,
-                     source, args, workdir)
-            for max_tokens in budgets for name in ('packed', 'naflex')]
+    config, runs = benchmark(args, source, workdir)
   results = {
       'variant': args.variant,
       'patch_size': two_towers.base_patch_size(config.model.image),
       'num_images': len(source), 'tokens_per_batch': args.tokens_per_batch,
-      'row_multiple': args.row_multiple,
-      'device': jax.devices()[0].device_kind, 'runs': runs,
+      'repeats': args.repeats, 'device': jax.devices()[0].device_kind,
+      'runs': runs,
   }
-  print(f'{len(source)} images, {args.variant}, {args.tokens_per_batch} tokens '
-        f'per batch, packed rows of {args.row_multiple}x the budget, '
-        f'{results["device"]}')
-  print(f'{"budget":>6} {"mode":8} {"img/s":>8} {"batches":>8} {"img/row":>8} '
-        f'{"padding":>8}')
-  for run in runs:
-    print(f'{run["max_tokens"]:6d} {run["mode"]:8} {run["images_per_second"]:8.1f} '
-          f'{run["batches"]:8d} {run["mean_images_per_row"]:8.2f} '
-          f'{run["padding_fraction"]:8.1%}')
-  for packed, naflex in zip(runs[::2], runs[1::2]):
-    print(f'budget {packed["max_tokens"]}: packed / naflex '
-          f'{packed["images_per_second"] / naflex["images_per_second"]:.2f}x')
+  if args.json:
+    print(json.dumps(results, indent=2))
+  else:
+    print_table(results, runs)
   if args.output:
     with open(args.output, 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=2)

@@ -10,6 +10,12 @@ captions), metadata/metadata_{N}.parquet and failed.jsonl, in parts of
 kept and skipped. Inputs: a folder tree of images, a list file (.jsonl / .csv
 / .tsv with image and caption fields, or .txt of image paths), TFRecord or
 webdataset shards, or the training config's own source.
+
+Images are embedded at --resize native by default: each at its own size,
+scaled down only past --max_tokens, small ones packed several a row, which
+is what makes a folder of mixed sizes fast (benchmarks/bench_export.py).
+--resize fit matches the zero-shot and retrieval scripts' default (SigLIP 2
+NaFlex, every image scaled to fill the budget).
 """
 
 import argparse
@@ -24,7 +30,7 @@ from lit_navit.evaluate import export
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  cli.add_model_flags(parser)
+  cli.add_model_flags(parser, resize='native')
   data = parser.add_mutually_exclusive_group(required=True)
   data.add_argument('--images', help='a folder tree of images')
   data.add_argument('--list', help='.jsonl/.csv/.tsv (image, caption) list, '
@@ -79,7 +85,8 @@ def main(argv=None):
       key_column=key_column, progress=not args.no_progress)
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
                  output_dir=os.path.abspath(args.output_dir),
-                 patch_size=embedder.patch_size, max_tokens=embedder.max_tokens)
+                 resize=embedder.resize, patch_size=embedder.patch_size,
+                 max_tokens=embedder.max_tokens)
   print(f'exported {summary["num_exported"]} of {summary["num_images"]} images '
         f'({summary["num_failed"]} failed, listed in '
         f'{os.path.join(args.output_dir, "failed.jsonl")}); '

@@ -4,8 +4,9 @@
       --text "a red circle" --k 5
 
 Embeds each --text / --image query with the checkpoint and prints the top-k
-exported images (brute force over all parts). Use the checkpoint, patch size
-and token budget the export was made with.
+exported images (brute force over all parts). Use the checkpoint the export
+was made with; patch size, token budget and --resize default to the
+export's.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from lit_navit.evaluate import export
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  cli.add_model_flags(parser)
+  cli.add_model_flags(parser, resize=None)
   parser.add_argument('--index', required=True,
                       help='an export folder (eval/export_embeddings.py)')
   parser.add_argument('--text', action='append', default=[],
@@ -45,6 +46,9 @@ def main(argv=None):
     raise ValueError(f'--max_tokens {args.max_tokens!r}: give one budget')
   if args.patch_size is None:
     args.patch_size = manifest['patch_size']
+  if args.resize is None:
+    # Exports that predate --resize were all 'fit'.
+    args.resize = manifest.get('resize', 'fit')
   config, params = cli.load_checkpoint(args.checkpoint)
   embedder = cli.make_embedder(config, params, args, budgets[0])
   if embedder.dim != manifest['dim']:

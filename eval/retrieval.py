@@ -67,6 +67,7 @@ def evaluate(args):
       'checkpoint': os.path.abspath(args.checkpoint),
       'data': os.path.abspath(args.data),
       'split': args.split,
+      'resize': embedder.resize,
       'patch_size': embedder.patch_size,
       'max_tokens': embedder.max_tokens,
       'num_images': int(ok.sum()),

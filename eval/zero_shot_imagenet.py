@@ -5,8 +5,10 @@
       --output results/zs.json
 
 Images keep their aspect ratio and are resized to fit each token budget in
---max_tokens; every budget is evaluated in one run, and with more than one
-the accuracy-vs-tokens curve is drawn next to the JSON (or to --plot).
+--max_tokens (by default --resize fit, as SigLIP 2 NaFlex reports it;
+--resize native never scales an image up); every budget is evaluated in one
+run, and with more than one the accuracy-vs-tokens curve is drawn next to
+the JSON (or to --plot).
 Reports top-1, top-5 and per-class accuracy. Class names and the 80 / 7
 prompt templates are CLIP's unless --classnames / --templates say otherwise.
 --synthetic N evaluates the held-out synthetic shape-colour pairs instead,
@@ -126,6 +128,7 @@ def evaluate(args):
           f'{metrics["num_failed"]} failed, {len(source) / seconds:.1f} img/s)')
     runs.append({
         'max_tokens': embedder.max_tokens,
+        'resize': embedder.resize,
         'top1': metrics['top1'],
         'top5': metrics['top5'],
         'mean_per_class': metrics['mean_per_class'],

@@ -1,5 +1,6 @@
 """Embedding export: clip-retrieval layout, resume, failures, query."""
 
+import importlib.util
 import json
 import os
 
@@ -95,13 +96,14 @@ def test_export_layout_failures_and_resume(tmp_path, images):
                   key_column='image_path', progress=False)
 
 
-def test_query_finds_each_image_by_its_own_embedding(tmp_path, images):
+@pytest.mark.parametrize('resize', ['fit', 'native'])
+def test_query_finds_each_image_by_its_own_embedding(tmp_path, images, resize):
   out = str(tmp_path / 'export')
-  embedder = tiny_embedder()
+  embedder = tiny_embedder(resize=resize)
   export.export(embedder, images, out, part_size=3, dtype='float32',
                 texts=True, key_column='image_path', progress=False)
   # Embedding an image again, alone, must find that image first: the export
-  # kept rows and metadata aligned across parts.
+  # kept rows and metadata aligned across parts, packed or not.
   for i in (0, 3, 9, 10):
     emb, _ = embedder.images(datasets.ImageFiles([images.paths[i]]), progress=False)
     hits = export.query(out, emb[0], k=3)
@@ -160,3 +162,26 @@ def test_caption_query_returns_its_image_across_parts(tmp_path):
 def test_query_of_missing_export_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='img_emb'):
     export.query(str(tmp_path), np.ones(4), k=1)
+
+
+def _script_args(name, argv):
+  """`parse_args(argv)` of eval/{name}.py."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'eval', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.parse_args(argv)
+
+
+def test_export_resizes_native_by_default_zero_shot_fits():
+  args = _script_args('export_embeddings', ['--checkpoint', 'c', '--images', 'i',
+                                            '--output_dir', 'o'])
+  assert args.resize == 'native'
+  args = _script_args('zero_shot_imagenet', ['--checkpoint', 'c', '--folder', 'f'])
+  assert args.resize == 'fit'
+  args = _script_args('retrieval', ['--checkpoint', 'c', '--data', 'd',
+                                    '--resize', 'native'])
+  assert args.resize == 'native'
+  # None: eval/query.py takes the export's setting.
+  assert _script_args('query', ['--checkpoint', 'c', '--index', 'x']).resize is None

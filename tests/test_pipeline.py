@@ -208,6 +208,30 @@ def test_eval_reads_every_image_once_fitted_to_the_budget(tokenizer):
       assert lengths[r, k] == grid[0] * grid[1]
 
 
+def test_eval_native_keeps_small_images_small_and_packs_them(tokenizer):
+  source = small_source(size=20)
+  config = small_config(**{'mode': 'eval', 'resolution.mode': 'native',
+                           'resolution.max_tokens': 24})
+  with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
+                             seed=0) as pipe:
+    batches = list(pipe)
+  found = [int(i) for b in batches for i in b['index'][b['valid']]]
+  assert sorted(found) == list(range(20))
+  below_fit = 0
+  for batch in batches:
+    batch_lib.validate_batch(batch, pad_id=tokenizer.pad_id)
+    for r, k in zip(*np.nonzero(batch['valid'])):
+      height, width = decode.decode_image(
+          source[batch['index'][r, k]].image).shape[:2]
+      grid = tuple(batch['image/grid'][r, k])
+      assert grid == resolution.grid_for_native(height, width, 8, 24)
+      below_fit += grid != resolution.grid_for_budget(height, width, 24)
+  # Some images are smaller than the budget, so a row of 64 tokens holds
+  # more than the two that 'fit' would give it.
+  assert below_fit > 0
+  assert pipe.stats['images_per_row'] > 2
+
+
 def test_eval_over_hosts_covers_the_source_once(tokenizer):
   source = small_source(size=23)
   config = small_config(mode='eval')

@@ -112,6 +112,45 @@ def test_budget_grid_examples():
   assert resolution.grid_for_budget(3, 1000, 64) == (1, 64)
 
 
+def native_grid(height, width, patch):
+  """Each side rounded up to a whole patch."""
+  return -(-height // patch), -(-width // patch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(height=sides, width=sides, patch=patch_sizes,
+       max_tokens=st.integers(1, 1024))
+def test_native_grid_within_budget_never_upscaled(height, width, patch,
+                                                  max_tokens):
+  rows, cols = resolution.grid_for_native(height, width, patch, max_tokens)
+  native_rows, native_cols = native_grid(height, width, patch)
+  assert 1 <= rows and 1 <= cols and rows * cols <= max_tokens
+  # Never past the native size rounded up to a patch, on either side.
+  assert rows <= native_rows and cols <= native_cols
+  assert_aspect_within_one_patch(height, width, (rows, cols))
+  if native_rows * native_cols <= max_tokens:
+    assert (rows, cols) == (native_rows, native_cols)
+  else:  # Too large for the budget: exactly NaFlex's downscale.
+    assert (rows, cols) == resolution.grid_for_budget(height, width, max_tokens)
+  # Never more tokens than 'fit', which scales small images up.
+  fit_rows, fit_cols = resolution.grid_for_budget(height, width, max_tokens)
+  assert rows <= fit_rows and cols <= fit_cols
+
+
+def test_native_grid_examples():
+  # Small images keep their size: 1 x 1 and 14 x 14 patches, where 'fit'
+  # scales them up to 8 x 8 and 16 x 16.
+  assert resolution.grid_for_native(10, 10, 16, 64) == (1, 1)
+  assert resolution.grid_for_native(224, 224, 16, 256) == (14, 14)
+  # Rounded up: 100 x 400 is 6.25 x 25 patches.
+  assert resolution.grid_for_native(100, 400, 16, 256) == (7, 25)
+  # Too large: scaled down exactly as 'fit' does.
+  assert resolution.grid_for_native(1024, 768, 16, 256) == (18, 14)
+  assert resolution.grid_for_budget(1024, 768, 256) == (18, 14)
+  cfg = config('native')
+  assert resolution.sample_grid(None, 224, 224, 16, cfg, 256) == (14, 14)
+
+
 def test_uniform_length_covers_range():
   rng = np.random.default_rng(0)
   draws = [resolution.sample_length(rng, 'uniform', 64, 256) for _ in range(4000)]

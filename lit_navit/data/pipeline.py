@@ -5,9 +5,10 @@ One `Pipeline` serves training and evaluation:
   train  this host's shard in an order shuffled by (seed, epoch), repeated
          forever; resolutions sampled, tokens dropped, patch size sampled per
          step (FlexiViT) as a function of (seed, step), the same on every host.
-  eval   this host's shard once, in order; each image fitted to the token
-         budget, nothing dropped; the last batch is padded with empty slots,
-         then StopIteration.
+  eval   this host's shard once, in order; each image sized by 'fit' (the
+         token budget, NaFlex) or 'native' (its own size, shrunk only to
+         fit the budget), nothing dropped; the last batch is padded with
+         empty slots, then StopIteration.
 
 Each step tops a buffer of decoded, pending images up to `pack_buffer`,
 plans which of them fill the batch's rows (by token counts alone), then
@@ -58,14 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
   # FlexiViT: one is drawn per step from (seed, step); eval needs exactly one.
   config.patch_sizes = (16,)
   config.resolution = ml_collections.ConfigDict(dict(
-      mode='side',  # 'side' (longer side), 'area' (sqrt of area) or 'fit'.
+      # 'side' (longer side), 'area' (sqrt of area), 'fit' (fill the budget)
+      # or 'native' (own size within the budget); see `resolution`. Eval
+      # keeps 'fit' and 'native' and turns the sampled modes into 'fit'.
+      mode='side',
       dist='uniform',  # 'uniform' or 'truncated_normal'.
       min=64,  # Pixels.
       max=256,
       mean=-0.5,  # truncated_normal: N(mean, std) on [-1, 1] -> [min, max].
       std=1.0,
       # Most tokens of one image in every mode, and the budget that 'fit'
-      # mode (and eval) fills; None = a full row.
+      # mode fills; None = a full row.
       max_tokens=None,
   ))
   config.token_drop = ml_collections.ConfigDict(dict(
@@ -135,7 +139,9 @@ class Pipeline:
     self._resolution = config.resolution.copy_and_resolve_references()
     self._token_drop = config.token_drop.copy_and_resolve_references()
     if not self._train:
-      self._resolution.mode = 'fit'
+      # Eval draws nothing: sampled sizes give way to the budget.
+      if self._resolution.mode not in resolution.EVAL_MODES:
+        self._resolution.mode = 'fit'
       self._token_drop.kind = 'none'
     self._max_tokens = self._resolution.max_tokens or config.tokens_per_row
     workers = config.workers

@@ -7,11 +7,18 @@ than `max_tokens` patches: an image too large for the budget is scaled down
 as a whole, never cropped.
 
 Modes:
-  'side'  a length is drawn and used as the image's LONGER side, in pixels.
-  'area'  a length is drawn and used as sqrt(area), in pixels.
-  'fit'   no draw: the largest size whose grid, each side rounded up to a
-          whole patch, has at most `max_tokens` patches (SigLIP 2 NaFlex);
-          the evaluation mode.
+  'side'    a length is drawn and used as the image's LONGER side, in pixels.
+  'area'    a length is drawn and used as sqrt(area), in pixels.
+  'fit'     no draw: the largest size whose grid, each side rounded up to a
+            whole patch, has at most `max_tokens` patches (SigLIP 2 NaFlex).
+            Small images are scaled up, so every image costs ~max_tokens.
+  'native'  no draw: the image's own size, each side rounded up to a whole
+            patch, when that grid fits `max_tokens`; else exactly 'fit'.
+            That is NaFlex's grid at scale min(1, s_fit): never scaled up
+            beyond the rounding, so a small image costs few tokens.
+
+'fit' and 'native' are the evaluation modes (EVAL_MODES); in eval the
+sampling modes fall back to 'fit'.
 
 The length is drawn 'uniform' on [min, max], or 'truncated_normal': x from
 N(mean, std) truncated to [-1, 1], mapped linearly onto [min, max] (NaViT's
@@ -23,7 +30,8 @@ import statistics
 
 import numpy as np
 
-MODES = ('side', 'area', 'fit')
+MODES = ('side', 'area', 'fit', 'native')
+EVAL_MODES = ('fit', 'native')  # No draw: a function of the image alone.
 DISTRIBUTIONS = ('uniform', 'truncated_normal')
 
 _STANDARD_NORMAL = statistics.NormalDist()
@@ -105,12 +113,28 @@ def grid_for_budget(height: int, width: int,
   return -(-k_cols * height // width), k_cols
 
 
+def grid_for_native(height: int, width: int, patch_size: int,
+                    max_tokens: int) -> tuple[int, int]:
+  """The native grid (each side rounded up to a whole patch) if it has at
+  most `max_tokens` patches, else `grid_for_budget`.
+
+  The native grid is NaFlex's grid at scale 1; a grid that does not fit
+  means the fitting scale is below 1, so the fallback only ever shrinks.
+  """
+  if max_tokens < 1:
+    raise ValueError(f'resolution.max_tokens must be >= 1, got {max_tokens}')
+  rows, cols = -(-height // patch_size), -(-width // patch_size)
+  if rows * cols <= max_tokens:
+    return rows, cols
+  return grid_for_budget(height, width, max_tokens)
+
+
 def sample_grid(rng: np.random.Generator, height: int, width: int,
                 patch_size: int, config, max_tokens: int) -> tuple[int, int]:
   """The grid for one image under the `resolution` config.
 
   Args:
-    rng: keyed generator for this draw (unused in 'fit' mode).
+    rng: keyed generator for this draw (unused in 'fit' and 'native').
     height, width: the decoded image's size in pixels.
     patch_size: p.
     config: has mode, dist, min, max, mean, std (see module docstring).
@@ -120,6 +144,8 @@ def sample_grid(rng: np.random.Generator, height: int, width: int,
     raise ValueError(f'image size must be positive, got {height}x{width}')
   if config.mode == 'fit':
     return grid_for_budget(height, width, max_tokens)
+  if config.mode == 'native':
+    return grid_for_native(height, width, patch_size, max_tokens)
   length = sample_length(rng, config.dist, config.min, config.max,
                          config.mean, config.std)
   if config.mode == 'side':

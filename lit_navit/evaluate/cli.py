@@ -6,21 +6,37 @@ import os
 
 import numpy as np
 
+from lit_navit.data import resolution
 
-def add_model_flags(parser, max_tokens_help='token budget per image'):
-  """--checkpoint, --max_tokens, --patch_size, --batch_rows, --output,
-  --no_progress."""
+
+def add_model_flags(parser, max_tokens_help='token budget per image',
+                    resize='fit'):
+  """--checkpoint, --max_tokens, --resize, --patch_size, --batch_rows,
+  --output, --no_progress.
+
+  `resize` is --resize's default; None leaves the choice to the script
+  (eval/query.py takes the export's).
+  """
+  resize_default = resize or "the export's, else fit"
   parser.add_argument('--checkpoint', required=True,
                       help='a workdir (its newest checkpoint) or one step directory')
   parser.add_argument('--max_tokens', default=None,
                       help=f'{max_tokens_help} (default: the training config\'s '
                       'input.resolution.max_tokens, else the tokens of its '
                       'largest training image, capped at a row)')
+  parser.add_argument('--resize', choices=resolution.EVAL_MODES,
+                      default=resize,
+                      help="how an image meets the budget: 'fit' scales it up "
+                      'or down to fill the budget (SigLIP 2 NaFlex; one image '
+                      "a row); 'native' keeps its own size, scaled down only "
+                      'to fit, and packs small images several a row (default: '
+                      f'{resize_default})')
   parser.add_argument('--patch_size', type=int, default=None,
                       help='patch size (default: the first of the training '
                       'config\'s input.patch_sizes)')
   parser.add_argument('--batch_rows', type=int, default=64,
-                      help='packed rows per image batch (one image a row)')
+                      help='packed rows per image batch (a row holds one '
+                      "image with --resize fit, several with native)")
   parser.add_argument('--output', default=None, help='write results as JSON here')
   parser.add_argument('--no_progress', action='store_true',
                       help='hide progress bars')
@@ -46,10 +62,11 @@ def load_checkpoint(path):
 
 
 def make_embedder(config, params, args, max_tokens=None):
-  """An `embed.Embedder` for the checkpoint at the flags' budget and patch size."""
+  """An `embed.Embedder` for the checkpoint at the flags' resize mode,
+  budget and patch size."""
   from lit_navit.evaluate import embed  # pylint: disable=g-import-not-at-top
   return embed.Embedder.from_config(config, params, args.batch_rows,
-                                    max_tokens=max_tokens,
+                                    resize=args.resize, max_tokens=max_tokens,
                                     patch_size=args.patch_size)
 
 

@@ -1,10 +1,17 @@
 """Embeds images and texts with a trained two-tower model.
 
 Images go through the training pipeline in eval mode: every image once, in
-order, at its native aspect ratio, resized to fit a token budget, packed
-into rows (one image a row by default, see `eval_input_config`); nothing
-sampled, nothing dropped. Outputs are scattered back to source order by
-each slot's `index`, so packing never shows.
+order, at its native aspect ratio, within a token budget; nothing sampled,
+nothing dropped. Two ways to size an image (`resize`, see `resolution`):
+
+  'fit'     scaled up or down to fill the budget (SigLIP 2 NaFlex): every
+            image costs ~the budget, so rows hold one image each.
+  'native'  its own size in whole patches, scaled down only when that
+            exceeds the budget: small images cost few tokens, so several
+            share a packed row.
+
+Outputs are scattered back to source order by each slot's `index`, so
+packing never shows.
 """
 
 import math
@@ -15,11 +22,14 @@ import tqdm
 
 from lit_navit.data import decode
 from lit_navit.data import pipeline as pipeline_lib
+from lit_navit.data import resolution
 from lit_navit.data import text as text_lib
 from lit_navit.models import two_towers
 
 # Model inputs of a packed batch; `index` stays on the host.
 _IMAGE_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment')
+RESIZE_MODES = resolution.EVAL_MODES
+NATIVE_IMAGES_PER_ROW = 16  # E of 'native' rows by default (`default_rows`).
 
 
 def default_budget(input_config, patch_size):
@@ -36,29 +46,46 @@ def default_budget(input_config, patch_size):
   return int(input_config.tokens_per_row)
 
 
-def eval_input_config(input_config, *, max_tokens=None, patch_size=None,
-                      tokens_per_row=None, images_per_row=None):
+def eval_input_config(input_config, *, resize='fit', max_tokens=None,
+                      patch_size=None, tokens_per_row=None,
+                      images_per_row=None):
   """The `input` config turned to eval mode, with optional overrides.
 
   Args:
     input_config: a pipeline config (e.g. the training config's `input`).
+    resize: 'fit' or 'native' (see the module doc).
     max_tokens: token budget of one image; default: `default_budget`.
     patch_size: default: the first of the config's `patch_sizes`.
-    tokens_per_row: L; default: the budget.
-    images_per_row: E; default: 1.
+    tokens_per_row: L; default: `default_rows`.
+    images_per_row: E; default: `default_rows`.
   """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f'resize must be one of {RESIZE_MODES}, got {resize!r}')
   config = input_config.copy_and_resolve_references()
   config.mode = 'eval'
   config.patch_sizes = (int(patch_size or tuple(config.patch_sizes)[0]),)
   budget = int(max_tokens or default_budget(config, config.patch_sizes[0]))
+  config.resolution.mode = resize
   config.resolution.max_tokens = budget
-  # Eval sizing scales every image to fill its budget, so a row of one
-  # budget holding one image (NaFlex-style) wastes only aspect rounding.
-  # Longer packed rows save no padding and pay for attention over the whole
-  # row: 0.5-0.7x the throughput in benchmarks/bench_export.py.
-  config.tokens_per_row = int(tokens_per_row or budget)
-  config.images_per_row = int(images_per_row or 1)
+  default_tokens, default_images = default_rows(resize, budget)
+  config.tokens_per_row = int(tokens_per_row or default_tokens)
+  config.images_per_row = int(images_per_row or default_images)
   return config
+
+
+def default_rows(resize, budget):
+  """(L, E) that embed fastest in `resize` mode (benchmarks/bench_export.py).
+
+  Rows are one budget long in both modes: attention costs grow with L, and
+  longer rows save little padding. 'fit' fills every image's budget, so a
+  row holds one image (NaFlex-style) and wastes only aspect rounding.
+  'native' images are mostly below the budget, and best-fit over the
+  pending buffer packs them into rows of one budget to 2-4% padding (0.7-
+  2.4% in rows of four budgets, at far more attention).
+  """
+  if resize == 'native':
+    return budget, NATIVE_IMAGES_PER_ROW
+  return budget, 1
 
 
 class Embedder:
@@ -68,20 +95,22 @@ class Embedder:
     model: a `two_towers.TwoTowers`.
     params: its parameters (the tree under 'params').
     input_config: the pipeline config; it is used in eval mode (see
-      `eval_input_config`, which the keyword arguments are passed to).
+      `eval_input_config`, which resize, max_tokens, patch_size,
+      tokens_per_row and images_per_row are passed to).
     tokenizer: has `encode(list[str]) -> int32 [N, T]` and `pad_id`.
     batch_rows: packed rows per image batch.
     text_batch: captions per text batch.
   """
 
   def __init__(self, model, params, input_config, tokenizer, batch_rows, *,
-               max_tokens=None, patch_size=None, tokens_per_row=None,
-               images_per_row=None, text_batch=256):
+               resize='fit', max_tokens=None, patch_size=None,
+               tokens_per_row=None, images_per_row=None, text_batch=256):
     self.model = model
     self.params = params
     self.input_config = eval_input_config(
-        input_config, max_tokens=max_tokens, patch_size=patch_size,
-        tokens_per_row=tokens_per_row, images_per_row=images_per_row)
+        input_config, resize=resize, max_tokens=max_tokens,
+        patch_size=patch_size, tokens_per_row=tokens_per_row,
+        images_per_row=images_per_row)
     self.tokenizer = tokenizer
     self.batch_rows = batch_rows
     self.text_batch = text_batch
@@ -111,6 +140,10 @@ class Embedder:
   def max_tokens(self):
     return self.input_config.resolution.max_tokens
 
+  @property
+  def resize(self):
+    return self.input_config.resolution.mode
+
   def images(self, source, progress=True):
     """Embeds every image of `source`.
 
@@ -122,7 +155,8 @@ class Embedder:
     emb = np.zeros((len(source), self.dim), np.float32)
     seen = np.zeros(len(source), bool)
     bar = tqdm.tqdm(total=len(source), unit='img', disable=not progress,
-                    desc=f'images (p={self.patch_size}, <={self.max_tokens} tokens)')
+                    desc=f'images ({self.resize}, p={self.patch_size}, '
+                    f'<={self.max_tokens} tokens)')
     in_flight = None  # The previous batch's (indices, device result).
 
     def collect(indices, result):

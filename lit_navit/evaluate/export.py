@@ -146,7 +146,7 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
       'num_images': len(source), 'part_size': part_size, 'dtype': dtype,
       'texts': texts, 'key_column': key_column, 'dim': embedder.dim,
       'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens,
-      'params_sha256': params_fingerprint(embedder.params)})
+      'resize': embedder.resize, 'params_sha256': params_fingerprint(embedder.params)})
   start_time = time.perf_counter()
   written = skipped = embedded = 0
   for number in range(num_parts):
