@@ -117,7 +117,7 @@ def test_query_finds_each_image_by_its_own_embedding(tmp_path, images, resize):
 
 class _ConstructedEmbedder:
   """Image k and the caption 'image k' both embed as basis vector k."""
-  dim, patch_size, max_tokens, params = 8, 16, 256, {}
+  dim, patch_size, max_tokens, resize, params = 8, 16, 256, 'fit', {}
 
   def images(self, source, progress=False):
     del progress
