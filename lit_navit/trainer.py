@@ -190,7 +190,7 @@ class Trainer:
     params = optax.apply_updates(state['params'], updates)
     real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
     step_metrics = dict(
-        step_metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        step_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
         images=jnp.sum(valid), tokens=real_tokens,
         padding_fraction=1.0 - real_tokens / batch['image/segment'].size,
         images_per_row=jnp.sum(valid) / batch['valid'].shape[0])
