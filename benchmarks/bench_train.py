@@ -1,0 +1,538 @@
+"""Training throughput on this machine: the peers' workloads, NaViT packing, the demo.
+
+Times the trainer's own compiled train step (`Trainer.compiled_step`: both
+towers, the sigmoid loss, the Adam chain, donated state) in one process,
+warm-up steps excluded, medians over the timed steps:
+
+  ceiling  a 2048^3 float32 matmul under jax.jit, GFLOP/s, ten times at the
+           start and once after every timed step: a run's MFU is against
+           the median of its own matmuls, so load drifts hit both alike;
+  w1, w2   PEER_BASELINES' workloads: B/16 + text B at batch 8, S/16 + text S
+           at batch 32 (MAP head, 64 caption tokens, vocab 32000, embed 768),
+           each 224x224 image alone in a row of L=196 tokens, random pixels
+           and tokens; step time against big_vision's and open_clip's;
+  navit    packing against padding at equal tokens per step: pipeline batches
+           of synthetic JPEGs (side ~ U(64, 256), p=16, L=256), E=16 images a
+           row against one image a row, the same rows; the batches are made
+           before timing and the pipeline's own rate is reported apart;
+  demo     configs/demo.py's model on its own pipeline's batches.
+
+Each workload runs with both towers' encoders scanned and unrolled (`--scan`).
+The machine is shared: 'CPU share' is this process's CPU time over the timed
+steps' wall time times the cores, so a run that got less than ~0.9 of the
+machine was slowed by other jobs.
+FLOPs are flops.training_flops (remat recompute not counted); 'XLA GFLOP' is
+the compiled step's cost_analysis(), which counts a scanned layer once and
+so only cross-checks the unrolled (scan off) step.
+
+  python benchmarks/bench_train.py --workloads w1 --steps 5 --warmup 2
+  python benchmarks/bench_train.py --workloads navit,demo --json
+  python benchmarks/bench_train.py --workloads navit --navit-model demo   # quick
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lit_navit import config as config_lib
+from lit_navit import sharding
+from lit_navit import trainer as trainer_lib
+from lit_navit.data import batch as batch_lib
+from lit_navit.data import sources
+from lit_navit.models import flops as flops_lib
+from lit_navit.models import two_towers
+
+WORKLOADS = ('w1', 'w2', 'navit', 'demo')
+# Warm-up and timed steps when --warmup / --steps are not given.
+DEFAULT_STEPS = {'w1': (2, 5), 'w2': (2, 5), 'navit': (1, 4), 'demo': (5, 30)}
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
+                           'configs', 'demo.py')
+
+# /work/shared/PEER_BASELINES.md (2026-11-21, this kind of 2-core CPU): step
+# seconds (median), images/s, and the 2048^3 matmul ceiling they ran beside.
+PEER_CEILING_GFLOPS = 162.0
+PEER_STEP_SECONDS = {'w1': {'big_vision': 10.18, 'open_clip': 9.19},
+                     'w2': {'big_vision': 14.66, 'open_clip': 10.24}}
+PEER_W1_IMAGES_PER_S = {'big_vision': 0.79, 'open_clip': 0.87}
+# lit_navit's targets: step time at most these multiples of the peers'; NaViT
+# images/s at least this multiple of W1's at the same model size.
+TARGET_STEP_RATIO = {'big_vision': 0.9, 'open_clip': 1.0}
+TARGET_NAVIT_OVER_W1 = 3.0
+# Pipeline batches drawn per workload: the first BURN_IN are dropped (best-fit
+# packing takes small images first while the pack buffer settles, so early
+# rows hold more images than later ones); the next PIPELINE_BATCHES give the
+# pipeline's rate and the images and tokens a step (step time does not depend
+# on a batch's contents: shapes are static); the train steps take their last.
+BURN_IN = 16
+PIPELINE_BATCHES = 64
+
+
+@dataclasses.dataclass
+class Workload:
+  """One train step to time: a config, the host batches fed to it in turn, and
+  the mean images and real image tokens in one of its batches."""
+  name: str
+  config: object
+  batches: list
+  images_per_step: float
+  tokens_per_step: float
+  notes: dict = dataclasses.field(default_factory=dict)
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workloads', default='w1,w2,navit,demo',
+                      help=f'comma-separated, of {",".join(WORKLOADS)}')
+  parser.add_argument('--scan', default='on,off',
+                      help="encoders scanned ('on') and/or unrolled ('off')")
+  parser.add_argument('--warmup', type=int, help='untimed steps per run '
+                      f'(default per workload: {DEFAULT_STEPS})')
+  parser.add_argument('--steps', type=int, help='timed steps per run')
+  parser.add_argument('--navit-model', choices=('b16', 'demo'), default='b16',
+                      help="navit: W1's towers (B/16, text B) or the demo's")
+  parser.add_argument('--navit-rows', type=int, default=8,
+                      help="navit: rows per step (default W1's batch)")
+  parser.add_argument('--navit-text-len', type=int,
+                      help="navit: caption tokens T (default W1's 64; demo 16)")
+  parser.add_argument('--records', type=int, default=1024,
+                      help='synthetic JPEGs encoded up front for the pipelines')
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON object instead of tables')
+  args = parser.parse_args()
+  args.workloads = args.workloads.split(',')
+  args.scan = [s == 'on' for s in args.scan.split(',')]
+  unknown = set(args.workloads) - set(WORKLOADS)
+  if unknown:
+    parser.error(f'unknown workloads {sorted(unknown)}; expected {WORKLOADS}')
+  return args
+
+
+# --- configs ---------------------------------------------------------------
+
+def with_input(config, *, rows, tokens_per_row, slots, text_len, patch_size):
+  """`config` with the batch shapes set: B rows of L tokens, E slots, T, p."""
+  config.batch_size = rows
+  config.input.update(tokens_per_row=tokens_per_row, images_per_row=slots,
+                      text_len=text_len, patch_sizes=(patch_size,))
+  return config
+
+
+def peer_config(image_variant: str, text_variant: str):
+  """PEER_BASELINES' two towers: MAP head, learned posemb, vocab 32000, 64 tokens."""
+  config = config_lib.default_config()
+  config.model.image.update(variant=image_variant, pool='map')
+  config.model.text.update(variant=text_variant, vocab_size=32_000, max_len=64,
+                           pool='last')
+  config.model.embed_dim = 768
+  config.model.loss = 'sigmoid'
+  return config
+
+
+def navit_input(config, slots: int):
+  """NaViT's setting: side ~ U(64, 256) (longer side), no token dropping."""
+  config.input.images_per_row = slots
+  config.input.resolution.update(mode='side', dist='uniform', min=64, max=256)
+  config.input.token_drop.kind = 'none'
+  return config
+
+
+def demo_config():
+  return config_lib.load_config_file(DEMO_CONFIG)
+
+
+def navit_model_config(model: str, text_len: int | None):
+  """W1's towers or the demo's (at p=16), with text length T; returns (config, T)."""
+  if model == 'b16':
+    config, default_len = peer_config('B/16', 'B'), 64
+  else:
+    config, default_len = demo_config(), 16
+    config.model.image.variant = 'mu/16'
+  text_len = text_len or default_len
+  config.model.text.max_len = max(config.model.text.max_len, text_len)
+  return config, text_len
+
+
+# --- batches ---------------------------------------------------------------
+
+def full_rows_batch(spec: batch_lib.BatchSpec, vocab_size: int, seed: int = 0):
+  """One square image filling each row (L = side^2) and one random caption a row."""
+  side = int(round(spec.tokens_per_row ** 0.5))
+  if side * side != spec.tokens_per_row or spec.slots != 1:
+    raise ValueError(f'full rows need a square L and E=1, got {spec}')
+  rng = np.random.default_rng(seed)
+  batch = spec.empty()
+  batch['image/patches'][:] = rng.uniform(-1, 1, batch['image/patches'].shape)
+  batch['image/yx'][:] = np.stack(np.divmod(np.arange(side * side), side), -1)
+  batch['image/segment'][:] = 1
+  batch['image/grid'][:] = side
+  batch['text/tokens'][:] = rng.integers(1, vocab_size, batch['text/tokens'].shape)
+  batch['valid'][:] = True
+  batch['index'][:] = np.arange(spec.rows)[:, None]
+  batch_lib.validate_batch(batch, spec)
+  return batch
+
+
+class InMemorySource:
+  """Records held as bytes, so reading them costs nothing."""
+
+  def __init__(self, records):
+    self._records = records
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    return self._records[index]
+
+
+def encoded_records(source_config, count: int) -> InMemorySource:
+  """The first `count` records of a source, drawn and encoded now (untimed)."""
+  source_config = source_config.copy_and_resolve_references()
+  source_config.size = max(source_config.size, count)
+  source = sources.make_source(source_config)
+  return InMemorySource([source[i] for i in range(count)])
+
+
+def batch_counts(batches) -> tuple[float, float]:
+  """Mean images and real (non-padding) image tokens per batch."""
+  return (float(np.mean([b['valid'].sum() for b in batches])),
+          float(np.mean([np.count_nonzero(b['image/segment']) for b in batches])))
+
+
+def pipeline_workload(name: str, config, source, count: int, **notes) -> Workload:
+  """A workload fed `count` batches of `config`'s pipeline (see BURN_IN)."""
+  with trainer_lib.make_pipeline(config, source, rows=config.batch_size) as pipe:
+    for _ in range(BURN_IN):
+      next(pipe)
+    start = time.perf_counter()
+    batches = [next(pipe) for _ in range(max(count, PIPELINE_BATCHES))]
+    seconds = time.perf_counter() - start
+  images, tokens = batch_counts(batches)
+  notes['pipeline'] = {'images_per_s': images * len(batches) / seconds,
+                       'tokens_per_s': tokens * len(batches) / seconds,
+                       'workers': config.input.workers}
+  return Workload(name, config, batches[-count:], images, tokens, notes)
+
+
+# --- workloads -------------------------------------------------------------
+
+def peer_workload(name: str) -> Workload:
+  """W1 (B/16, batch 8) or W2 (S/16, batch 32): 196-patch images, one a row."""
+  image, text, rows = {'w1': ('B/16', 'B', 8), 'w2': ('S/16', 'S', 32)}[name]
+  config = with_input(peer_config(image, text), rows=rows, tokens_per_row=196,
+                      slots=1, text_len=64, patch_size=16)
+  spec = batch_lib.BatchSpec(rows=rows, tokens_per_row=196, slots=1, text_len=64,
+                             patch_size=16)
+  batch = full_rows_batch(spec, config.model.text.vocab_size)
+  return Workload(name, config, [batch], *batch_counts([batch]))
+
+
+def navit_workloads(args, count: int) -> list:
+  """Packed (E=16) and padded (E=1) runs over the same synthetic JPEGs."""
+  base, text_len = navit_model_config(args.navit_model, args.navit_text_len)
+  base = with_input(base, rows=args.navit_rows, tokens_per_row=256, slots=16,
+                    text_len=text_len, patch_size=16)
+  base.input.source = sources.default_source_config()
+  records = encoded_records(base.input.source, args.records)
+  return [pipeline_workload(name, navit_input(base.copy_and_resolve_references(), slots),
+                            records, count, model=args.navit_model)
+          for name, slots in (('navit packed', 16), ('navit padded', 1))]
+
+
+def demo_workload(args, count: int) -> Workload:
+  config = demo_config()
+  records = encoded_records(config.input.source, args.records)
+  return pipeline_workload('demo', config, records, count)
+
+
+# --- timing ----------------------------------------------------------------
+
+def make_trainer(config, workdir: str):
+  """A Trainer for `config` whose own input pipeline stays idle.
+
+  The Trainer starts prefetching from config.input.source when built; this
+  benchmark feeds its own batches, so that source shrinks to a few tiny
+  images read inline and its prefetch thread is stopped at once.
+  """
+  idle = config.copy_and_resolve_references()
+  idle.input.source.update(kind='synthetic', size=8, min_side=16, max_side=16)
+  idle.input.update(pack_buffer=1, workers=0)
+  config_lib.check_config(idle)
+  trainer = trainer_lib.Trainer(idle, workdir)
+  trainer.pipeline.close()
+  return trainer
+
+
+def device_batches(trainer, batches):
+  return [sharding.make_global_batch({k: b[k] for k in trainer_lib.MODEL_KEYS},
+                                     trainer.mesh) for b in batches]
+
+
+def usage() -> np.ndarray:
+  """[wall, user CPU, system CPU seconds, minor page faults] of this process so far."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return np.array([time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt])
+
+
+class MatmulCeiling:
+  """A jitted float32 size^3 matmul: the MFU ceiling, sampled between train steps."""
+
+  def __init__(self, size: int = 2048):
+    self._x = jnp.ones((size, size), jnp.float32)
+    self._matmul = jax.jit(lambda a: a @ a)
+    self._matmul(self._x).block_until_ready()
+    self.gflop = 2 * size ** 3 / 1e9
+
+  def sample(self) -> np.ndarray:
+    """The usage() of one matmul."""
+    before = usage()
+    self._matmul(self._x).block_until_ready()
+    return usage() - before
+
+  def figures(self, samples) -> dict:
+    """Median GFLOP/s (min, max) and GFLOP per CPU-second over usage samples."""
+    samples = np.asarray(samples)
+    rates = self.gflop / samples[:, 0]
+    return {'gflops': float(np.median(rates)), 'gflops_min': float(rates.min()),
+            'gflops_max': float(rates.max()),
+            'gflops_per_cpu_s': self.gflop * len(samples) / samples[:, 1:3].sum()}
+
+
+def run_steps(compiled, state, batches, warmup: int, steps: int, ceiling):
+  """Runs warmup + steps train steps, a ceiling matmul after each timed one.
+
+  Returns (usage of each timed step, of each matmul, the last loss).
+  """
+  timed, matmuls, loss = [], [], None
+  for i in range(warmup + steps):
+    before = usage()
+    state, step_metrics = compiled(state, batches[i % len(batches)])
+    loss = float(jax.block_until_ready(step_metrics)['loss'])
+    if i >= warmup:
+      timed.append(usage() - before)
+      matmuls.append(ceiling.sample())
+  return np.array(timed), matmuls, loss
+
+
+def time_steps(workload: Workload, scan: bool, warmup: int, steps: int,
+               ceiling: MatmulCeiling) -> dict:
+  """Builds, compiles and times the train step of `workload`; returns its figures."""
+  config = workload.config.copy_and_resolve_references()
+  config.model.image.scan = config.model.text.scan = scan
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = make_trainer(config, workdir)
+    try:
+      batches = device_batches(trainer, workload.batches)
+      start = time.perf_counter()
+      state = jax.block_until_ready(trainer.restore_or_init())
+      init_seconds = time.perf_counter() - start
+      start = time.perf_counter()
+      compiled, flops = trainer.compiled_step(state, batches[0])
+      compile_seconds = time.perf_counter() - start
+      samples, matmuls, loss = run_steps(compiled, state, batches, warmup, steps,
+                                         ceiling)
+    finally:
+      trainer.checkpointer.close()
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'{workload.name}: loss {loss} after {warmup + steps} steps')
+  spec = batch_lib.spec_of(workload.batches[0])
+  image_flops = 3 * flops_lib.image_forward_flops(config.model, spec)
+  seconds, user, system, faults = np.median(samples, axis=0)
+  images, tokens = workload.images_per_step, workload.tokens_per_step
+  return {
+      'workload': workload.name, 'scan': scan, 'rows': spec.rows,
+      'tokens_per_row': spec.tokens_per_row, 'slots': spec.slots,
+      'text_len': spec.text_len, 'patch_size': spec.patch_size,
+      'params': two_towers.param_count(trainer.abstract_state['params']),
+      'warmup': warmup, 'steps': steps, 'step_seconds': seconds,
+      'step_seconds_min': samples[:, 0].min(), 'step_seconds_max': samples[:, 0].max(),
+      'images_per_step': images, 'image_tokens_per_step': tokens,
+      'images_per_s': images / seconds, 'tokens_per_s': tokens / seconds,
+      'flops': flops, 'text_flops_fraction': 1 - image_flops / flops,
+      'xla_flops': float(compiled.cost_analysis()['flops']),
+      'gflops_per_s': flops / seconds / 1e9,
+      'cpu_seconds': user + system, 'system_seconds': system,
+      'page_faults': faults, 'temp_bytes': compiled.memory_analysis().temp_size_in_bytes,
+      'cpu_share': (user + system) / seconds / len(os.sched_getaffinity(0)),
+      'init_seconds': init_seconds, 'compile_seconds': compile_seconds,
+      'final_loss': loss, 'ceiling': ceiling.figures(matmuls), **workload.notes,
+  }
+
+
+# --- summary ---------------------------------------------------------------
+
+def add_ratios(run: dict) -> None:
+  """MFU (wall and CPU time) and step time against the peers, raw and at their ceiling."""
+  ceiling = run['ceiling']
+  run['mfu'] = run['gflops_per_s'] / ceiling['gflops']
+  run['mfu_cpu_time'] = (run['flops'] / run['cpu_seconds'] / 1e9
+                         / ceiling['gflops_per_cpu_s'])
+  peers = PEER_STEP_SECONDS.get(run['workload'])
+  if peers:
+    run['vs_peers'] = {
+        peer: {'step_ratio': run['step_seconds'] / seconds,
+               'step_ratio_at_equal_ceiling': run['step_seconds'] * ceiling['gflops']
+                                              / PEER_CEILING_GFLOPS / seconds,
+               'target': TARGET_STEP_RATIO[peer]}
+        for peer, seconds in peers.items()}
+
+
+def navit_summary(runs: list) -> dict:
+  """Packed over padded images/s per scan setting, and packed over W1's."""
+  by = {(r['workload'], r['scan']): r for r in runs}
+  summary = {}
+  for scan in (True, False):
+    packed, padded = by.get(('navit packed', scan)), by.get(('navit padded', scan))
+    if not (packed and padded):
+      continue
+    entry = {'packed_over_padded': packed['images_per_s'] / padded['images_per_s'],
+             'target_over_w1': TARGET_NAVIT_OVER_W1}
+    if packed['model'] == 'b16':
+      entry['packed_over_peer_w1'] = {peer: packed['images_per_s'] / rate
+                                      for peer, rate in PEER_W1_IMAGES_PER_S.items()}
+      w1 = [r['images_per_s'] for r in runs if r['workload'] == 'w1']
+      if w1:
+        entry['packed_over_w1'] = packed['images_per_s'] / max(w1)
+    summary['scan ' + ('on' if scan else 'off')] = entry
+  return summary
+
+
+def machine() -> dict:
+  return {'platform': platform.platform(), 'processor': platform.processor(),
+          'cores': len(os.sched_getaffinity(0)), 'device': str(jax.devices()[0]),
+          'jax': jax.__version__,
+          'GLIBC_TUNABLES': os.environ.get('GLIBC_TUNABLES', ''),
+          'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
+
+
+def _scan(run: dict) -> str:
+  return 'on' if run['scan'] else 'off'
+
+
+def print_runs(runs: list) -> None:
+  print('| workload | scan | B×L (E), T | params | step s, median (min–max) | '
+        'images/s | tokens/s | GFLOP/step | XLA GFLOP/step | text FLOPs | '
+        'GFLOP/s | ceiling GFLOP/s | % of ceiling |')
+  print('|' + ' --- |' * 13)
+  for r in runs:
+    print(f"| {r['workload']} | {_scan(r)} | "
+          f"{r['rows']}×{r['tokens_per_row']} ({r['slots']}), {r['text_len']} | "
+          f"{r['params'] / 1e6:.1f}M | {r['step_seconds']:.3f} "
+          f"({r['step_seconds_min']:.3f}–{r['step_seconds_max']:.3f}) | "
+          f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.4g} | "
+          f"{r['xla_flops'] / 1e9:.4g} | {r['text_flops_fraction']:.0%} | "
+          f"{r['gflops_per_s']:.0f} | {r['ceiling']['gflops']:.0f} | {r['mfu']:.0%} |")
+
+
+def print_diagnostics(runs: list) -> None:
+  print('\n| workload | scan | CPU s/step | of which system | page faults/step | '
+        'temp GiB | CPU share | % of ceiling per CPU-second | load | init s | compile s |')
+  print('|' + ' --- |' * 11)
+  for r in runs:
+    print(f"| {r['workload']} | {_scan(r)} | {r['cpu_seconds']:.3f} | "
+          f"{r['system_seconds']:.3f} | {r['page_faults']:.0f} | "
+          f"{r['temp_bytes'] / 2 ** 30:.2f} | {r['cpu_share']:.2f} | "
+          f"{r['mfu_cpu_time']:.0%} | {r['load_average']:.1f} | "
+          f"{r['init_seconds']:.1f} | {r['compile_seconds']:.1f} |")
+
+
+def print_peers(runs: list) -> None:
+  rows = [r for r in runs if 'vs_peers' in r]
+  if not rows:
+    return
+  print('\n| workload | scan | × big_vision (target ≤ 0.9) | × open_clip (target ≤ 1.0) '
+        '| × big_vision, equal ceiling | × open_clip, equal ceiling |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for r in rows:
+    bv, oc = r['vs_peers']['big_vision'], r['vs_peers']['open_clip']
+    print(f"| {r['workload']} | {_scan(r)} | {bv['step_ratio']:.2f} | "
+          f"{oc['step_ratio']:.2f} | {bv['step_ratio_at_equal_ceiling']:.2f} | "
+          f"{oc['step_ratio_at_equal_ceiling']:.2f} |")
+
+
+def print_navit(result: dict) -> None:
+  pipelines = {r['workload']: r for r in result['runs'] if 'pipeline' in r}
+  for name, r in pipelines.items():
+    p = r['pipeline']
+    print(f"{name}: pipeline {p['images_per_s']:.0f} images/s, "
+          f"{p['tokens_per_s']:.0f} tokens/s ({p['workers']} workers, alone); "
+          f"{r['images_per_step']:.1f} images and "
+          f"{r['image_tokens_per_step']:.0f} real tokens a step")
+  for scan, s in result['navit'].items():
+    versus = [f'{v:.2f}× {k} W1' for k, v in s.get('packed_over_peer_w1', {}).items()]
+    if 'packed_over_w1' in s:
+      versus.append(f"{s['packed_over_w1']:.2f}× this run's W1")
+    versus = (f"; packed = {', '.join(versus)} (target ≥ {s['target_over_w1']:.0f}×)"
+              if versus else '')
+    print(f"navit, {scan}: packed / padded images/s = "
+          f"{s['packed_over_padded']:.2f}{versus}")
+
+
+def print_tables(result: dict) -> None:
+  m, load = result['machine'], result['load_average']
+  print(f"{m['device']}, {m['cores']} cores, jax {m['jax']}, "
+        f"GLIBC_TUNABLES={m['GLIBC_TUNABLES']!r}; load average {load['start']:.1f} "
+        f"-> {load['end']:.1f}")
+  c = result['ceiling_at_start']
+  print(f"2048^3 f32 matmul (jax jit), alone at the start: {c['gflops']:.0f} GFLOP/s "
+        f"({c['gflops_min']:.0f}–{c['gflops_max']:.0f}), {c['gflops_per_cpu_s']:.0f} "
+        'GFLOP per CPU-second; each run\'s ceiling is the median of one such matmul '
+        'after each of its timed steps\n')
+  print_runs(result['runs'])
+  print_diagnostics(result['runs'])
+  print_peers(result['runs'])
+  print()
+  print_navit(result)
+
+
+def planned_runs(args):
+  """(workload, warmup, steps) for each workload asked for, batches made now."""
+  for name in args.workloads:
+    default_warmup, default_steps = DEFAULT_STEPS[name]
+    warmup = default_warmup if args.warmup is None else args.warmup
+    steps = default_steps if args.steps is None else args.steps
+    if name in ('w1', 'w2'):
+      workloads = [peer_workload(name)]
+    elif name == 'navit':
+      workloads = navit_workloads(args, warmup + steps)
+    else:
+      workloads = [demo_workload(args, warmup + steps)]
+    for workload in workloads:
+      yield workload, warmup, steps
+
+
+def main():
+  args = parse_args()
+  jax.config.update('jax_threefry_partitionable', True)
+  load_start = os.getloadavg()[0]
+  ceiling = MatmulCeiling()
+  start_ceiling = ceiling.figures([ceiling.sample() for _ in range(10)])
+  runs = []
+  for workload, warmup, steps in planned_runs(args):
+    for scan in args.scan:
+      run = time_steps(workload, scan, warmup, steps, ceiling)
+      run['load_average'] = os.getloadavg()[0]
+      add_ratios(run)
+      runs.append(run)
+  result = {
+      'machine': machine(),
+      'load_average': {'start': load_start, 'end': os.getloadavg()[0]},
+      'ceiling_at_start': start_ceiling, 'runs': runs, 'navit': navit_summary(runs),
+  }
+  if args.json:
+    print(json.dumps(result, indent=2, default=float))
+  else:
+    print_tables(result)
+
+
+if __name__ == '__main__':
+  main()
