@@ -4,9 +4,11 @@ Times the trainer's own compiled train step (`Trainer.compiled_step`: both
 towers, the sigmoid loss, the Adam chain, donated state) in one process,
 warm-up steps excluded, medians over the timed steps:
 
-  ceiling  a 2048^3 float32 matmul under jax.jit, GFLOP/s, ten times at the
-           start and once after every timed step: a run's MFU is against
-           the median of its own matmuls, so load drifts hit both alike;
+  ceiling  a 2048^3 float32 matmul under jax.jit, GFLOP/s, median of 10 before
+           the first run and after each: a run's MFU is against the mean of
+           the two around it (steps run back to back, as in training: a
+           matmul right after a big step runs slow while the step's freed
+           temporaries go back to the OS);
   w1, w2   PEER_BASELINES' workloads: B/16 + text B at batch 8, S/16 + text S
            at batch 32 (MAP head, 64 caption tokens, vocab 32000, embed 768),
            each 224x224 image alone in a row of L=196 tokens, random pixels
@@ -23,7 +25,10 @@ steps' wall time times the cores, so a run that got less than ~0.9 of the
 machine was slowed by other jobs.
 FLOPs are flops.training_flops (remat recompute not counted); 'XLA GFLOP' is
 the compiled step's cost_analysis(), which counts a scanned layer once and
-so only cross-checks the unrolled (scan off) step.
+so only cross-checks the unrolled (scan off) step. Page faults and system
+time show what re-faulting each step's temporaries costs; the header
+records GLIBC_TUNABLES, since glibc.malloc.hugetlb=1 (transparent huge
+pages for malloc) changes that cost.
 
   python benchmarks/bench_train.py --workloads w1 --steps 5 --warmup 2
   python benchmarks/bench_train.py --workloads navit,demo --json
@@ -52,7 +57,8 @@ from lit_navit.models import flops as flops_lib
 from lit_navit.models import two_towers
 
 WORKLOADS = ('w1', 'w2', 'navit', 'demo')
-# Warm-up and timed steps when --warmup / --steps are not given.
+# Warm-up and timed steps when --warmup / --steps are not given: B/16-sized
+# steps take seconds, the demo model's milliseconds.
 DEFAULT_STEPS = {'w1': (2, 5), 'w2': (2, 5), 'navit': (1, 4), 'demo': (5, 30)}
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
                            'configs', 'demo.py')
@@ -78,8 +84,11 @@ PIPELINE_BATCHES = 64
 
 @dataclasses.dataclass
 class Workload:
-  """One train step to time: a config, the host batches fed to it in turn, and
-  the mean images and real image tokens in one of its batches."""
+  """One train step to time.
+
+  Its config, the host batches fed to it in turn, and the mean images and
+  real image tokens in one of its batches.
+  """
   name: str
   config: object
   batches: list
@@ -109,10 +118,13 @@ def parse_args():
                       help='print one JSON object instead of tables')
   args = parser.parse_args()
   args.workloads = args.workloads.split(',')
-  args.scan = [s == 'on' for s in args.scan.split(',')]
   unknown = set(args.workloads) - set(WORKLOADS)
   if unknown:
     parser.error(f'unknown workloads {sorted(unknown)}; expected {WORKLOADS}')
+  scans = args.scan.split(',')
+  if not set(scans) <= {'on', 'off'}:
+    parser.error(f"--scan takes 'on' and/or 'off', got {args.scan!r}")
+  args.scan = [s == 'on' for s in scans]
   return args
 
 
@@ -146,6 +158,7 @@ def navit_input(config, slots: int):
 
 
 def demo_config():
+  """configs/demo.py's config, as the demo trains it."""
   return config_lib.load_config_file(DEMO_CONFIG)
 
 
@@ -249,6 +262,7 @@ def navit_workloads(args, count: int) -> list:
 
 
 def demo_workload(args, count: int) -> Workload:
+  """The demo config's model on batches of its own pipeline and source."""
   config = demo_config()
   records = encoded_records(config.input.source, args.records)
   return pipeline_workload('demo', config, records, count)
@@ -273,6 +287,7 @@ def make_trainer(config, workdir: str):
 
 
 def device_batches(trainer, batches):
+  """Host batches as the trainer's global arrays (model keys only)."""
   return [sharding.make_global_batch({k: b[k] for k in trainer_lib.MODEL_KEYS},
                                      trainer.mesh) for b in batches]
 
@@ -283,48 +298,40 @@ def usage() -> np.ndarray:
   return np.array([time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt])
 
 
-class MatmulCeiling:
-  """A jitted float32 size^3 matmul: the MFU ceiling, sampled between train steps."""
-
-  def __init__(self, size: int = 2048):
-    self._x = jnp.ones((size, size), jnp.float32)
-    self._matmul = jax.jit(lambda a: a @ a)
-    self._matmul(self._x).block_until_ready()
-    self.gflop = 2 * size ** 3 / 1e9
-
-  def sample(self) -> np.ndarray:
-    """The usage() of one matmul."""
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict:
+  """A jitted float32 size^3 matmul: median GFLOP/s (min, max), GFLOP per CPU-second."""
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  samples = []
+  for _ in range(repeats):
     before = usage()
-    self._matmul(self._x).block_until_ready()
-    return usage() - before
-
-  def figures(self, samples) -> dict:
-    """Median GFLOP/s (min, max) and GFLOP per CPU-second over usage samples."""
-    samples = np.asarray(samples)
-    rates = self.gflop / samples[:, 0]
-    return {'gflops': float(np.median(rates)), 'gflops_min': float(rates.min()),
-            'gflops_max': float(rates.max()),
-            'gflops_per_cpu_s': self.gflop * len(samples) / samples[:, 1:3].sum()}
+    matmul(x).block_until_ready()
+    samples.append(usage() - before)
+  samples = np.array(samples)
+  gflop = 2 * size ** 3 / 1e9
+  rates = gflop / samples[:, 0]
+  return {'gflops': float(np.median(rates)), 'gflops_min': float(rates.min()),
+          'gflops_max': float(rates.max()),
+          'gflops_per_cpu_s': gflop * repeats / samples[:, 1:3].sum()}
 
 
-def run_steps(compiled, state, batches, warmup: int, steps: int, ceiling):
-  """Runs warmup + steps train steps, a ceiling matmul after each timed one.
+def run_steps(compiled, state, batches, warmup: int, steps: int):
+  """Runs warmup + steps train steps back to back, as the training loop does.
 
-  Returns (usage of each timed step, of each matmul, the last loss).
+  Returns (usage() of each timed step, the last loss).
   """
-  timed, matmuls, loss = [], [], None
+  timed, loss = [], None
   for i in range(warmup + steps):
     before = usage()
     state, step_metrics = compiled(state, batches[i % len(batches)])
     loss = float(jax.block_until_ready(step_metrics)['loss'])
     if i >= warmup:
       timed.append(usage() - before)
-      matmuls.append(ceiling.sample())
-  return np.array(timed), matmuls, loss
+  return np.array(timed), loss
 
 
-def time_steps(workload: Workload, scan: bool, warmup: int, steps: int,
-               ceiling: MatmulCeiling) -> dict:
+def time_steps(workload: Workload, scan: bool, warmup: int, steps: int) -> dict:
   """Builds, compiles and times the train step of `workload`; returns its figures."""
   config = workload.config.copy_and_resolve_references()
   config.model.image.scan = config.model.text.scan = scan
@@ -338,8 +345,7 @@ def time_steps(workload: Workload, scan: bool, warmup: int, steps: int,
       start = time.perf_counter()
       compiled, flops = trainer.compiled_step(state, batches[0])
       compile_seconds = time.perf_counter() - start
-      samples, matmuls, loss = run_steps(compiled, state, batches, warmup, steps,
-                                         ceiling)
+      samples, loss = run_steps(compiled, state, batches, warmup, steps)
     finally:
       trainer.checkpointer.close()
   if not np.isfinite(loss):
@@ -364,15 +370,15 @@ def time_steps(workload: Workload, scan: bool, warmup: int, steps: int,
       'page_faults': faults, 'temp_bytes': compiled.memory_analysis().temp_size_in_bytes,
       'cpu_share': (user + system) / seconds / len(os.sched_getaffinity(0)),
       'init_seconds': init_seconds, 'compile_seconds': compile_seconds,
-      'final_loss': loss, 'ceiling': ceiling.figures(matmuls), **workload.notes,
+      'final_loss': loss, **workload.notes,
   }
 
 
 # --- summary ---------------------------------------------------------------
 
-def add_ratios(run: dict) -> None:
+def add_ratios(run: dict, ceiling: dict) -> None:
   """MFU (wall and CPU time) and step time against the peers, raw and at their ceiling."""
-  ceiling = run['ceiling']
+  run['ceiling'] = ceiling
   run['mfu'] = run['gflops_per_s'] / ceiling['gflops']
   run['mfu_cpu_time'] = (run['flops'] / run['cpu_seconds'] / 1e9
                          / ceiling['gflops_per_cpu_s'])
@@ -407,6 +413,7 @@ def navit_summary(runs: list) -> dict:
 
 
 def machine() -> dict:
+  """What ran the benchmark, with the environment that changes its figures."""
   return {'platform': platform.platform(), 'processor': platform.processor(),
           'cores': len(os.sched_getaffinity(0)), 'device': str(jax.devices()[0]),
           'jax': jax.__version__,
@@ -419,6 +426,7 @@ def _scan(run: dict) -> str:
 
 
 def print_runs(runs: list) -> None:
+  """The main table: step time, throughput, FLOPs and MFU of each run."""
   print('| workload | scan | B×L (E), T | params | step s, median (min–max) | '
         'images/s | tokens/s | GFLOP/step | XLA GFLOP/step | text FLOPs | '
         'GFLOP/s | ceiling GFLOP/s | % of ceiling |')
@@ -434,6 +442,7 @@ def print_runs(runs: list) -> None:
 
 
 def print_diagnostics(runs: list) -> None:
+  """Where the time went: CPU and system time, page faults, memory, load."""
   print('\n| workload | scan | CPU s/step | of which system | page faults/step | '
         'temp GiB | CPU share | % of ceiling per CPU-second | load | init s | compile s |')
   print('|' + ' --- |' * 11)
@@ -446,6 +455,7 @@ def print_diagnostics(runs: list) -> None:
 
 
 def print_peers(runs: list) -> None:
+  """Step time over big_vision's and open_clip's (PEER_BASELINES.md)."""
   rows = [r for r in runs if 'vs_peers' in r]
   if not rows:
     return
@@ -460,6 +470,7 @@ def print_peers(runs: list) -> None:
 
 
 def print_navit(result: dict) -> None:
+  """Pipeline rates, images a step, and packed over padded (and W1) images/s."""
   pipelines = {r['workload']: r for r in result['runs'] if 'pipeline' in r}
   for name, r in pipelines.items():
     p = r['pipeline']
@@ -482,11 +493,11 @@ def print_tables(result: dict) -> None:
   print(f"{m['device']}, {m['cores']} cores, jax {m['jax']}, "
         f"GLIBC_TUNABLES={m['GLIBC_TUNABLES']!r}; load average {load['start']:.1f} "
         f"-> {load['end']:.1f}")
-  c = result['ceiling_at_start']
-  print(f"2048^3 f32 matmul (jax jit), alone at the start: {c['gflops']:.0f} GFLOP/s "
-        f"({c['gflops_min']:.0f}–{c['gflops_max']:.0f}), {c['gflops_per_cpu_s']:.0f} "
-        'GFLOP per CPU-second; each run\'s ceiling is the median of one such matmul '
-        'after each of its timed steps\n')
+  print('2048^3 f32 matmul (jax jit), median of 10 (min–max) before the first run '
+        'and after each, GFLOP/s [GFLOP per CPU-second]: ' + ', '.join(
+            f"{c['gflops']:.0f} ({c['gflops_min']:.0f}–{c['gflops_max']:.0f}) "
+            f"[{c['gflops_per_cpu_s']:.0f}]" for c in result['ceilings'])
+        + "; a run's ceiling is the mean of the two around it\n")
   print_runs(result['runs'])
   print_diagnostics(result['runs'])
   print_peers(result['runs'])
@@ -497,7 +508,8 @@ def print_tables(result: dict) -> None:
 def planned_runs(args):
   """(workload, warmup, steps) for each workload asked for, batches made now."""
   for name in args.workloads:
-    default_warmup, default_steps = DEFAULT_STEPS[name]
+    small = name == 'navit' and args.navit_model == 'demo'
+    default_warmup, default_steps = DEFAULT_STEPS['demo' if small else name]
     warmup = default_warmup if args.warmup is None else args.warmup
     steps = default_steps if args.steps is None else args.steps
     if name in ('w1', 'w2'):
@@ -514,19 +526,20 @@ def main():
   args = parse_args()
   jax.config.update('jax_threefry_partitionable', True)
   load_start = os.getloadavg()[0]
-  ceiling = MatmulCeiling()
-  start_ceiling = ceiling.figures([ceiling.sample() for _ in range(10)])
-  runs = []
+  ceilings, runs = [matmul_ceiling()], []
   for workload, warmup, steps in planned_runs(args):
     for scan in args.scan:
-      run = time_steps(workload, scan, warmup, steps, ceiling)
+      run = time_steps(workload, scan, warmup, steps)
       run['load_average'] = os.getloadavg()[0]
-      add_ratios(run)
+      time.sleep(1)  # Lets the run's freed memory go back to the OS.
+      ceilings.append(matmul_ceiling())
+      add_ratios(run, {k: (ceilings[-2][k] + ceilings[-1][k]) / 2
+                       for k in ('gflops', 'gflops_per_cpu_s')})
       runs.append(run)
   result = {
       'machine': machine(),
       'load_average': {'start': load_start, 'end': os.getloadavg()[0]},
-      'ceiling_at_start': start_ceiling, 'runs': runs, 'navit': navit_summary(runs),
+      'ceilings': ceilings, 'runs': runs, 'navit': navit_summary(runs),
   }
   if args.json:
     print(json.dumps(result, indent=2, default=float))
