@@ -175,17 +175,18 @@ class Trainer:
 
   # --- the step ------------------------------------------------------------
 
+  def _loss(self, params, batch):
+    """(loss, metrics) of the model on one batch."""
+    zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
+    # t and b are stored as shape (1,), as in big_vision checkpoints.
+    b = params['b'].reshape(()) if 'b' in params else None
+    return self.loss_fn(zimg, ztxt, batch['valid'].reshape(-1),
+                        params['t'].reshape(()), b)
+
   def _train_step(self, state, batch):
     valid = batch['valid'].reshape(-1)
-
-    def loss_of(params):
-      zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
-      # t and b are stored as shape (1,), as in big_vision checkpoints.
-      b = params['b'].reshape(()) if 'b' in params else None
-      return self.loss_fn(zimg, ztxt, valid, params['t'].reshape(()), b)
-
-    (loss, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        state['params'])
+    (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        state['params'], batch)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
@@ -297,12 +298,7 @@ class Trainer:
   def heldout_loss(self, params) -> float:
     """Mean loss over evals.heldout_batches batches of the held-out source."""
     if not hasattr(self, '_heldout_loss_fn'):
-      def loss_of(params, batch):
-        zimg, ztxt, _ = self.model.apply({'params': params}, batch)
-        b = params['b'].reshape(()) if 'b' in params else None
-        return self.loss_fn(zimg, ztxt, batch['valid'].reshape(-1),
-                            params['t'].reshape(()), b)[0]
-      self._heldout_loss_fn = jax.jit(loss_of)
+      self._heldout_loss_fn = jax.jit(lambda p, batch: self._loss(p, batch)[0])
     source = sources.make_source(self.config.evals.heldout)
     losses_ = []
     with make_pipeline(self.config, source, rows=self.local_rows) as heldout:
