@@ -49,7 +49,7 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
 
 
 def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
-  """Forward FLOPs of the text tower on the B*E captions of one batch."""
+  """Forward FLOPs of the text tower on the G*C caption rows of one batch."""
   c = config.text
   size = variants.decode(c.variant)
   width, mlp_dim = size['width'], size['mlp_dim']
@@ -58,7 +58,7 @@ def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   if c.pool == 'map':
     per_caption += _map_head_flops(1, tokens, width, mlp_dim)
   per_caption += 2 * width * config.embed_dim
-  return spec.rows * spec.slots * per_caption
+  return spec.groups * spec.captions * per_caption
 
 
 def forward_flops(config, spec: batch_lib.BatchSpec) -> int:
