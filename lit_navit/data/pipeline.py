@@ -423,7 +423,7 @@ def _check_config(config):
        'must be >= 1')
   need(config.text_len >= 1, 'text_len', config.text_len, 'must be >= 1')
   sizes = tuple(config.patch_sizes)
-  need(sizes and all(int(p) == p and p >= 1 for p in sizes), 'patch_sizes',
+  need(sizes and all(isinstance(p, int) and p >= 1 for p in sizes), 'patch_sizes',
        sizes, 'must be a non-empty tuple of positive ints')
   need(config.mode == 'train' or len(sizes) == 1, 'patch_sizes', sizes,
        'eval mode needs exactly one patch size')
