@@ -131,6 +131,8 @@ def _parse_value(key, text, kind, current):
   def bad(expected):
     return ValueError(f'--config.{key}={text!r}: expected {expected}')
 
+  if current is None and text == 'None':  # a typed key left unset
+    return None
   if kind is str:
     return text
   if kind is bool:
