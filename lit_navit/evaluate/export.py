@@ -149,6 +149,8 @@ def _atomic_write(path, write):
   try:
     write(tmp)
     os.replace(tmp, path)
+  except OSError as e:  # e.g. a full disk: name the file being written
+    raise OSError(e.errno, e.strerror, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -178,23 +180,26 @@ def params_fingerprint(params):
   return digest.hexdigest()[:16]
 
 
-def _check_manifest(output_dir, settings, about):
-  """Checks the settings against an earlier run's, then writes them with
-  `about` (facts that may change between runs, like the image count)."""
+def _check_manifest(output_dir, settings):
+  """Checks the settings against an earlier run's; returns the manifest."""
   path = os.path.join(output_dir, MANIFEST)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      earlier = json.load(f)
-    changed = {k: (earlier.get(k), v) for k, v in settings.items()
-               if earlier.get(k) != v}
-    if changed:
-      raise ValueError(f'{output_dir} holds an export with other settings '
-                       f'(earlier, now): {changed}; use a new output folder')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    earlier = json.load(f)
+  changed = {k: (earlier.get(k), v) for k, v in settings.items()
+             if earlier.get(k) != v}
+  if changed:
+    raise ValueError(f'{output_dir} holds an export with other settings '
+                     f'(earlier, now): {changed}; use a new output folder')
+  return earlier
 
+
+def _write_manifest(output_dir, manifest):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump({**settings, **about}, f, indent=2)
-  _atomic_write(path, write)
+      json.dump(manifest, f, indent=2)
+  _atomic_write(os.path.join(output_dir, MANIFEST), write)
 
 
 def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
@@ -231,13 +236,18 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
     raise ValueError(f'part_size must be >= 1, got {part_size}')
   identities = _identities(source)
   by_file = bool(identities) and isinstance(identities[0], tuple)
-  _check_manifest(output_dir, {
+  settings = {
       'part_size': part_size, 'dtype': dtype, 'texts': texts,
       'key_column': key_column, 'dim': embedder.dim,
       'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens,
       'resize': embedder.resize, 'params_sha256': params_fingerprint(embedder.params),
       'records_by': 'file' if by_file else 'index',
-  }, {'num_images': len(source), 'checkpoint': checkpoint})
+  }
+  earlier = _check_manifest(output_dir, settings)
+  # Facts that may change between runs, recorded but not checked.
+  manifest = {**settings, 'num_images': len(source), 'checkpoint': checkpoint}
+  if earlier is None:  # first: an interrupted first run keeps its settings
+    _write_manifest(output_dir, manifest)
   parts = _part_numbers(output_dir)
   done = set()
   for name in parts.values():
@@ -256,6 +266,8 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
     _write_part(embedder, part, emb, failed, [identities[i] for i in indices],
                 _paths(output_dir, first + n, width), dtype, texts, key_column)
   exported, failed_total = _merge_failed(output_dir)
+  if earlier is not None and earlier != manifest:
+    _write_manifest(output_dir, manifest)
   seconds = time.perf_counter() - start_time
   return {
       'num_images': len(source),
