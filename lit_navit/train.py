@@ -24,6 +24,8 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries g
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
+flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-host: seconds after which a '
+                     'silent (dead) process makes the others stop with an error.')
 flags.DEFINE_bool('start_over', False, 'Start from scratch even though every '
                   'checkpoint in the workdir is unreadable (they are kept, renamed).')
 flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
@@ -89,7 +91,7 @@ def _run(config, overrides):
   from lit_navit import sharding  # pylint: disable=g-import-not-at-top
   config_lib.apply_overrides(config, overrides)
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+                                  FLAGS.process_id, FLAGS.heartbeat_timeout)
   result = train(config, FLAGS.workdir, start_over=FLAGS.start_over)
   if result.preempted:
     logging.getLogger('lit_navit').warning('preempted: checkpoint saved, exiting')
