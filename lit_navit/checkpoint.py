@@ -49,15 +49,31 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config) -> None:
-    """Starts an (async) save of `step`; orbax commits it atomically."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_to_json(config)),
-    ), force=True)
+    """Starts an (async) save of `step`; orbax commits it atomically.
+
+    Raises SaveFailed if this save, or an earlier one still finishing in the
+    background, fails (a full disk, say).
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config_to_json(config)),
+      ), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a background save; raises SaveFailed if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
+
+  def _failed(self, error):
+    return SaveFailed(f'saving a checkpoint in {self.directory} failed '
+                      f'({_reason(error)}); the newest complete one is step '
+                      f'{self._manager.latest_step()}')
 
   def restore_latest(self, abstract_state, *, start_over: bool = False):
     """Returns (step, state, data_state) of the newest good checkpoint, or None.
@@ -106,12 +122,18 @@ class Checkpointer:
     self._manager = self._open()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written; the earlier ones are intact."""
 
 
 class UnreadableCheckpoint(ValueError):
@@ -141,9 +163,10 @@ def newest_readable(steps, restore, where: str):
 
 
 def _reason(error: Exception) -> str:
+  """The first line of an error, without tensorstore's spec dump."""
   lines = str(error).strip().splitlines()
-  first = lines[0] if lines else ''
-  return f'{type(error).__name__}: {first[:300]}'
+  first = (lines[0] if lines else '').split(' [tensorstore_spec=')[0]
+  return f'{type(error).__name__}: {first[:1000]}'
 
 
 def _step_dirs(path: str) -> dict:

@@ -272,11 +272,13 @@ class Trainer:
         self._save(step, state)
     finally:
       self.pipeline.close()
-      self.checkpointer.close()
-      if writer is not None:
-        writer.close()
-      signal.signal(signal.SIGTERM, previous[0])
-      signal.signal(signal.SIGINT, previous[1])
+      try:
+        self.checkpointer.close()  # raises if a background save failed
+      finally:
+        if writer is not None:
+          writer.close()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     self.state = state
     return RunResult(steps=step - first_step, seconds=time.perf_counter() - start_time,
                      preempted=preempted, final_metrics=last)
