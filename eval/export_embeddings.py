@@ -7,9 +7,11 @@ and autofaiss.
 Writes img_emb/img_emb_{N}.npy, text_emb/text_emb_{N}.npy (sources with
 captions), metadata/metadata_{N}.parquet and failed.jsonl, in parts of
 --part_size images. Rerunning the same command resumes: finished parts are
-kept and skipped. Inputs: a folder tree of images, a list file (.jsonl / .csv
-/ .tsv with image and caption fields, or .txt of image paths), TFRecord or
-webdataset shards, or the training config's own source.
+kept, and only images the folder does not hold yet are embedded (a folder of
+images that grew gets its new ones appended; a new checkpoint or setting
+needs a new --output_dir). Inputs: a folder tree of images, a list file
+(.jsonl / .csv / .tsv with image and caption fields, or .txt of image
+paths), TFRecord or webdataset shards, or the training config's own source.
 
 Images are embedded at --resize native by default: each at its own size,
 scaled down only past --max_tokens, small ones packed several a row, which
@@ -20,7 +22,6 @@ NaFlex, every image scaled to fill the budget).
 
 import argparse
 import os
-import sys
 
 from lit_navit.data import sources
 from lit_navit.evaluate import cli
@@ -82,7 +83,8 @@ def main(argv=None):
   summary = export.export(
       embedder, source, args.output_dir, part_size=args.part_size,
       dtype=args.dtype, texts=has_captions and not args.no_text,
-      key_column=key_column, progress=not args.no_progress)
+      key_column=key_column, progress=not args.no_progress,
+      checkpoint=os.path.abspath(args.checkpoint))
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
                  output_dir=os.path.abspath(args.output_dir),
                  resize=embedder.resize, patch_size=embedder.patch_size,
@@ -90,12 +92,12 @@ def main(argv=None):
   print(f'exported {summary["num_exported"]} of {summary["num_images"]} images '
         f'({summary["num_failed"]} failed, listed in '
         f'{os.path.join(args.output_dir, "failed.jsonl")}); '
-        f'{summary["parts_written"]} parts written, '
-        f'{summary["parts_skipped"]} already done')
+        f'{summary["num_new"]} new this run in {summary["parts_written"]} parts, '
+        f'{summary["parts_skipped"]} parts already done')
   if args.output:
     cli.write_json(args.output, summary)
   return summary
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -4,15 +4,15 @@
       --text "a red circle" --k 5
 
 Embeds each --text / --image query with the checkpoint and prints the top-k
-exported images (brute force over all parts). Use the checkpoint the export
-was made with; patch size, token budget and --resize default to the
-export's.
+exported images (brute force over all parts). The checkpoint must be the
+one the export was made with (its params_sha256 is checked; another one's
+embeddings would give confident nonsense), unless --allow_other_checkpoint;
+patch size, token budget and --resize default to the export's.
 """
 
 import argparse
 import json
 import os
-import sys
 
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
@@ -29,7 +29,24 @@ def parse_args(argv=None):
   parser.add_argument('--image', action='append', default=[],
                       help='an image file query; repeat for more')
   parser.add_argument('--k', type=int, default=10, help='results per query')
+  parser.add_argument('--allow_other_checkpoint', action='store_true',
+                      help='query even though the index was exported from '
+                      'other weights than --checkpoint')
   return parser.parse_args(argv)
+
+
+def check_same_weights(manifest, params, args):
+  """Refuses an index exported from other weights, naming both."""
+  exported = manifest.get('params_sha256')
+  given = export.params_fingerprint(params)
+  if exported is None or exported == given or args.allow_other_checkpoint:
+    return
+  source = manifest.get('checkpoint') or 'a checkpoint not recorded'
+  raise ValueError(
+      f'{args.index} was exported from {source} (params_sha256 {exported}), '
+      f'not from --checkpoint {os.path.abspath(args.checkpoint)} (params_sha256 '
+      f'{given}): its embeddings do not match this model\'s queries. Query with '
+      'the export\'s checkpoint, or pass --allow_other_checkpoint')
 
 
 def main(argv=None):
@@ -50,6 +67,7 @@ def main(argv=None):
     # Exports that predate --resize were all 'fit'.
     args.resize = manifest.get('resize', 'fit')
   config, params = cli.load_checkpoint(args.checkpoint)
+  check_same_weights(manifest, params, args)
   embedder = cli.make_embedder(config, params, args, budgets[0])
   if embedder.dim != manifest['dim']:
     raise ValueError(f'the checkpoint embeds into {embedder.dim} dims but the '
@@ -80,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

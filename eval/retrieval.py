@@ -14,7 +14,6 @@ is. Images that fail to decode are listed and left out with their captions.
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -89,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -17,7 +17,6 @@ through the same function as the trainer's eval hook.
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -187,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -7,8 +7,11 @@ Layout (one directory per step, written atomically by orbax):
   WORKDIR/checkpoints/<step>/config  the training config (JSON), so a step
                                      directory alone is enough for evaluation
 
-A newest checkpoint that fails to restore is reported, renamed aside to
-`<step>.corrupt-<n>` (never deleted) and the previous one is used.
+The trainer and the eval scripts restore the same way (`newest_readable`):
+newest step first, and a step that fails to read is reported and the one
+before it tried. The trainer renames a bad step aside to `<step>.corrupt-<n>`
+(never deleted); the eval scripts only read. When no step can be read the
+trainer stops and lists them, unless told to start over.
 """
 
 import json
@@ -46,35 +49,66 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config) -> None:
-    """Starts an (async) save of `step`; orbax commits it atomically."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_to_json(config)),
-    ), force=True)
+    """Starts an (async) save of `step`; orbax commits it atomically.
+
+    Raises SaveFailed if this save, or an earlier one still finishing in the
+    background, fails (a full disk, say).
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config_to_json(config)),
+      ), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a background save; raises SaveFailed if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
-  def restore_latest(self, abstract_state):
+  def _failed(self, error):
+    return SaveFailed(f'saving a checkpoint in {self.directory} failed '
+                      f'({_reason(error)}); the newest complete one is step '
+                      f'{self._manager.latest_step()}')
+
+  def restore_latest(self, abstract_state, *, start_over: bool = False):
     """Returns (step, state, data_state) of the newest good checkpoint, or None.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying shardings.
+    Steps newer than the one restored are set aside. When there are steps
+    but none can be read this raises UnreadableCheckpoint, or, with
+    `start_over`, sets them all aside and returns None.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-        ))
-        return step, restored['state'], restored['data']
-      except Exception as e:  # pylint: disable=broad-except
-        # Any failure to read a step means that step is unusable; fall back.
-        log.error('checkpoint step %d in %s is unreadable (%s: %s); '
-                      'using the previous one', step, self.directory,
-                      type(e).__name__, e)
-        self._set_aside(step)
-    return None
+    def restore(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+      ))
+      return restored['state'], restored['data']
+
+    steps = self._manager.all_steps()
+    if not steps:
+      return None
+    try:
+      step, (state, data_state), failed = newest_readable(steps, restore,
+                                                          self.directory)
+    except UnreadableCheckpoint as e:
+      if not start_over:
+        raise UnreadableCheckpoint(
+            f'{e}; nothing was changed. Pass --start_over to train from '
+            'scratch (the unreadable steps are then kept as <step>.corrupt-<n>)'
+        ) from e
+      log.warning('%s; starting over as asked', e)
+      for bad in steps:
+        self._set_aside(bad)
+      return None
+    for bad, _ in failed:
+      self._set_aside(bad)
+    return step, state, data_state
 
   def _set_aside(self, step: int) -> None:
     """Moves a bad step out of orbax's sight without deleting anything."""
@@ -88,40 +122,98 @@ class Checkpointer:
     self._manager = self._open()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def step_directory(path: str) -> str:
-  """A workdir (its newest complete step) or a step directory -> step directory."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
+class SaveFailed(OSError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class UnreadableCheckpoint(ValueError):
+  """No checkpoint could be read (or not the one asked for)."""
+
+
+def newest_readable(steps, restore, where: str):
+  """Tries restore(step) newest step first until one works.
+
+  Returns (step, restore(step), [(newer step, reason it failed)]); every
+  failure is logged. Raises UnreadableCheckpoint listing every step and its
+  reason when none works.
+  """
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore(step), failed
+    except Exception as e:  # pylint: disable=broad-except
+      # Whatever fails to read (missing file, bad bytes, bad JSON), the step
+      # is unusable: try the one before it.
+      failed.append((step, _reason(e)))
+      log.error('checkpoint step %d in %s is unreadable (%s)', step, where,
+                failed[-1][1])
+  raise UnreadableCheckpoint(
+      f'no checkpoint in {where} is readable: ' +
+      '; '.join(f'step {step}: {reason}' for step, reason in failed))
+
+
+def _reason(error: Exception) -> str:
+  """The first line of an error, without tensorstore's spec dump."""
+  lines = str(error).strip().splitlines()
+  first = (lines[0] if lines else '').split(' [tensorstore_spec=')[0]
+  return f'{type(error).__name__}: {first[:1000]}'
+
+
+def _step_dirs(path: str) -> dict:
+  """{step: step directory} under a workdir (or its checkpoints folder)."""
   root = os.path.join(path, CHECKPOINT_DIR)
   if not os.path.isdir(root):
     root = path
-  steps = [int(d) for d in os.listdir(root)
-           if re.fullmatch(r'\d+', d) and os.path.isdir(os.path.join(root, d, 'state'))]
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint under {path!r}')
-  return os.path.join(root, str(max(steps)))
+  return {int(d): os.path.join(root, d) for d in os.listdir(root)
+          if re.fullmatch(r'\d+', d) and os.path.isdir(os.path.join(root, d))}
 
 
 def load_for_inference(path: str):
   """Reads (config, params) from a workdir or a step directory.
 
-  Only the params are read (not the optimizer state), onto this process's
-  first device, whatever mesh they were trained on.
+  A workdir gives its newest readable step (older ones are tried when newer
+  ones fail, and the step used is logged); a step directory gives that step
+  or an UnreadableCheckpoint error naming it. Only the params are read (not
+  the optimizer state), onto this process's first device, whatever mesh
+  they were trained on.
   """
-  step_dir = step_directory(path)
-  with open(os.path.join(step_dir, 'config', 'metadata'), encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+  if os.path.isdir(os.path.join(path, 'state')) or re.fullmatch(
+      r'\d+', os.path.basename(path)):
+    try:
+      return _read_step(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnreadableCheckpoint(
+          f'checkpoint {path} is unreadable ({_reason(e)})') from e
+  step_dirs = _step_dirs(path)
+  if not step_dirs:
+    raise FileNotFoundError(f'no checkpoint under {path!r}')
+  step, loaded, _ = newest_readable(
+      step_dirs, lambda step: _read_step(step_dirs[step]), path)
+  log.info('using checkpoint step %d of %s', step, path)
+  return loaded
+
+
+def _read_step(step_dir: str):
+  """(config, params) of one step directory; raises if any part is bad."""
+  config_path = os.path.join(step_dir, 'config', 'metadata')
+  with open(config_path, encoding='utf-8') as f:
+    try:
+      config = ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{config_path} line {e.lineno}: invalid JSON ({e.msg})') from e
   state_dir = os.path.join(step_dir, 'state')
   saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -6,8 +6,14 @@ overridden with `--config.a.b=value`. Every config starts from
 `default_config()`, the schema: `check_config` rejects any key the schema
 lacks and any value of the wrong type, naming the key, before anything is
 compiled.
+
+Overrides are parsed here, not by ml_collections' flag parser, so that every
+key the schema has can be set from the command line (lists such as `mesh`
+and `optim.schedule` included): a string key takes the text as it is, a
+bool/int/float key parses it, anything else reads it as a Python literal.
 """
 
+import ast
 import importlib.util
 import os
 
@@ -92,6 +98,63 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+  """Sets each (dotted key, text) in `config` (`train.split_overrides`)."""
+  for key, text in overrides:
+    parent, leaf = _parent_of(config, key)
+    value = _parse_value(key, text, parent.get_type(leaf), parent[leaf])
+    with parent.unlocked():
+      parent[leaf] = value
+
+
+def _parent_of(config, key):
+  """(the ConfigDict holding `key`, its last part); ValueError if unknown."""
+  *groups, leaf = key.split('.')
+  node = config
+  for n, part in enumerate(groups):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ValueError(f'--config.{key}: config key {".".join(groups[:n + 1])!r} '
+                       'is unknown')
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ValueError(f'--config.{key}: config key {key!r} is unknown')
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ValueError(f'--config.{key}: {key!r} is a group of keys; set one of '
+                     f'{sorted(node[leaf].keys())}')
+  return node, leaf
+
+
+def _parse_value(key, text, kind, current):
+  """`text` as a value of type `kind` (the key's type in the config)."""
+  def bad(expected):
+    return ValueError(f'--config.{key}={text!r}: expected {expected}')
+
+  if current is None and text == 'None':  # a typed key left unset
+    return None
+  if kind is str:
+    return text
+  if kind is bool:
+    if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+      raise bad('true or false')
+    return text.lower() in ('true', '1', 'yes')
+  if kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      raise bad(f'a number ({kind.__name__})') from None
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:  # a key without a default: take the text
+      return text
+    raise bad(f'a Python literal like {current!r}') from None
+  if kind in (list, tuple):
+    if not isinstance(value, (list, tuple)):
+      value = (value,)  # `--config.input.patch_sizes=16` means (16,)
+    return kind(value)
+  return value
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

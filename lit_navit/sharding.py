@@ -128,14 +128,18 @@ def _multihost_tpu() -> bool:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None):
+                           process_id: int | None = None,
+                           heartbeat_timeout: int = 100):
   """Joins the processes of a multi-host run; does nothing on a single host.
 
   Runs `jax.distributed.initialize` when given any argument, when
   JAX_COORDINATOR_ADDRESS is set, or on a multi-host TPU slice (where jax
   finds the coordinator itself); must come before any other jax call.
+  When a process dies, the others stop with an error once it has missed
+  heartbeats for `heartbeat_timeout` seconds, instead of waiting forever in
+  a collective.
   """
   given = (coordinator_address, num_processes, process_id)
   if (any(x is not None for x in given)
       or os.environ.get('JAX_COORDINATOR_ADDRESS') or _multihost_tpu()):
-    jax.distributed.initialize(*given)
+    jax.distributed.initialize(*given, heartbeat_timeout_seconds=heartbeat_timeout)

@@ -1,6 +1,9 @@
 """Entry point: `python -m lit_navit.train --config configs/NAME.py[:args] --workdir DIR`.
 
-Overrides follow big_vision: `--config.total_steps=100 --config.input.source.kind=wds`.
+Overrides follow big_vision: `--config.total_steps=100 --config.input.source.kind=wds`,
+and any key can be set, lists too: `--config.mesh="[('data', -1), ('fsdp', 8)]"`.
+A user error (bad key, value or file) ends with one line; --debug shows the
+traceback.
 Multi-host: TPU pods need no flags; elsewhere pass --coordinator_address,
 --num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID).
@@ -15,11 +18,19 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from lit_navit import user_errors
+
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
-config_flags.DEFINE_config_file('config', None, 'Config file, as path.py[:args].')
+flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-host: seconds after which a '
+                     'silent (dead) process makes the others stop with an error.')
+flags.DEFINE_bool('start_over', False, 'Start from scratch even though every '
+                  'checkpoint in the workdir is unreadable (they are kept, renamed).')
+flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
+config_flags.DEFINE_config_file('config', None, 'Config file, as path.py[:args]; '
+                                '--config.a.b=value overrides a key.')
 FLAGS = flags.FLAGS
 
 
@@ -49,8 +60,12 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def train(config, workdir: str, hooks=()):
-  """Checks the config and workdir, then trains; returns the trainer's RunResult."""
+def train(config, workdir: str, hooks=(), start_over: bool = False):
+  """Checks the config and workdir, then trains; returns the trainer's RunResult.
+
+  `start_over`: train from scratch when every checkpoint is unreadable,
+  instead of stopping with an error.
+  """
   # Imported here so `--help` and config errors don't pay for jax start-up.
   import jax  # pylint: disable=g-import-not-at-top
   from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -59,26 +74,65 @@ def train(config, workdir: str, hooks=()):
   setup_logging()
   config_lib.check_config(config)
   check_workdir(workdir)
-  trainer = trainer_lib.Trainer(config, workdir)
+  trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
   return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
 
 
-def _main(argv):
+def _main(argv, overrides=()):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
+  user_errors.run(_run, FLAGS.config, overrides, debug=FLAGS.debug)
+
+
+def _run(config, overrides):
+  from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
   from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  config_lib.apply_overrides(config, overrides)
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
-  result = train(FLAGS.config, FLAGS.workdir)
+                                  FLAGS.process_id, FLAGS.heartbeat_timeout)
+  result = train(config, FLAGS.workdir, start_over=FLAGS.start_over)
   if result.preempted:
     logging.getLogger('lit_navit').warning('preempted: checkpoint saved, exiting')
 
 
 def main():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(_main, argv=sys.argv)
+  # Overrides are ours to parse (see lit_navit/config.py), not absl's; the
+  # config flag looks for them in sys.argv itself, so they leave it.
+  sys.argv, overrides = _split_overrides(sys.argv)
+  app.run(lambda args: _main(args, overrides), argv=sys.argv)
+
+
+def _split_overrides(argv):
+  try:
+    return split_overrides(argv)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+
+
+OVERRIDE_PREFIX = '--config.'
+
+
+def split_overrides(argv):
+  """Splits `--config.a.b=value` (or `--config.a.b value`) out of argv.
+
+  Returns (the other arguments, [(key, text)] in command-line order).
+  """
+  rest, overrides = [], []
+  args = iter(argv)
+  for arg in args:
+    if not arg.startswith(OVERRIDE_PREFIX):
+      rest.append(arg)
+      continue
+    key, sep, text = arg[len(OVERRIDE_PREFIX):].partition('=')
+    if not sep:
+      text = next(args, None)
+      if text is None:
+        raise ValueError(f'{arg} needs a value: {arg}=VALUE')
+    overrides.append((key, text))
+  return rest, overrides
 
 
 if __name__ == '__main__':

@@ -92,9 +92,10 @@ def check_divisibility(config, mesh) -> None:
 class Trainer:
   """Trains a two-tower model from a checked config into `workdir`."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, start_over: bool = False):
     self.config = config
     self.workdir = workdir
+    self.start_over = start_over  # when no checkpoint is readable
     self.mesh = sharding.make_mesh(config)
     check_divisibility(config, self.mesh)
     self.local_rows = config.batch_size // jax.process_count()
@@ -153,7 +154,8 @@ class Trainer:
 
   def restore_or_init(self):
     """The newest good checkpoint's state (and the pipeline's), else a fresh one."""
-    restored = self.checkpointer.restore_latest(self.abstract_state)
+    restored = self.checkpointer.restore_latest(self.abstract_state,
+                                                start_over=self.start_over)
     if restored is None:
       log.info('no checkpoint in %s: starting from scratch', self.workdir)
       state = self._init_fn()
@@ -242,19 +244,22 @@ class Trainer:
   def run(self, hooks=()) -> RunResult:
     """Trains to config.total_steps (or until preempted). `hooks` get (step, state)."""
     config = self.config
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
     peak = metrics_lib.measure_matmul_peak() if jax.default_backend() == 'cpu' else None
     throughput = metrics_lib.Throughput(config.total_steps, peak)
     previous = signal.signal(signal.SIGTERM, self._request_stop), signal.signal(
         signal.SIGINT, self._request_stop)
     start_time = time.perf_counter()
-    state = self.restore_or_init()
-    step = int(jax.device_get(state['step']))
-    first_step = step
+    writer = None
     pending = None  # (step, device metrics, host stats): logged one step late
     last = {}
     preempted = False
     try:
+      state = self.restore_or_init()
+      step = int(jax.device_get(state['step']))
+      first_step = step
+      # Records past the restored step are redone now: the writer drops them.
+      writer = metrics_lib.MetricsWriter(
+          self.workdir, enabled=jax.process_index() == 0, resume_step=step)
       while step < config.total_steps:
         if self._all_agree_to_stop():
           preempted = True
@@ -281,10 +286,13 @@ class Trainer:
         self._save(step, state)
     finally:
       self.pipeline.close()
-      self.checkpointer.close()
-      writer.close()
-      signal.signal(signal.SIGTERM, previous[0])
-      signal.signal(signal.SIGINT, previous[1])
+      try:
+        self.checkpointer.close()  # raises if a background save failed
+      finally:
+        if writer is not None:
+          writer.close()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     self.state = state
     return RunResult(steps=step - first_step, seconds=time.perf_counter() - start_time,
                      preempted=preempted, final_metrics=last)
@@ -337,12 +345,8 @@ class Trainer:
     """Pulls one step's metrics off the device, checks the loss, writes a record."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     throughput.add(scalars['images'], scalars['tokens'], flops)
-    if not math.isfinite(scalars['loss']):
-      raise NonFiniteLoss(
-          f"loss is {scalars['loss']} at step {step}; stopping. The last good "
-          f'checkpoint is step {self.checkpointer.latest_step()} in '
-          f'{self.checkpointer.directory}')
-    if step % self.config.log_every and step != self.config.total_steps:
+    finite = math.isfinite(scalars['loss'])
+    if finite and step % self.config.log_every and step != self.config.total_steps:
       return scalars
     lrs = {pattern: float(fn(step - 1)) for pattern, fn in self.schedules.items()}
     scalars['lr'] = next(iter(lrs.values()), 0.0)
@@ -350,10 +354,19 @@ class Trainer:
       scalars.update({f'lr/{pattern}': lr for pattern, lr in lrs.items()})
     scalars.update({f'skipped/{k}': v for k, v in self.pipeline.skipped.counts.items()})
     scalars.update(throughput.report(step))
-    writer.write(step, scalars)
+    writer.write(step, scalars)  # a non-finite step's record too: it explains the stop
+    if not finite:
+      raise NonFiniteLoss(f"loss is {scalars['loss']} at step {step}; stopping. "
+                          + self._last_good_checkpoint())
     if jax.process_index() == 0:
       metrics_lib.print_line(metrics_lib.console_line(step, self.config.total_steps, scalars))
     return scalars
+
+  def _last_good_checkpoint(self) -> str:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return f'There is no checkpoint yet in {self.checkpointer.directory}.'
+    return f'The last good checkpoint is step {latest} in {self.checkpointer.directory}.'
 
 
 def frozen_towers(schedule, params) -> tuple[str, ...]:

@@ -259,7 +259,7 @@ def test_bad_image_is_a_value_error_with_reason_in_message():
 # Pillow's TIFF reader warns about the damage it meets; that is expected here.
 no_tiff_warnings = pytest.mark.filterwarnings('ignore::UserWarning:PIL')
 
-REASONS = ('empty', 'not_image', 'too_large', 'truncated', 'corrupt')
+REASONS = ('empty', 'not_image', 'unsupported', 'too_large', 'truncated', 'corrupt')
 _SAMPLE = fx.quadrants(16, 12)
 ENCODED = {
     'JPEG': fx.encode(_SAMPLE, 'JPEG'),

@@ -34,6 +34,25 @@ _SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a',
                b'II*\x00', b'MM\x00*')
 
 
+def _tiff_pages(data: bytes) -> int:
+  """How many image directories (pages) a TIFF's structure holds; 0 when
+  the header or a directory is damaged or cut short (or loops)."""
+  order = {b'II': '<', b'MM': '>'}.get(data[:2])
+  if order is None or len(data) < 8:
+    return 0
+  offset, seen = struct.unpack(order + 'I', data[4:8])[0], set()
+  while offset:
+    if offset in seen or offset + 2 > len(data) or len(seen) > 10_000:
+      return 0
+    seen.add(offset)
+    entries = struct.unpack(order + 'H', data[offset:offset + 2])[0]
+    end = offset + 2 + 12 * entries
+    if not entries or end + 4 > len(data):
+      return 0
+    offset = struct.unpack(order + 'I', data[end:end + 4])[0]
+  return len(seen)
+
+
 def _looks_like_image(data: bytes) -> bool:
   return data.startswith(_SIGNATURES) or (
       data[:4] == b'RIFF' and data[8:12] == b'WEBP')
@@ -43,7 +62,9 @@ class BadImage(ValueError):
   """An image that cannot be used; `reason` is a short key for counting.
 
   Reasons: 'empty' (no bytes), 'not_image' (not a supported image format),
-  'too_large' (over the pixel budget), 'truncated', 'corrupt'.
+  'unsupported' (a well-formed file of a kind PIL cannot decode, such as a
+  TIFF of 5 samples a pixel), 'too_large' (over the pixel budget),
+  'truncated', 'corrupt'.
   """
 
   def __init__(self, reason: str, detail: str = ''):
@@ -60,8 +81,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
   decoded. PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
 
   Raises:
-    BadImage: with reason 'empty', 'not_image', 'too_large', 'truncated' or
-      'corrupt'.
+    BadImage: with reason 'empty', 'not_image', 'unsupported', 'too_large',
+      'truncated' or 'corrupt'.
   """
   if not data:
     raise BadImage('empty', 'zero bytes')
@@ -73,6 +94,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except Image.DecompressionBombError as e:
       raise BadImage('too_large', str(e)) from e
     except Image.UnidentifiedImageError as e:
+      pages = _tiff_pages(data)
+      if pages:  # well-formed, but a layout or sample format PIL cannot read
+        raise BadImage('unsupported', f'TIFF with {pages} page(s) whose pixel '
+                       'layout PIL cannot decode') from e
       if _looks_like_image(data):
         raise BadImage('corrupt', f'{len(data)} bytes, image header damaged '
                        'or cut short') from e

@@ -461,7 +461,7 @@ def _check_config(config):
   need(config.captions_per_row is None or config.captions_per_row > 0,
        'captions_per_row', config.captions_per_row, 'must be None or > 0')
   sizes = tuple(config.patch_sizes)
-  need(sizes and all(int(p) == p and p >= 1 for p in sizes), 'patch_sizes',
+  need(sizes and all(isinstance(p, int) and p >= 1 for p in sizes), 'patch_sizes',
        sizes, 'must be a non-empty tuple of positive ints')
   need(config.mode == 'train' or len(sizes) == 1, 'patch_sizes', sizes,
        'eval mode needs exactly one patch size')

@@ -437,6 +437,11 @@ class FileListSource:
   def __len__(self) -> int:
     return len(self._items)
 
+  @property
+  def paths(self) -> list:
+    """The image file of each record (what an export keys records by)."""
+    return [image_path for image_path, _, _ in self._items]
+
   def __getitem__(self, index: int) -> Record:
     index = check_index(index, len(self))
     image_path, caption, _ = self._items[index]

@@ -1,8 +1,10 @@
-"""What the eval/ scripts share: model flags, loading a checkpoint, JSON output."""
+"""What the eval/ scripts share: model flags, loading a checkpoint, JSON
+output, and ending a user error with one line (`run`)."""
 
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -40,6 +42,17 @@ def add_model_flags(parser, max_tokens_help='token budget per image',
   parser.add_argument('--output', default=None, help='write results as JSON here')
   parser.add_argument('--no_progress', action='store_true',
                       help='hide progress bars')
+  parser.add_argument('--debug', action='store_true',
+                      help='show the traceback of a user error')
+
+
+def run(main):
+  """Runs a script's main(argv) on sys.argv: a user error is one line."""
+  from lit_navit import train  # pylint: disable=g-import-not-at-top
+  from lit_navit import user_errors  # pylint: disable=g-import-not-at-top
+  train.setup_logging()
+  argv = sys.argv[1:]
+  user_errors.run(main, argv, debug='--debug' in argv)
 
 
 def parse_token_budgets(value):
@@ -56,7 +69,8 @@ def parse_token_budgets(value):
 
 
 def load_checkpoint(path):
-  """(config, params) of a workdir or step directory."""
+  """(config, params) of a workdir (its newest readable step, logged) or of
+  one step directory (an error naming it if it cannot be read)."""
   from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.load_for_inference(path)
 

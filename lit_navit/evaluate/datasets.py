@@ -104,6 +104,18 @@ def _require_dir(path, what):
     raise FileNotFoundError(f'{what} not found: {path}')
 
 
+def _read_json(path):
+  """A JSON file's value; ValueError naming the file, line and column."""
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} line {e.lineno} column {e.colno}: invalid JSON '
+                       f'({e.msg})') from None
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+
+
 def find_images(root):
   """Image files under `root`, recursively, in sorted path order."""
   _require_dir(root, 'image folder')
@@ -124,8 +136,7 @@ def read_classnames(path, folders=None):
   """
   _require_file(path, 'class-name file')
   if path.endswith('.json'):
-    with open(path, encoding='utf-8') as f:
-      names = json.load(f)
+    names = _read_json(path)
     if isinstance(names, dict):
       if folders is None:
         raise ValueError(f'{path}: a folder -> name mapping needs class folders')
@@ -133,7 +144,7 @@ def read_classnames(path, folders=None):
       if missing:
         raise ValueError(f'{path}: no name for class folder(s) {missing[:5]}')
       return [names[d] for d in folders]
-    if not all(isinstance(n, str) for n in names):
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
       raise ValueError(f'{path}: expected a JSON list of strings or a mapping')
     return list(names)
   with open(path, encoding='utf-8') as f:
@@ -295,18 +306,21 @@ def karpathy_json(path, images_root, split='test'):
   """
   _require_file(path, 'Karpathy split file')
   _require_dir(images_root, 'image folder')
-  with open(path, encoding='utf-8') as f:
-    data = json.load(f)
-  if 'images' not in data:
+  data = _read_json(path)
+  if not isinstance(data, dict) or not isinstance(data.get('images'), list):
     raise ValueError(f'{path}: no "images" list; not a Karpathy split file')
   paths, captions = [], []
-  for entry in data['images']:
-    if split is not None and entry.get('split') != split:
-      continue
-    paths.append(os.path.join(images_root, entry.get('filepath', ''),
-                              entry['filename']))
-    captions.append([s['raw'].strip() if 'raw' in s else ' '.join(s['tokens'])
-                     for s in entry.get('sentences', [])])
+  for n, entry in enumerate(data['images']):
+    try:
+      if split is not None and entry.get('split') != split:
+        continue
+      paths.append(os.path.join(images_root, entry.get('filepath', ''),
+                                entry['filename']))
+      captions.append([s['raw'].strip() if 'raw' in s else ' '.join(s['tokens'])
+                       for s in entry.get('sentences', [])])
+    except (AttributeError, KeyError, TypeError) as e:
+      raise ValueError(f'{path}: images[{n}] is malformed ({type(e).__name__}: '
+                       f'{e}); expected filename and sentences[].raw') from None
   if not paths:
     raise ValueError(f'{path}: no images in split {split!r}')
   return _retrieval_set(paths, captions)
@@ -363,7 +377,13 @@ def jsonl_retrieval(path, images_root=None):
         texts = row['captions'] if 'captions' in row else [row['caption']]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f'{path} line {n}: expected {{"image": ..., '
-                         f'"captions": [...]}} ({e})') from e
+                         f'"captions": [...]}} ({e})') from None
+      field = 'captions' if 'captions' in row else 'caption'
+      if not isinstance(image, str) or not isinstance(texts, list) or not all(
+          isinstance(t, str) for t in texts):
+        raise ValueError(f'{path} line {n}: "image" must be a string and '
+                         f'"{field}" a string (caption) or a list of strings '
+                         f'(captions), got {row[field]!r:.80}')
       paths.append(os.path.join(root, image))
       captions.append([t.strip() for t in texts])
   return _retrieval_set(paths, captions)

@@ -180,6 +180,9 @@ class Embedder:
         in_flight = (batch['index'].reshape(-1), result)
     if in_flight is not None:
       collect(*in_flight)
+    # Images that failed are done work too: the bar ends at 100%.
+    bar.set_postfix(failed=int((~seen).sum()))
+    bar.update(len(source) - bar.n)
     bar.close()
     failed = [self._failure(source, int(i)) for i in np.flatnonzero(~seen)]
     return emb, failed

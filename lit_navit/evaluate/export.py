@@ -4,15 +4,33 @@
   OUT/text_emb/text_emb_{N}.npy      the same for captions (when exported)
   OUT/metadata/metadata_{N}.parquet  one row per embedding row: the image
                                      path or key, the caption, source index
+                                     and what identifies the record (below)
   OUT/failed/failed_{N}.jsonl        images of part N that did not decode
   OUT/failed.jsonl                   all of them, merged at the end
   OUT/export.json                    the settings, checked on rerun
 
-Part N covers source indices [N * part_size, (N + 1) * part_size); its files
-hold only the images that decoded, in source order. N is zero-padded so that
-name order is part order. Every file is written to a temporary name and
-renamed, so it is complete or absent; the metadata file goes last and marks
-its part done. A rerun skips finished parts and redoes the rest.
+Each run exports the records of the source that the folder does not hold
+yet, in source order, in new parts of `part_size` records numbered after the
+existing ones; a rerun after an interruption therefore redoes exactly the
+unfinished part, and a folder of images that grew gets only its new images
+embedded. A record is identified by its file's path, size and mtime when the
+source reads image files (a file that changed is embedded again, in a new
+part; its old row stays), and by its source index otherwise (TFRecord, tar
+and synthetic sources, which do not grow). Settings that change embeddings
+(checkpoint, patch size, budget, resize, dtype...) must match the folder's
+export.json, or the run stops and asks for a new folder.
+
+N is zero-padded to the width of the first run's part count, so that name
+order is part order; parts appended later may be wider (read parts in
+numeric order, as `query` does). Every file is written to a temporary name
+and renamed, so it is complete or absent; the metadata file goes last and
+marks its part done (files of a part without it are removed and redone).
+
+Paths are kept exactly. The `image_path` column is text (invalid UTF-8 in a
+file name shows as U+FFFD there); `path_bytes` holds the name's exact bytes
+(`os.fsdecode` gives the path back). In failed.jsonl a path is a JSON string
+in which each undecodable byte is a lone surrogate escape (\\udcXX, Python's
+'surrogateescape'): `json.loads` then `os.fsencode` gives the exact bytes.
 """
 
 import hashlib
@@ -31,25 +49,90 @@ DTYPES = ('float16', 'float32')
 
 
 class _Part:
-  """A window [start, stop) of a source that remembers each record's key and
-  caption as the pipeline reads it, so nothing is read twice."""
+  """Some records of a source (by index) that remembers each record's key
+  and caption as the pipeline reads it, so nothing is read twice."""
 
-  def __init__(self, source, start, stop):
-    self._source, self.start, self.stop = source, start, stop
+  def __init__(self, source, indices):
+    self._source, self.indices = source, indices
     self.keys, self.captions = {}, {}
 
   def __len__(self):
-    return self.stop - self.start
+    return len(self.indices)
 
   def __getitem__(self, index):
     if not 0 <= index < len(self):
       raise IndexError(f'index {index} out of range for {len(self)} records')
-    record = self._source[self.start + index]
+    record = self._source[self.indices[index]]
     self.keys[index], self.captions[index] = record.key, record.caption
     return record
 
 
+def _identities(source):
+  """What marks each record of `source` as done: (path bytes, size,
+  mtime_ns) for image files, the source index otherwise."""
+  paths = getattr(source, 'paths', None)
+  if paths is None:
+    return list(range(len(source)))
+  identities = []
+  for path in paths:
+    try:
+      stat = os.stat(path)
+      identities.append((os.fsencode(path), stat.st_size, stat.st_mtime_ns))
+    except OSError:  # a missing file fails again until it appears
+      identities.append((os.fsencode(path), -1, -1))
+  return identities
+
+
+def _identity_columns(identities):
+  if identities and isinstance(identities[0], tuple):
+    paths, sizes, mtimes = zip(*identities)
+    return {'path_bytes': pa.array(paths, pa.binary()),
+            'size': pa.array(sizes, pa.int64()),
+            'mtime_ns': pa.array(mtimes, pa.int64())}
+  return {}
+
+
+def _done_identities(metadata, failed, by_file):
+  """The identities of one finished part's rows and failures."""
+  if by_file:
+    table = pq.read_table(metadata, columns=['path_bytes', 'size', 'mtime_ns'])
+    done = set(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+  else:
+    done = set(pq.read_table(metadata, columns=['index']).column('index').to_pylist())
+  with open(failed, encoding='utf-8') as f:
+    for line in f:
+      row = json.loads(line)
+      done.add((os.fsencode(row['key']), row['size'], row['mtime_ns'])
+               if by_file else row['index'])
+  return done
+
+
+def _part_numbers(output_dir):
+  """{part number: its file-name form} of finished parts (metadata written);
+  the files of unfinished ones are removed."""
+  numbers, finished = {}, set()
+  for kind in ('metadata', 'img_emb', 'text_emb', 'failed'):
+    folder = os.path.join(output_dir, kind)
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+      stem, dot, _ = name.partition('.')
+      number = stem.rpartition('_')[2]
+      if dot and number.isdigit() and '.tmp-' not in name:
+        numbers.setdefault(int(number), set()).add(os.path.join(folder, name))
+        if kind == 'metadata':
+          finished.add(number)
+  parts = {}
+  for number, files in numbers.items():
+    names = {n for n in finished if int(n) == number}
+    if names:
+      parts[number] = names.pop()
+    else:
+      for path in files:  # an interrupted part: redone from scratch
+        os.remove(path)
+  return parts
+
+
 def _paths(output_dir, number, width):
+  """Part `number`'s files (`number` may be its file-name form already)."""
   name = str(number).zfill(width)
   return {
       'img': os.path.join(output_dir, 'img_emb', f'img_emb_{name}.npy'),
@@ -66,6 +149,8 @@ def _atomic_write(path, write):
   try:
     write(tmp)
     os.replace(tmp, path)
+  except OSError as e:  # e.g. a full disk: name the file being written
+    raise OSError(e.errno, e.strerror, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -96,42 +181,51 @@ def params_fingerprint(params):
 
 
 def _check_manifest(output_dir, settings):
-  """Writes the settings, or checks them against an earlier run's."""
+  """Checks the settings against an earlier run's; returns the manifest."""
   path = os.path.join(output_dir, MANIFEST)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      earlier = json.load(f)
-    changed = {k: (earlier.get(k), v) for k, v in settings.items()
-               if earlier.get(k) != v}
-    if changed:
-      raise ValueError(f'{output_dir} holds an export with other settings '
-                       f'(earlier, now): {changed}; use a new output folder')
-    return
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    earlier = json.load(f)
+  changed = {k: (earlier.get(k), v) for k, v in settings.items()
+             if earlier.get(k) != v}
+  if changed:
+    raise ValueError(f'{output_dir} holds an export with other settings '
+                     f'(earlier, now): {changed}; use a new output folder')
+  return earlier
 
+
+def _write_manifest(output_dir, manifest):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(settings, f, indent=2)
-  _atomic_write(path, write)
+      json.dump(manifest, f, indent=2)
+  _atomic_write(os.path.join(output_dir, MANIFEST), write)
 
 
 def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
-           texts=False, key_column='key', progress=True):
-  """Exports the embeddings of every image (and caption) of `source`.
+           texts=False, key_column='key', progress=True, checkpoint=''):
+  """Exports the embeddings of the images (and captions) of `source` that
+  `output_dir` does not hold yet.
 
   Args:
     embedder: an `embed.Embedder`.
-    source: random-access records (`sources.Source`).
+    source: random-access records (`sources.Source`); one with `paths` (image
+      files) is keyed by file, so a folder that grows is exported
+      incrementally.
     output_dir: the export folder (see the module doc).
-    part_size: source indices per part.
+    part_size: records per new part.
     dtype: 'float16' or 'float32' for the saved embeddings.
     texts: also embed each record's caption into text_emb/.
     key_column: the metadata column of each record's key: 'image_path' for
       files (as clip-retrieval names it), 'key' otherwise.
     progress: show progress bars.
+    checkpoint: where the weights came from, recorded in export.json (the
+      weights themselves are checked by their hash, params_sha256).
 
   Returns:
-    A summary: images in the source, exported, failed, parts written and
-    skipped, and the seconds and images per second of this run.
+    A summary: images in the source, in the folder (exported and failed),
+    new this run, parts written and already there, and the seconds and
+    images per second of this run.
 
   Raises:
     ValueError: `output_dir` holds an export with other settings.
@@ -140,69 +234,106 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
   if part_size < 1:
     raise ValueError(f'part_size must be >= 1, got {part_size}')
-  num_parts = -(-len(source) // part_size)
-  width = len(str(max(num_parts - 1, 0)))
-  _check_manifest(output_dir, {
-      'num_images': len(source), 'part_size': part_size, 'dtype': dtype,
-      'texts': texts, 'key_column': key_column, 'dim': embedder.dim,
+  identities = _identities(source)
+  by_file = bool(identities) and isinstance(identities[0], tuple)
+  settings = {
+      'part_size': part_size, 'dtype': dtype, 'texts': texts,
+      'key_column': key_column, 'dim': embedder.dim,
       'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens,
-      'resize': embedder.resize, 'params_sha256': params_fingerprint(embedder.params)})
+      'resize': embedder.resize, 'params_sha256': params_fingerprint(embedder.params),
+      'records_by': 'file' if by_file else 'index',
+  }
+  earlier = _check_manifest(output_dir, settings)
+  # Facts that may change between runs, recorded but not checked.
+  manifest = {**settings, 'num_images': len(source), 'checkpoint': checkpoint}
+  if earlier is None:  # first: an interrupted first run keeps its settings
+    _write_manifest(output_dir, manifest)
+  parts = _part_numbers(output_dir)
+  done = set()
+  for name in parts.values():
+    done |= _done_identities(_paths(output_dir, name, 0)['metadata'],
+                             _paths(output_dir, name, 0)['failed'], by_file)
+  todo = [i for i, identity in enumerate(identities) if identity not in done]
+  first = max(parts, default=-1) + 1
+  new_parts = -(-len(todo) // part_size)
+  width = max([len(n) for n in parts.values()] +
+              [len(str(max(first + new_parts - 1, 0)))])
   start_time = time.perf_counter()
-  written = skipped = embedded = 0
-  for number in range(num_parts):
-    paths = _paths(output_dir, number, width)
-    if _is_complete(paths, texts):
-      skipped += 1
-      continue
-    part = _Part(source, number * part_size,
-                 min((number + 1) * part_size, len(source)))
+  for n in range(new_parts):
+    indices = todo[n * part_size:(n + 1) * part_size]
+    part = _Part(source, indices)
     emb, failed = embedder.images(part, progress=progress)
-    embedded += len(part)
-    _write_part(embedder, part, emb, failed, paths, dtype, texts, key_column)
-    written += 1
-  failed_total = _merge_failed(output_dir, num_parts, width)
+    _write_part(embedder, part, emb, failed, [identities[i] for i in indices],
+                _paths(output_dir, first + n, width), dtype, texts, key_column)
+  exported, failed_total = _merge_failed(output_dir)
+  if earlier is not None and earlier != manifest:
+    _write_manifest(output_dir, manifest)
   seconds = time.perf_counter() - start_time
   return {
       'num_images': len(source),
-      'num_exported': len(source) - failed_total,
+      'num_exported': exported,
       'num_failed': failed_total,
-      'parts_written': written,
-      'parts_skipped': skipped,
+      'num_new': len(todo),
+      'parts_written': new_parts,
+      'parts_skipped': len(parts),
       'seconds': seconds,
-      'images_per_second': embedded / seconds if embedded else 0.0,
+      'images_per_second': len(todo) / seconds if todo else 0.0,
   }
 
 
-def _is_complete(paths, texts):
-  needed = ['img', 'metadata', 'failed'] + (['text'] if texts else [])
-  return all(os.path.exists(paths[k]) for k in needed)
-
-
-def _write_part(embedder, part, emb, failed, paths, dtype, texts, key_column):
+def _write_part(embedder, part, emb, failed, identities, paths, dtype, texts,
+                key_column):
+  """Writes one part's files, its metadata last (which marks it done)."""
   failed_rows = {index for index, _, _ in failed}
   kept = [i for i in range(len(part)) if i not in failed_rows]
-  columns = {key_column: [part.keys[i] for i in kept]}
+  columns = {key_column: [_text(part.keys[i]) for i in kept]}
   if texts:
     columns['caption'] = [part.captions[i] for i in kept]
-  columns['index'] = [part.start + i for i in kept]
+  columns['index'] = [part.indices[i] for i in kept]
+  columns.update(_identity_columns([identities[i] for i in kept]))
+  # Built before anything is written, so a key that cannot be stored stops
+  # the run with nothing of the part on disk.
+  table = pa.table(columns)
+  failed_rows = [{'index': part.indices[i], 'key': key, 'reason': reason}
+                 for i, key, reason in failed]
+  if identities and isinstance(identities[0], tuple):
+    for row, (i, _, _) in zip(failed_rows, failed):
+      row['key'] = os.fsdecode(identities[i][0])
+      row['size'], row['mtime_ns'] = identities[i][1:]
   _save_npy(paths['img'], emb[kept].astype(dtype))
   if texts:
     _save_npy(paths['text'], embedder.texts(columns['caption']).astype(dtype))
-  _save_jsonl(paths['failed'], [
-      {'index': part.start + i, 'key': key, 'reason': reason}
-      for i, key, reason in failed])
-  table = pa.table(columns)
+  _save_jsonl(paths['failed'], failed_rows)
   _atomic_write(paths['metadata'], lambda tmp: pq.write_table(table, tmp))
 
 
-def _merge_failed(output_dir, num_parts, width):
-  """Rewrites failed.jsonl from the parts' lists; returns the count."""
-  rows = []
-  for number in range(num_parts):
-    with open(_paths(output_dir, number, width)['failed'], encoding='utf-8') as f:
+def _text(key):
+  """A key as valid UTF-8 text: a file name's undecodable bytes (surrogate
+  escapes) become U+FFFD; the exact bytes are kept in path_bytes."""
+  if isinstance(key, str):
+    return os.fsencode(key).decode('utf-8', 'replace') if _has_surrogates(key) else key
+  return key
+
+
+def _has_surrogates(text):
+  try:
+    text.encode('utf-8')
+    return False
+  except UnicodeEncodeError:
+    return True
+
+
+def _merge_failed(output_dir):
+  """Rewrites failed.jsonl from the parts' lists; returns (rows in the
+  index, failures)."""
+  rows, exported = [], 0
+  for name in sorted(_part_numbers(output_dir).values(), key=int):
+    paths = _paths(output_dir, name, 0)
+    exported += pq.read_metadata(paths['metadata']).num_rows
+    with open(paths['failed'], encoding='utf-8') as f:
       rows.extend(json.loads(line) for line in f)
   _save_jsonl(os.path.join(output_dir, 'failed.jsonl'), rows)
-  return len(rows)
+  return exported, len(rows)
 
 
 def _part_files(output_dir, kind):
@@ -211,7 +342,8 @@ def _part_files(output_dir, kind):
     raise FileNotFoundError(f'no exported {kind} embeddings in {output_dir} '
                             f'({folder} is missing)')
   files = []
-  for name in sorted(n for n in os.listdir(folder) if n.endswith('.npy')):
+  names = [n for n in os.listdir(folder) if n.endswith('.npy')]
+  for name in sorted(names, key=lambda n: int(n[len(f'{kind}_emb_'):-len('.npy')])):
     number = name[len(f'{kind}_emb_'):-len('.npy')]
     metadata = os.path.join(output_dir, 'metadata', f'metadata_{number}.parquet')
     if not os.path.exists(metadata):
