@@ -250,10 +250,12 @@ def test_export_script_inputs(workdir, tmp_path):
   expected_img, failed = embedder.images(datasets.ImageFiles(paths), progress=False)
   assert not failed
   expected_text = embedder.texts(captions)
+  tar, tfrecord = str(tmp_path / 'shard-0.tar'), str(tmp_path / 'shard-0.tfrecord')
   for flag, value, key_column, key_values in (
       ('--list', tmp_path / 'list.jsonl', 'image_path', paths),
-      ('--wds', tmp_path / 'shard-0.tar', 'key', keys),
-      ('--tfrecord', tmp_path / 'shard-0.tfrecord', 'key', keys)):
+      ('--wds', tar, 'key', [f'{tar}:{key}' for key in keys]),  # shard:key
+      ('--tfrecord', tfrecord, 'key',  # shard#record:key
+       [f'{tfrecord}#{n}:{key}' for n, key in enumerate(keys)])):
     out = str(tmp_path / f'export{flag}')
     no_text = ['--no_text'] if flag == '--tfrecord' else []
     summary = _script('export_embeddings').main([

@@ -108,7 +108,9 @@ def test_locked_text_tower_holds_no_optimizer_state(lit_text):
 
 
 def _flexi_config():
-  config = config_lib.load_config_file(TINY + ':steps=6,every=1,patch_sizes=8/16')
+  # Seed 2 draws patch sizes 16, 8, 8, 16, 16, 8 for the six steps.
+  config = config_lib.load_config_file(
+      TINY + ':steps=6,every=1,patch_sizes=8/16,seed=2')
   config.checkpoint.keep = 6
   config.evals.every = 1
   config.evals.heldout = config.input.source.copy_and_resolve_references()
@@ -151,8 +153,8 @@ def test_heldout_loss_on_the_training_batch_equals_the_step_loss(flexi):
 
 def test_resume_where_the_patch_size_changes_is_exact(flexi, tmp_path):
   sizes = flexi['patch_sizes']
-  # A checkpoint after step k whose next batch (number k) has another size.
-  resume_from = next(k for k in range(1, 6) if sizes[k] != sizes[k - 1])
+  # The last checkpoint after step k whose next batch (number k) has another size.
+  resume_from = max(k for k in range(1, 6) if sizes[k] != sizes[k - 1])
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(flexi['workdir'], workdir)
   for step in _steps(workdir):
@@ -165,11 +167,13 @@ def test_resume_where_the_patch_size_changes_is_exact(flexi, tmp_path):
 
 # --- bfloat16 compute ---------------------------------------------------------
 
-# Stated tolerance of a bfloat16 run against the float32 one over 3 steps:
-# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); the tiny
-# towers' losses agree to LOSS_RTOL and the gradient norms to GRAD_NORM_RTOL.
-LOSS_RTOL = 0.01
-GRAD_NORM_RTOL = 0.05
+# Stated tolerances (relative) of a bfloat16 run against the float32 one.
+# Step 1 starts from the same params, so it shows the compute's own rounding
+# (bfloat16 keeps 8 significant bits); measured: loss 1e-4, gradient norm
+# 9e-4. Adam then turns that rounding into small parameter differences;
+# measured at step 3: loss 0.55%, gradient norm 0.9%.
+FIRST_STEP_RTOL = {'loss': 1e-3, 'grad_norm': 1e-2}
+THREE_STEPS_RTOL = {'loss': 2e-2, 'grad_norm': 5e-2}
 
 
 def test_bfloat16_steps_agree_with_float32(tmp_path):
@@ -180,9 +184,11 @@ def test_bfloat16_steps_agree_with_float32(tmp_path):
     train.train(config, str(tmp_path / dtype))
     runs[dtype] = _metrics(str(tmp_path / dtype))
   f32, bf16 = runs['float32'], runs['bfloat16']
-  for key, rtol in (('loss', LOSS_RTOL), ('grad_norm', GRAD_NORM_RTOL)):
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(bf16[0][key], f32[0][key],
+                               rtol=FIRST_STEP_RTOL[key], err_msg=key)
     np.testing.assert_allclose([r[key] for r in bf16], [r[key] for r in f32],
-                               rtol=rtol, err_msg=key)
+                               rtol=THREE_STEPS_RTOL[key], err_msg=key)
   # The compute differs (else the comparison proves nothing), and parameters
   # stay float32.
   assert [r['loss'] for r in bf16] != [r['loss'] for r in f32]
