@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 tests
+
+# The edit-test loop: everything but the end-to-end runs marked slow.
+test-fast: install
+	$(PY) -m pytest -n 2 -m 'not slow' --durations=10 tests
 
 clean:
 	rm -rf $(VENV) workdirs

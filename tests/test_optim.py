@@ -209,14 +209,6 @@ def test_a_single_schedule_dict_applies_to_all():
   np.testing.assert_allclose(fns['.*'](5), 0.5 * config.lr)
 
 
-def test_lit_is_a_two_line_change_of_the_default_config():
-  config = optim.default_config()
-  config.schedule = [('img/.*', None),
-                     ('.*', dict(decay_type='cosine', warmup_steps=10))]
-  _, fns = optim.make_optimizer(config, _params(), total_steps=100)
-  assert list(fns) == ['.*']
-
-
 def test_unmatched_parameters_are_listed():
   config = _config()
   config.schedule = [('img/.*', dict(decay_type='constant'))]

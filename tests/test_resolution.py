@@ -73,7 +73,10 @@ def test_large_images_are_scaled_down_whole_not_cropped():
   # 4:1 at a 4096-pixel longer side would be 256 x 64 patches; the row has 256.
   rows, cols = resolution.grid_for_long_side(4096, 1024, 4096, 16, 256)
   assert (rows, cols) == (32, 8)
-  # 100:1 cannot take a 1 x 256 grid: 2.56 rows would be implied.
+  # 100:1 wants 10000 / 16 = 625 patches along, capped at the row's 256. A
+  # grid of c columns has round(c / 100) rows (at least 1, halves rounded up):
+  # 1 row for c <= 149, 2 rows from c = 150, and 2 x 150 = 300 > 256 tokens.
+  # So the widest grid that fits is 1 x 149, not 1 x 256.
   rows, cols = resolution.grid_for_long_side(100, 10_000, 10_000, 16, 256)
   assert (rows, cols) == (1, 149)
 

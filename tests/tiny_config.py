@@ -4,7 +4,8 @@ from lit_navit import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=8, every=4, batch=8, loss='sigmoid', seed=0)
+  arg = config_lib.parse_arg(arg, steps=8, every=4, batch=8, loss='sigmoid', seed=0,
+                             fsdp=1, patch_sizes='8')
   c = config_lib.default_config()
   c.seed = arg.seed
   c.total_steps = arg.steps
@@ -15,7 +16,7 @@ def get_config(arg=None):
   c.input.tokens_per_row = 32
   c.input.images_per_row = 4
   c.input.text_len = 8
-  c.input.patch_sizes = (8,)
+  c.input.patch_sizes = tuple(int(p) for p in arg.patch_sizes.split('/'))
   c.input.resolution.min = 16
   c.input.resolution.max = 32
   c.input.pack_buffer = 48
@@ -27,6 +28,7 @@ def get_config(arg=None):
   c.model.text.max_len = 8
   c.model.embed_dim = 16
   c.model.loss = arg.loss
+  c.mesh = [('data', -1), ('fsdp', arg.fsdp)]
   c.optim.schedule = [('.*', dict(decay_type='cosine', warmup_steps=2))]
   c.checkpoint.every = arg.every
   c.checkpoint.keep = 3
