@@ -4,14 +4,15 @@ Runs the trainer's compiled step for a workload of bench_train.py (default
 W1) under jax.profiler, reads the per-thunk events of XLA's CPU runtime
 from the Perfetto trace (one event per executed HLO instruction: a fusion,
 a dot, a copy), and attributes each to a part of the model by the
-instruction's metadata in the optimized HLO (flax module path in op_name,
-optax in source_file):
+op_name metadata of the instructions in the optimized HLO (the flax module
+path; a fusion by the majority of the ops fused into it):
 
   attention core   q·k, softmax, weights·v (masking included)
   attention proj   the query/key/value/out projections
   MLP              MlpBlock (both dense layers and the GELU)
   layer norm       LayerNorm_*, encoder_norm
-  optimizer        the optax update (Adam moments, weight decay, apply)
+  optimizer        everything outside value_and_grad: the optax update (Adam
+                   moments, weight decay, apply) and the step's metrics
   embed / heads    patch and token embeddings, position embeddings, MAP and
                    projection heads
   loss             the sigmoid loss
@@ -49,9 +50,11 @@ PARTS = (
     ('layer norm', re.compile(r'LayerNorm|encoder_norm')),
     ('embed / heads', re.compile(r'embedding|posemb|pos_embedding|MAPHead|head/|'
                                  r'PatchEmbedding|Embed_0|/head')),
-    ('loss', re.compile(r'losses\.py|sigmoid_loss|ring')),
+    ('loss', re.compile(r'shard_map|sigmoid|ppermute|log_sigmoid|logsumexp')),
 )
-OPTIMIZER_SOURCES = re.compile(r'/optax/|/optim\.py')
+# The model and the loss run under value_and_grad, so their ops' names hold
+# 'jvp(' (forward) or 'transpose(jvp(' (backward); the update does not.
+DIFFERENTIATED = re.compile(r'jvp\(')
 
 
 def parse_args():
@@ -67,21 +70,24 @@ def parse_args():
   return parser.parse_args()
 
 
+def _op_name(line: str) -> str | None:
+  match = re.search(r'metadata=\{[^}]*op_name="([^"]*)"', line)
+  return match.group(1) if match else None
+
+
 def instruction_metadata(hlo_text: str) -> dict:
-  """{instruction name: (op_name, source_file)} from optimized HLO text."""
+  """{instruction name: op_name} from optimized HLO text."""
   found = {}
-  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
   for line in hlo_text.splitlines():
-    match = pattern.match(line)
-    if not match:
-      continue
-    fields = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-    found[match.group(1)] = (fields.get('op_name', ''), fields.get('source_file', ''))
+    match = re.match(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', line)
+    op_name = _op_name(line)
+    if match and op_name is not None:
+      found[match.group(1)] = op_name
   return found
 
 
 def fusion_members(hlo_text: str) -> dict:
-  """{fusion instruction: metadata of the ops inside its fused computation}.
+  """{fusion instruction: op_names of the ops inside its fused computation}.
 
   A fusion's own metadata names only its root, often a reshape or an add;
   the dots and reductions inside tell better what it computes.
@@ -92,11 +98,9 @@ def fusion_members(hlo_text: str) -> dict:
     if header and not line.startswith(' '):
       current = computations.setdefault(header.group(1), [])
       continue
-    if current is not None:
-      meta = re.search(r'metadata=\{([^}]*)\}', line)
-      if meta:
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', meta.group(1)))
-        current.append((fields.get('op_name', ''), fields.get('source_file', '')))
+    op_name = _op_name(line)
+    if current is not None and op_name is not None:
+      current.append(op_name)
   members = {}
   for line in hlo_text.splitlines():
     match = re.match(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*\bcalls=%?([\w.\-]+)', line)
@@ -105,17 +109,14 @@ def fusion_members(hlo_text: str) -> dict:
   return members
 
 
-def part_of(metadata: list) -> str:
-  """The model part a list of (op_name, source_file) belongs to, by majority."""
+def part_of(op_names: list) -> str:
+  """The model part a list of op_names belongs to, by majority."""
   votes = collections.Counter()
-  for op_name, source_file in metadata:
-    if OPTIMIZER_SOURCES.search(source_file) or 'optax' in op_name:
+  for op_name in filter(None, op_names):
+    if not DIFFERENTIATED.search(op_name):
       votes['optimizer'] += 1
       continue
-    for part, pattern in PARTS:
-      if pattern.search(op_name) or (part == 'loss' and pattern.search(source_file)):
-        votes[part] += 1
-        break
+    votes[next((part for part, pattern in PARTS if pattern.search(op_name)), 'other')] += 1
   return votes.most_common(1)[0][0] if votes else 'other'
 
 
@@ -133,8 +134,33 @@ def thunk_events(trace_dir: str, module_name: str) -> list:
           and module_name in e['args'].get('hlo_module', module_name)]
 
 
+def breakdown(compiled, run_step, steps: int, workdir: str) -> dict:
+  """Profiles `steps` calls of run_step() (which runs `compiled` and blocks).
+
+  Returns the mean wall seconds of a step, and the thunk seconds per step by
+  model part and by HLO instruction (with its part).
+  """
+  trace_dir = os.path.join(workdir, 'trace')
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    start = time.perf_counter()
+    for _ in range(steps):
+      run_step()
+    wall = (time.perf_counter() - start) / steps
+  hlo = compiled.as_text()
+  module = re.search(r'HloModule\s+([\w.\-]+)', hlo).group(1)
+  metadata, members = instruction_metadata(hlo), fusion_members(hlo)
+  by_part, by_instruction = collections.Counter(), collections.Counter()
+  part = lambda name: part_of(members.get(name) or [metadata.get(name, '')])
+  for name, micros in thunk_events(trace_dir, module):
+    by_instruction[name] += micros / 1e6 / steps
+    by_part[part(name)] += micros / 1e6 / steps
+  return {'step_seconds': wall, 'busy_seconds': sum(by_part.values()),
+          'parts': dict(by_part.most_common()),
+          'top': [(name, s, part(name)) for name, s in by_instruction.most_common()]}
+
+
 def profile(workload_name: str, scan: bool, remat: str, steps: int) -> dict:
-  """Compiles `workload_name`'s step, profiles `steps` steps, returns the breakdown."""
+  """Compiles `workload_name`'s train step, profiles `steps` steps after one."""
   workload = bench_train.peer_workload(workload_name)
   config = workload.config.copy_and_resolve_references()
   config.model.image.update(scan=scan, remat_policy=remat)
@@ -143,38 +169,26 @@ def profile(workload_name: str, scan: bool, remat: str, steps: int) -> dict:
     trainer = bench_train.make_trainer(config, workdir)
     try:
       batch, = bench_train.device_batches(trainer, workload.batches)
-      state = trainer.restore_or_init()
-      compiled, flops = trainer.compiled_step(state, batch)
-      state, _ = compiled(state, batch)  # Warm-up: first-touch of buffers.
-      jax.block_until_ready(state)
-      trace_dir = os.path.join(workdir, 'trace')
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        start = time.perf_counter()
-        for _ in range(steps):
-          state, metrics = compiled(state, batch)
-          jax.block_until_ready(metrics)
-        wall = (time.perf_counter() - start) / steps
-      hlo = compiled.as_text()
-      module = re.search(r'HloModule\s+([\w.\-]+)', hlo).group(1)
-      events = thunk_events(trace_dir, module)
+      state = {'now': trainer.restore_or_init()}
+      compiled, flops = trainer.compiled_step(state['now'], batch)
+
+      def run_step():
+        state['now'], metrics = compiled(state['now'], batch)
+        jax.block_until_ready(metrics)
+
+      run_step()  # Warm-up: first touch of the step's buffers.
+      result = breakdown(compiled, run_step, steps, workdir)
     finally:
       trainer.checkpointer.close()
-  metadata, members = instruction_metadata(hlo), fusion_members(hlo)
-  by_part, by_instruction = collections.Counter(), collections.Counter()
-  for name, micros in events:
-    by_instruction[name] += micros / 1e6 / steps
-    by_part[part_of(members.get(name) or [metadata.get(name, ('', ''))])] += (
-        micros / 1e6 / steps)
-  busy = sum(by_part.values())
+  busy = result['busy_seconds']
   return {
       'workload': workload_name, 'scan': scan, 'remat': remat, 'steps': steps,
-      'step_seconds': wall, 'gflops_per_s': flops / wall / 1e9,
-      'busy_seconds': busy, 'thunks_per_step': len(events) / steps,
+      'step_seconds': result['step_seconds'],
+      'gflops_per_s': flops / result['step_seconds'] / 1e9, 'busy_seconds': busy,
       'parts': {part: {'seconds': s, 'share': s / busy}
-                for part, s in by_part.most_common()},
-      'top': [{'instruction': name, 'seconds': s,
-               'part': part_of(members.get(name) or [metadata.get(name, ('', ''))])}
-              for name, s in by_instruction.most_common()],
+                for part, s in result['parts'].items()},
+      'top': [{'instruction': name, 'seconds': s, 'part': part}
+              for name, s, part in result['top']],
       'machine': bench_train.machine(), 'load_average': os.getloadavg()[0],
   }
 
@@ -190,8 +204,7 @@ def main():
   m = result['machine']
   print(f"{result['workload']}, scan {args.scan}, remat {args.remat}: step "
         f"{result['step_seconds']:.2f} s ({result['gflops_per_s']:.0f} GFLOP/s), "
-        f"thunk busy time {result['busy_seconds']:.2f} s over "
-        f"{result['thunks_per_step']:.0f} thunks; {m['cores']} cores, "
+        f"thunk busy time {result['busy_seconds']:.2f} s; {m['cores']} cores, "
         f"load {result['load_average']:.1f}, XLA_FLAGS={m['XLA_FLAGS']!r}\n")
   print('| part | s/step (busy) | share |\n| --- | --- | --- |')
   for part, p in result['parts'].items():
