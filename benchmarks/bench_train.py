@@ -147,6 +147,8 @@ def parse_args():
   parser.add_argument('--our-env', action='append',
                       help="--peers: one of our arms per use, under these "
                       "'VAR=value ...' environment variables ('' = as is)")
+  parser.add_argument('--no-open-clip', action='store_true',
+                      help='--peers: only our arms (and the ceiling), to compare settings')
   parser.add_argument('--worker', choices=('lit_navit', 'ceiling'),
                       help=argparse.SUPPRESS)  # --peers starts its arms so.
   args = parser.parse_args()
@@ -641,8 +643,9 @@ def start_peer_workers(args, name: str) -> list:
            script + ['--worker', 'lit_navit', '--workloads', name,
                      '--scan', 'on' if scan else 'off'] + warmup, env)
           for scan in args.scan for env in args.our_env]
-  arms.append(('open_clip', [sys.executable, os.path.join(here, 'open_clip_peer.py'),
-                             name] + warmup, {}))
+  if not args.no_open_clip:
+    arms.append(('open_clip', [sys.executable, os.path.join(here, 'open_clip_peer.py'),
+                               name] + warmup, {}))
   arms.append(('ceiling', script + ['--worker', 'ceiling'], {}))
   workers = []
   try:
@@ -679,7 +682,7 @@ def peers_summary(name: str, workers: list, rounds: list, steps: int) -> dict:
         'page_faults': float(np.median(samples[:, 2])),
         'images_per_s': interleave.spread(PEER_WORKLOADS[name][2] / seconds)}
   ratios = {f'{w.name} / open_clip': interleave.ratio_spread(rounds, w.name, 'open_clip')
-            for w in ours}
+            for w in ours if 'open_clip' in arms}
   ratios.update({f'{w.name} / {ours[0].name}': interleave.ratio_spread(
       rounds, w.name, ours[0].name) for w in ours[1:]})
   return {'workload': name, 'rounds': len(rounds), 'steps_per_round': steps,
@@ -703,6 +706,8 @@ def run_peers(args) -> dict:
       for worker in workers:
         worker.close()
     phases.append(peers_summary(name, workers, rounds, steps))
+    print(json.dumps({k: v for k, v in phases[-1].items() if k != 'samples'},
+                     default=float), file=sys.stderr, flush=True)  # Kept if a later phase fails.
   return {'machine': machine(), 'phases': phases}
 
 
