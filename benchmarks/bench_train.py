@@ -33,6 +33,17 @@ pages for malloc) changes that cost.
   python benchmarks/bench_train.py --workloads w1 --steps 5 --warmup 2
   python benchmarks/bench_train.py --workloads navit,demo --json
   python benchmarks/bench_train.py --workloads navit --navit-model demo   # quick
+
+--peers times W1 and W2 against open_clip's own step (benchmarks/
+open_clip_peer.py; needs the `bench` extra) and a jax matmul ceiling,
+interleaved round by round in persistent worker processes
+(benchmarks/interleave.py), and reports each ratio's median and spread over
+rounds. Each --our-env adds one of our arms run under those environment
+variables (e.g. GLIBC_TUNABLES or XLA_FLAGS), to compare settings the same way:
+
+  python benchmarks/bench_train.py --peers --workloads w1,w2 --scan off --rounds 4 --steps 2
+  python benchmarks/bench_train.py --peers --workloads w1 --scan off \
+      --our-env '' --our-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 """
 
 import argparse
@@ -41,6 +52,9 @@ import json
 import os
 import platform
 import resource
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -56,7 +70,18 @@ from lit_navit.data import sources
 from lit_navit.models import flops as flops_lib
 from lit_navit.models import two_towers
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import interleave  # pylint: disable=wrong-import-position
+
 WORKLOADS = ('w1', 'w2', 'navit', 'demo')
+# PEER_BASELINES' workloads: image and text tower, batch.
+PEER_WORKLOADS = {'w1': ('B/16', 'B', 8), 'w2': ('S/16', 'S', 32)}
+# --peers: timed steps per arm and round (B/16-sized steps take seconds), and
+# 2048^3 matmuls per round for the ceiling.
+PEERS_STEPS = 2
+CEILING_MATMULS = 10
+# Issue 10's target: our W1 and W2 steps at most this multiple of open_clip's.
+PEERS_TARGET_OVER_OPEN_CLIP = 0.8
 # Warm-up and timed steps when --warmup / --steps are not given: B/16-sized
 # steps take seconds, the demo model's milliseconds.
 DEFAULT_STEPS = {'w1': (2, 5), 'w2': (2, 5), 'navit': (1, 4), 'demo': (5, 30)}
@@ -64,8 +89,8 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
                            'configs', 'demo.py')
 
 # /work/shared/PEER_BASELINES.md (2026-11-21, this kind of 2-core CPU): step
-# seconds (median), images/s, and the 2048^3 matmul ceiling they ran beside.
-PEER_CEILING_GFLOPS = 162.0
+# seconds (median) and images/s, from other runs under other loads: --peers
+# measures open_clip in the same run instead.
 PEER_STEP_SECONDS = {'w1': {'big_vision': 10.18, 'open_clip': 9.19},
                      'w2': {'big_vision': 14.66, 'open_clip': 10.24}}
 PEER_W1_IMAGES_PER_S = {'big_vision': 0.79, 'open_clip': 0.87}
@@ -116,6 +141,16 @@ def parse_args():
                       help='synthetic JPEGs encoded up front for the pipelines')
   parser.add_argument('--json', action='store_true',
                       help='print one JSON object instead of tables')
+  parser.add_argument('--peers', action='store_true',
+                      help='w1/w2 against open_clip and a matmul ceiling, interleaved')
+  parser.add_argument('--rounds', type=int, default=4, help='--peers: rounds')
+  parser.add_argument('--our-env', action='append',
+                      help="--peers: one of our arms per use, under these "
+                      "'VAR=value ...' environment variables ('' = as is)")
+  parser.add_argument('--no-open-clip', action='store_true',
+                      help='--peers: only our arms (and the ceiling), to compare settings')
+  parser.add_argument('--worker', choices=('lit_navit', 'ceiling'),
+                      help=argparse.SUPPRESS)  # --peers starts its arms so.
   args = parser.parse_args()
   args.workloads = args.workloads.split(',')
   unknown = set(args.workloads) - set(WORKLOADS)
@@ -125,7 +160,21 @@ def parse_args():
   if not set(scans) <= {'on', 'off'}:
     parser.error(f"--scan takes 'on' and/or 'off', got {args.scan!r}")
   args.scan = [s == 'on' for s in scans]
+  if args.peers and not set(args.workloads) & set(PEER_WORKLOADS):
+    parser.error(f'--peers times {sorted(PEER_WORKLOADS)}, got --workloads {args.workloads}')
+  args.our_env = [parse_env(e, parser) for e in args.our_env or ['']]
   return args
+
+
+def parse_env(assignments: str, parser) -> dict:
+  """{'VAR': 'value'} from "VAR=value VAR2=value2"."""
+  env = {}
+  for item in shlex.split(assignments):
+    name, sep, value = item.partition('=')
+    if not sep or not name:
+      parser.error(f'--our-env takes VAR=value assignments, got {item!r}')
+    env[name] = value
+  return env
 
 
 # --- configs ---------------------------------------------------------------
@@ -240,7 +289,7 @@ def pipeline_workload(name: str, config, source, count: int, **notes) -> Workloa
 
 def peer_workload(name: str) -> Workload:
   """W1 (B/16, batch 8) or W2 (S/16, batch 32): 196-patch images, one a row."""
-  image, text, rows = {'w1': ('B/16', 'B', 8), 'w2': ('S/16', 'S', 32)}[name]
+  image, text, rows = PEER_WORKLOADS[name]
   config = with_input(peer_config(image, text), rows=rows, tokens_per_row=196,
                       slots=1, text_len=64, patch_size=16)
   spec = batch_lib.BatchSpec(rows=rows, tokens_per_row=196, slots=1, text_len=64,
@@ -377,7 +426,7 @@ def time_steps(workload: Workload, scan: bool, warmup: int, steps: int) -> dict:
 # --- summary ---------------------------------------------------------------
 
 def add_ratios(run: dict, ceiling: dict) -> None:
-  """MFU (wall and CPU time) and step time against the peers, raw and at their ceiling."""
+  """MFU (wall and CPU time) and step time against the peers' recorded steps."""
   run['ceiling'] = ceiling
   run['mfu'] = run['gflops_per_s'] / ceiling['gflops']
   run['mfu_cpu_time'] = (run['flops'] / run['cpu_seconds'] / 1e9
@@ -386,8 +435,6 @@ def add_ratios(run: dict, ceiling: dict) -> None:
   if peers:
     run['vs_peers'] = {
         peer: {'step_ratio': run['step_seconds'] / seconds,
-               'step_ratio_at_equal_ceiling': run['step_seconds'] * ceiling['gflops']
-                                              / PEER_CEILING_GFLOPS / seconds,
                'target': TARGET_STEP_RATIO[peer]}
         for peer, seconds in peers.items()}
 
@@ -455,18 +502,20 @@ def print_diagnostics(runs: list) -> None:
 
 
 def print_peers(runs: list) -> None:
-  """Step time over big_vision's and open_clip's (PEER_BASELINES.md)."""
+  """Step time over big_vision's and open_clip's recorded steps (PEER_BASELINES.md).
+
+  Those steps ran in other runs under other loads: --peers measures side by side.
+  """
   rows = [r for r in runs if 'vs_peers' in r]
   if not rows:
     return
-  print('\n| workload | scan | × big_vision (target ≤ 0.9) | × open_clip (target ≤ 1.0) '
-        '| × big_vision, equal ceiling | × open_clip, equal ceiling |')
-  print('| --- | --- | --- | --- | --- | --- |')
+  print('\n| workload | scan | × big_vision (recorded; target ≤ 0.9) | '
+        '× open_clip (recorded; target ≤ 1.0) |')
+  print('| --- | --- | --- | --- |')
   for r in rows:
     bv, oc = r['vs_peers']['big_vision'], r['vs_peers']['open_clip']
     print(f"| {r['workload']} | {_scan(r)} | {bv['step_ratio']:.2f} | "
-          f"{oc['step_ratio']:.2f} | {bv['step_ratio_at_equal_ceiling']:.2f} | "
-          f"{oc['step_ratio_at_equal_ceiling']:.2f} |")
+          f"{oc['step_ratio']:.2f} |")
 
 
 def print_navit(result: dict) -> None:
@@ -522,9 +571,189 @@ def planned_runs(args):
       yield workload, warmup, steps
 
 
+# --- side by side with open_clip (--peers) ---------------------------------
+
+def lit_navit_setup(name: str, scan: bool, warmup: int, workdir: str, trainers: list):
+  """(step, info) for interleave.serve: our compiled train step of W1 or W2."""
+  workload = peer_workload(name)
+  config = workload.config.copy_and_resolve_references()
+  config.model.image.scan = config.model.text.scan = scan
+  trainer = make_trainer(config, workdir)
+  trainers.append(trainer)
+  batch, = device_batches(trainer, workload.batches)
+  state = {'now': jax.block_until_ready(trainer.restore_or_init())}
+  start = time.perf_counter()
+  compiled, flops = trainer.compiled_step(state['now'], batch)
+  compile_seconds = time.perf_counter() - start
+  losses = []
+
+  def step():
+    state['now'], step_metrics = compiled(state['now'], batch)
+    losses.append(float(jax.block_until_ready(step_metrics)['loss']))
+
+  for _ in range(warmup):
+    step()
+  info = {'framework': 'lit_navit', 'jax': jax.__version__, 'flops': flops,
+          'params': two_towers.param_count(trainer.abstract_state['params']),
+          'compile_seconds': compile_seconds, 'warmup_losses': losses[:],
+          'temp_bytes': compiled.memory_analysis().temp_size_in_bytes}
+  return step, info
+
+
+def ceiling_setup(size: int = 2048):
+  """(step, info) for interleave.serve: one jitted float32 size^3 matmul."""
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  return (lambda: matmul(x).block_until_ready(),
+          {'framework': 'jax matmul', 'flops': 2 * size ** 3, 'jax': jax.__version__})
+
+
+def serve_worker(args) -> None:
+  """This process is one --peers arm: set up, then time steps on request."""
+  if args.worker == 'ceiling':
+    interleave.serve(ceiling_setup)
+    return
+  name, = args.workloads
+  warmup = DEFAULT_STEPS[name][0] if args.warmup is None else args.warmup
+  trainers = []
+  with tempfile.TemporaryDirectory() as workdir:
+    try:
+      interleave.serve(lambda: lit_navit_setup(name, args.scan[0], warmup, workdir,
+                                               trainers))
+    finally:
+      for trainer in trainers:
+        trainer.checkpointer.close()
+
+
+def our_arm_name(scan: bool, env: dict) -> str:
+  return ' '.join([f"lit_navit scan {'on' if scan else 'off'}",
+                   *(f'{k}={v}' for k, v in env.items())])
+
+
+def start_peer_workers(args, name: str) -> list:
+  """The arms of workload `name`, each set up and warm, one after another.
+
+  Ours (one per --scan and --our-env), open_clip's, and the matmul ceiling.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  script = [sys.executable, os.path.abspath(__file__)]
+  warmup = ['--warmup', str(DEFAULT_STEPS[name][0] if args.warmup is None else args.warmup)]
+  arms = [(our_arm_name(scan, env),
+           script + ['--worker', 'lit_navit', '--workloads', name,
+                     '--scan', 'on' if scan else 'off'] + warmup, env)
+          for scan in args.scan for env in args.our_env]
+  if not args.no_open_clip:
+    arms.append(('open_clip', [sys.executable, os.path.join(here, 'open_clip_peer.py'),
+                               name] + warmup, {}))
+  arms.append(('ceiling', script + ['--worker', 'ceiling'], {}))
+  workers = []
+  try:
+    for arm, argv, env in arms:
+      print(f'{name}: starting {arm}', file=sys.stderr, flush=True)
+      workers.append(interleave.Worker(arm, argv, env))
+  except BaseException:
+    for worker in workers:
+      worker.close()
+    raise
+  return workers
+
+
+def peers_summary(name: str, workers: list, rounds: list, steps: int) -> dict:
+  """Each arm's step time, GFLOP/s and share of the same round's ceiling, and
+  the within-round ratios: each of our arms over open_clip and over our first."""
+  ceiling = next(w for w in workers if w.name == 'ceiling')
+  ceiling_gflops = ceiling.info['flops'] / interleave.round_seconds(rounds, 'ceiling') / 1e9
+  ours = [w for w in workers if w.info['framework'] == 'lit_navit']
+  flops = ours[0].info['flops']  # open_clip runs the same shapes.
+  cores = len(os.sched_getaffinity(0))
+  arms = {}
+  for worker in workers:
+    if worker is ceiling:
+      continue
+    seconds = interleave.round_seconds(rounds, worker.name)
+    samples = np.concatenate([r[worker.name] for r in rounds])
+    gflops = flops / seconds / 1e9
+    arms[worker.name] = {
+        'info': worker.info, 'step_seconds': interleave.spread(seconds),
+        'gflops_per_s': interleave.spread(gflops),
+        'of_ceiling': interleave.spread(gflops / ceiling_gflops),
+        'cpu_share': interleave.spread(samples[:, 1] / samples[:, 0] / cores),
+        'page_faults': float(np.median(samples[:, 2])),
+        'images_per_s': interleave.spread(PEER_WORKLOADS[name][2] / seconds)}
+  ratios = {f'{w.name} / open_clip': interleave.ratio_spread(rounds, w.name, 'open_clip')
+            for w in ours if 'open_clip' in arms}
+  ratios.update({f'{w.name} / {ours[0].name}': interleave.ratio_spread(
+      rounds, w.name, ours[0].name) for w in ours[1:]})
+  return {'workload': name, 'rounds': len(rounds), 'steps_per_round': steps,
+          'orders': [r['order'] for r in rounds],
+          'ceiling_gflops': interleave.spread(ceiling_gflops), 'arms': arms,
+          'ratios': ratios, 'target_over_open_clip': PEERS_TARGET_OVER_OPEN_CLIP,
+          'load_average': os.getloadavg()[0],
+          'samples': {w.name: [r[w.name].tolist() for r in rounds] for w in workers}}
+
+
+def run_peers(args) -> dict:
+  """W1 and/or W2, each in its own phase of interleaved rounds."""
+  steps = PEERS_STEPS if args.steps is None else args.steps
+  phases = []
+  for name in [w for w in args.workloads if w in PEER_WORKLOADS]:
+    workers = start_peer_workers(args, name)
+    try:
+      counts = {w.name: CEILING_MATMULS if w.name == 'ceiling' else steps for w in workers}
+      rounds = interleave.run_rounds(workers, args.rounds, counts)
+    finally:
+      for worker in workers:
+        worker.close()
+    phases.append(peers_summary(name, workers, rounds, steps))
+    print(json.dumps({k: v for k, v in phases[-1].items() if k != 'samples'},
+                     default=float), file=sys.stderr, flush=True)  # Kept if a later phase fails.
+  return {'machine': machine(), 'phases': phases}
+
+
+def _spread_text(s: dict, fmt: str = '.2f') -> str:
+  return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+def print_peers_tables(result: dict) -> None:
+  m = result['machine']
+  print(f"{m['device']}, {m['cores']} cores, jax {m['jax']}, "
+        f"GLIBC_TUNABLES={m['GLIBC_TUNABLES']!r}, XLA_FLAGS={m['XLA_FLAGS']!r}")
+  for phase in result['phases']:
+    print(f"\n{phase['workload'].upper()}: {phase['rounds']} interleaved rounds × "
+          f"{phase['steps_per_round']} steps; load average {phase['load_average']:.1f} "
+          f"at the end; matmul ceiling {_spread_text(phase['ceiling_gflops'], '.0f')} "
+          'GFLOP/s over rounds. Median over rounds (min–max):\n')
+    print('| arm | params | step s | images/s | GFLOP/s | of same-round ceiling | '
+          'CPU share | page faults/step |')
+    print('|' + ' --- |' * 8)
+    for arm, a in phase['arms'].items():
+      print(f"| {arm} | {a['info']['params'] / 1e6:.1f}M | {_spread_text(a['step_seconds'])} | "
+            f"{_spread_text(a['images_per_s'])} | {_spread_text(a['gflops_per_s'], '.0f')} | "
+            f"{_spread_text(a['of_ceiling'])} | {_spread_text(a['cpu_share'])} | "
+            f"{a['page_faults']:.0f} |")
+    print('\n| within-round ratio of step times | median | IQR | min–max | target |')
+    print('| --- | --- | --- | --- | --- |')
+    for ratio, r in phase['ratios'].items():
+      target = (f"≤ {phase['target_over_open_clip']}" if ratio.endswith('open_clip')
+                else '')
+      print(f"| {ratio} | {r['median']:.2f} | {r['q1']:.2f}–{r['q3']:.2f} | "
+            f"{r['min']:.2f}–{r['max']:.2f} | {target} |")
+
+
 def main():
   args = parse_args()
   jax.config.update('jax_threefry_partitionable', True)
+  if args.worker:
+    serve_worker(args)
+    return
+  if args.peers:
+    result = run_peers(args)
+    if args.json:
+      print(json.dumps(result, indent=2, default=float))
+    else:
+      print_peers_tables(result)
+    return
   load_start = os.getloadavg()[0]
   ceilings, runs = [matmul_ceiling()], []
   for workload, warmup, steps in planned_runs(args):
