@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lit_navit import checkpoint
+from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
 from lit_navit.evaluate import export
 import tiny_config
@@ -132,7 +133,10 @@ def test_export_keeps_names_that_are_not_utf8(tmp_path):
   # Querying the exported embedding of the Latin-1 file finds that file.
   emb, _ = tiny_embedder().images(datasets.ImageFiles([os.fsdecode(latin1)]),
                                   progress=False)
-  assert export.query(out, emb[0], k=1)[0]['path_bytes'] == latin1
+  hit = export.query(out, emb[0], k=1)[0]
+  assert hit['path_bytes'] == latin1
+  # So does query.py's JSON output.
+  assert os.fsencode(json.loads(json.dumps(cli.to_json(hit)))['path_bytes']) == latin1
 
 
 def test_export_appends_a_grown_folder_and_keeps_done_parts(tmp_path):

@@ -85,7 +85,10 @@ def make_embedder(config, params, args, max_tokens=None):
 
 
 def to_json(value):
-  """Numpy values to plain Python; NaN and infinities to None."""
+  """Numpy values to plain Python; NaN and infinities to None; bytes (exact
+  file names) to text with surrogate escapes, which `os.fsencode` undoes."""
+  if isinstance(value, bytes):
+    return os.fsdecode(value)
   if isinstance(value, dict):
     return {str(k): to_json(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
