@@ -21,6 +21,7 @@ Files are read with numpy alone (allow_pickle=False): nothing is unpickled.
 import dataclasses
 import math
 import re
+import zipfile
 
 import jax
 import ml_collections
@@ -74,6 +75,32 @@ def load_npz(path: str) -> dict:
     raise CheckpointMismatch(f'{path}: not a readable .npz without pickle ({e})') from e
 
 
+def load_shapes(path: str) -> dict:
+  """{name: jax.ShapeDtypeStruct} of a .npz, from the array headers alone.
+
+  Enough for `model_config`, without reading gigabytes of weights.
+  """
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  shapes = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for info in archive.infolist():
+        if not info.filename.endswith('.npy'):
+          continue
+        with archive.open(info) as f:
+          version = np.lib.format.read_magic(f)
+          if version not in readers:
+            raise ValueError(f'.npy format version {version}')
+          shape, _, dtype = readers[version](f)
+        if dtype.hasobject:
+          raise ValueError(f'{info.filename} holds Python objects (pickle)')
+        shapes[info.filename[:-len('.npy')]] = jax.ShapeDtypeStruct(shape, dtype)
+  except (zipfile.BadZipFile, ValueError) as e:
+    raise CheckpointMismatch(f'{path}: not a readable .npz without pickle ({e})') from e
+  return shapes
+
+
 def save_npz(path: str, arrays: dict) -> None:
   """Writes {name: array} as big_vision does (np.savez, one array a name)."""
   with open(path, 'wb') as f:
@@ -95,7 +122,7 @@ def _tower_size(arrays, encoder: str) -> dict:
   stacked = f'{encoder}/encoderblock/LayerNorm_0/scale'
   if stacked in arrays:
     depth, first, scan = arrays[stacked].shape[0], f'{encoder}/encoderblock', True
-    take = lambda a: a[0]
+    layer_shape = lambda a: a.shape[1:]
   else:
     indices = {int(m.group(2)) for name in arrays
                if (m := _BLOCK.match(name)) and m.group(1) == encoder and m.group(2)}
@@ -106,15 +133,15 @@ def _tower_size(arrays, encoder: str) -> dict:
     if indices != set(range(depth)):
       raise CheckpointMismatch(f'checkpoint {encoder!r} has blocks {sorted(indices)}, '
                                f'expected 0..{depth - 1}')
-    take = lambda a: a
-  query = take(_get(arrays, f'{first}/MultiHeadDotProductAttention_0/query/kernel'))
-  mlp = take(_get(arrays, f'{first}/MlpBlock_0/Dense_0/kernel'))
-  if query.ndim != 3:
+    layer_shape = lambda a: a.shape
+  query = layer_shape(_get(arrays, f'{first}/MultiHeadDotProductAttention_0/query/kernel'))
+  mlp = layer_shape(_get(arrays, f'{first}/MlpBlock_0/Dense_0/kernel'))
+  if len(query) != 3:
     raise CheckpointMismatch(f'checkpoint {first}/MultiHeadDotProductAttention_0/'
-                             f'query/kernel has shape {query.shape}, expected '
+                             f'query/kernel has layer shape {query}, expected '
                              '[width, heads, head_dim]')
-  return dict(width=int(query.shape[0]), depth=int(depth),
-              mlp_dim=int(mlp.shape[-1]), num_heads=int(query.shape[1])), scan
+  return dict(width=int(query[0]), depth=int(depth),
+              mlp_dim=int(mlp[-1]), num_heads=int(query[1])), scan
 
 
 def _square_side(n: int, name: str, shape) -> int:
