@@ -36,17 +36,5 @@ def get_config(arg=None):
   c.optim.schedule = [(f'{lit.locked}/.*', None),
                       ('.*', dict(decay_type='cosine', warmup_steps=5_000))]
   if lit.init.endswith('.npz'):
-    lock_big_vision_tower(c, lit.init, lit.locked)
+    big_vision.adopt_tower(c, lit.init, lit.locked)
   return c
-
-
-def lock_big_vision_tower(c, npz, locked):
-  """Makes c.model's `locked` tower the one stored in big_vision `npz`."""
-  imported = big_vision.model_config(big_vision.load_shapes(npz))
-  if locked == 'img':
-    c.model.image = imported.image
-    c.input.patch_sizes = (imported.image.base_patch_size,)
-  else:
-    c.model.text = imported.text
-    c.input.text_len = imported.text.max_len
-  c.model.embed_dim = imported.embed_dim

@@ -241,6 +241,26 @@ def model_config(arrays: dict, options: Options = Options()) -> ml_collections.C
   return c
 
 
+def adopt_tower(config, npz: str, tower: str) -> None:
+  """Makes training `config`'s `tower` ('img' or 'txt') the one stored in `npz`.
+
+  For LiT from a big_vision checkpoint: the tower's model config is read off
+  the file's array headers, embed_dim becomes its output width, and the
+  input's patch size (img) or caption length (txt) follow it. The other
+  tower keeps its config and gets a head to embed_dim.
+  """
+  imported = model_config(load_shapes(npz))
+  if tower == 'img':
+    config.model.image = imported.image
+    config.input.patch_sizes = (imported.image.base_patch_size,)
+  elif tower == 'txt':
+    config.model.text = imported.text
+    config.input.text_len = imported.text.max_len
+  else:
+    raise ValueError(f'tower {tower!r}: expected img or txt')
+  config.model.embed_dim = imported.embed_dim
+
+
 def _paths(tree) -> dict:
   return {jax.tree_util.keystr(k, simple=True, separator='/'): v
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
