@@ -4,10 +4,12 @@ import os
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    '..', 'shared', 'fixtures', 'big_vision')
-if not os.path.isdir(ROOT):
-  ROOT = '/work/shared/fixtures/big_vision'
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repo's sibling shared/ (a main checkout), else the workspace's (a worktree).
+ROOT = os.environ.get('BIG_VISION_FIXTURES') or next(
+    (p for p in (os.path.join(_REPO, '..', 'shared', 'fixtures', 'big_vision'),
+                 '/work/shared/fixtures/big_vision') if os.path.isdir(p)),
+    os.path.join(_REPO, '..', 'shared', 'fixtures', 'big_vision'))
 NAMES = ('siglip_vit', 'siglip2_naflex')
 
 

@@ -19,7 +19,9 @@ from lit_navit import checkpoint
 from lit_navit import export_big_vision
 from lit_navit import import_big_vision
 from lit_navit.data import text as text_lib
+from lit_navit.models import posemb
 from lit_navit.models import two_towers
+from lit_navit.models import variants
 import bv_fixtures
 
 TOL = 1e-5
@@ -260,3 +262,41 @@ def test_cli_import_then_export_round_trips_through_orbax(tmp_path):
     for key, value in model_cfg[tower].items():
       assert fixture_cfg[tower].get(key, value) == value, (tower, key)
 
+
+
+def test_sincos2d_is_big_vision_channel_order():
+  # big_vision's posemb_sincos_2d written out for a 3x5 grid, width 16:
+  # channels [sin x, cos x, sin y, cos y], frequencies 1e4 ** -(i / 3).
+  width, rows, cols = 16, 3, 5
+  y, x = np.mgrid[:rows, :cols]
+  omega = 1.0 / 10_000.0 ** (np.arange(4) / 3)
+  y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+  expected = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  yx = np.stack(np.divmod(np.arange(rows * cols), cols), -1).astype(np.int32)
+  module = posemb.make('sincos2d', width, max_grid=8)
+  got = module.apply({}, yx, np.full_like(yx, (rows, cols)))
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_flat_posemb_is_the_same_grid_resized():
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(4, 4, 8)).astype(np.float32)
+  grid = np.array([[3, 6]] * 18, np.int32)
+  yx = np.stack(np.divmod(np.arange(18), 6), -1).astype(np.int32)
+  as_grid = posemb.make('learn_2d_resized', 8, 4).apply(
+      {'params': {'pos_embedding': table}}, yx, grid)
+  as_flat = posemb.make('learn_1d_resized', 8, 4).apply(
+      {'params': {'pos_embedding': table.reshape(1, 16, 8)}}, yx, grid)
+  np.testing.assert_array_equal(as_grid, as_flat)
+
+
+def test_named_and_explicit_sizes():
+  assert variants.decode('So400m/14') == dict(width=1152, depth=27, mlp_dim=4304,
+                                              num_heads=16, patch_size=14)
+  assert variants.decode('g-opt/16')['width'] == 1536
+  c = two_towers.default_config().image
+  c.variant, c.width, c.num_heads = 'B/16', 512, 8
+  assert variants.tower_size(c) == dict(width=512, depth=12, mlp_dim=3072, num_heads=8)
+  c.variant = ''
+  with pytest.raises(ValueError, match='image.depth'):
+    variants.tower_size(c, 'image')

@@ -6,6 +6,8 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
+import pyarrow.parquet as pq
 import pytest
 
 from lit_navit import big_vision
@@ -129,3 +131,23 @@ def test_retrieval_and_export_scripts_on_an_imported_naflex(imported, tmp_path):
       '--checkpoint', imported['siglip2_naflex'], '--images', str(tmp_path / 'photos'),
       '--output_dir', str(tmp_path / 'export'), '--dtype', 'float32', '--no_progress'])
   assert summary['num_exported'] == 3
+
+
+def test_export_script_on_the_vit_fixture_photos_gives_big_vision_zimg(imported, tmp_path):
+  # The fixture's photos, already 64x64 uint8, as lossless files: the script
+  # decodes, sizes (4x4 patches of 16 px: no resize), patchifies and embeds
+  # them through the pipeline exactly as it would any photo.
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for n, image in enumerate(bv_fixtures.load('siglip_vit', 'inputs')['image_uint8']):
+    Image.fromarray(image).save(str(photos / f'{n}.png'))
+  out = str(tmp_path / 'export')
+  _script('export_embeddings').main([
+      '--checkpoint', imported['siglip_vit'], '--images', str(photos),
+      '--output_dir', out, '--dtype', 'float32', '--no_text', '--no_progress'])
+  zimg = np.load(os.path.join(out, 'img_emb', 'img_emb_0.npy'))
+  names = pq.read_table(os.path.join(out, 'metadata', 'metadata_0.parquet')
+                        ).to_pydict()['image_path']
+  order = [int(os.path.basename(p).split('.')[0]) for p in names]
+  expected = bv_fixtures.load('siglip_vit', 'expected')['zimg'][order]
+  assert np.abs(zimg - expected).max() <= 1e-5
