@@ -34,7 +34,7 @@ from lit_navit.models import variants
 IMAGE_MODELS = {'conv': 'vit', 'dense': 'proj.image_text.naflex_vit'}
 TEXT_MODEL = 'proj.image_text.text_transformer'
 # big_vision pool_type -> ours, per tower, where the checkpoint has no MAP head.
-_IMAGE_POOLS = {'gap': 'mean', 'mean': 'mean'}
+_IMAGE_POOLS = {'gap': 'mean', 'mean': 'mean', 'max': 'max'}
 _TEXT_POOLS = {'last': 'last', 'first': 'first', 'gap': 'mean', 'mean': 'mean',
                'gmp': 'max', 'max': 'max'}
 _BLOCK = re.compile(r'^(img/Transformer|txt/Encoder_0)/encoderblock(?:_(\d+))?/(.*)$')
@@ -347,6 +347,8 @@ def _check_exportable(config) -> None:
   if img.get('stem', 'conv') == 'conv' and img.posemb not in (
       'learn_2d_resized', 'learn_1d_resized', 'sincos2d'):
     problems.append(f'image.posemb {img.posemb!r} (ViT has a learned or sincos2d posemb)')
+  if img.get('stem', 'conv') == 'conv' and img.pool == 'max':
+    problems.append("image.pool 'max' (ViT pools map, gap, tok or 0)")
   for tower, c in (('image', img), ('text', txt)):
     if c.qk_norm:
       problems.append(f'{tower}.qk_norm')
@@ -387,7 +389,7 @@ def bv_model_config(config) -> dict:
   img_size = {k: int(v) for k, v in variants.tower_size(img, 'image').items()}
   txt_size = {k: int(v) for k, v in variants.tower_size(txt, 'text').items()}
   stem = img.get('stem', 'conv')
-  image = dict(**img_size, pool_type='map' if img.pool == 'map' else 'gap',
+  image = dict(**img_size, pool_type={'map': 'map', 'mean': 'gap', 'max': 'max'}[img.pool],
                scan=bool(img.scan))
   if stem == 'conv':
     patch = two_towers.base_patch_size(img)

@@ -19,6 +19,7 @@ from lit_navit import checkpoint
 from lit_navit import export_big_vision
 from lit_navit import import_big_vision
 from lit_navit.data import text as text_lib
+from lit_navit.models import pooling
 from lit_navit.models import posemb
 from lit_navit.models import two_towers
 from lit_navit.models import variants
@@ -300,3 +301,14 @@ def test_named_and_explicit_sizes():
   c.variant = ''
   with pytest.raises(ValueError, match='image.depth'):
     variants.tower_size(c, 'image')
+
+
+def test_masked_max_pools_each_slot_over_its_own_tokens():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, 3)).astype(np.float32)
+  segment = np.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 2]])
+  slot_mask = segment[:, None, :] == np.arange(1, 3)[None, :, None]
+  got = np.asarray(pooling.masked_max(x, slot_mask))
+  for b in range(2):
+    for e in range(2):
+      np.testing.assert_array_equal(got[b, e], x[b][segment[b] == e + 1].max(0))

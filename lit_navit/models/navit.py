@@ -80,7 +80,7 @@ class NaViT(nn.Module):
     posemb: a kind in posemb.KINDS.
     max_grid: position table size (patches per side).
     stem: 'conv' or 'dense', how the patch-embedding kernel is stored.
-    pool: 'map' (attention pooling per slot) or 'mean'.
+    pool: 'map' (attention pooling per slot), 'mean' or 'max'.
     out_dim: width of a final linear 'head'; None for no head.
     qk_norm, use_bias, attention, scan, remat_policy, dtype: see encoder.py.
     resize_fn: the pipeline's image resize, for the PI-resize matrix.
@@ -128,6 +128,8 @@ class NaViT(nn.Module):
     if self.pool == 'map':
       pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
                                self.use_bias, self.dtype, name='MAPHead_0')(x, slot_mask)
+    elif self.pool == 'max':
+      pooled = pooling.masked_max(x, slot_mask)
     else:
       pooled = pooling.masked_mean(x, slot_mask)
     if self.out_dim is not None:

@@ -17,7 +17,7 @@ from lit_navit.models import attention as attention_lib
 from lit_navit.models import encoder
 from lit_navit.models import pooling
 
-POOLS = ('last', 'first', 'max') + pooling.POOLS
+POOLS = ('last', 'first') + pooling.POOLS
 
 
 class TextTransformer(nn.Module):
@@ -90,7 +90,7 @@ class TextTransformer(nn.Module):
                                self.use_bias, self.dtype,
                                name='MAPHead_0')(x, real[:, None, :])[:, 0]
     elif self.pool == 'max':
-      pooled = jnp.max(jnp.where(real[..., None], x, jnp.finfo(x.dtype).min), axis=1)
+      pooled = pooling.masked_max(x, real[:, None, :])[:, 0]
     else:
       pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
     if self.out_dim is not None:

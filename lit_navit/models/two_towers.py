@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
       # Position table side, in patches; for learn_2d_resized the learned
       # grid's side (NaFlex: 16; its cost grows with max_grid**2).
       max_grid=64,
-      pool='map',                 # 'map' | 'mean'.
+      pool='map',                 # 'map' | 'mean' | 'max'.
       stem='conv',                # Patch kernel stored 'conv' [p,p,3,W] | 'dense' [p*p*3,W].
       head=True,                  # A linear head to embed_dim; False: width is embed_dim.
       qk_norm=False,
