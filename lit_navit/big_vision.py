@@ -57,11 +57,14 @@ class Options:
       ('last', 'first', 'gap', 'gmp').
     scan: our block layout (True: stacked, False: per layer); None keeps the
       checkpoint's.
+    image_grid: (rows, cols) of a ViT's learned [1, rows*cols, W] posemb
+      trained on non-square images; None: a square grid.
   """
   image_pool: str = 'gap'
   image_posemb: str = 'sincos2d'
   text_pool: str = 'last'
   scan: bool | None = None
+  image_grid: tuple[int, int] | None = None
 
 
 def load_npz(path: str) -> dict:
@@ -159,6 +162,13 @@ def _pool(value: str, table: dict, what: str) -> str:
   return table[value]
 
 
+def _set_grid(c, grid) -> None:
+  rows, cols = int(grid[0]), int(grid[1])
+  c.max_grid = max(rows, cols)
+  if rows != cols:
+    c.posemb_grid = (rows, cols)
+
+
 def _image_config(arrays, options: Options, c) -> int | None:
   """Fills image config `c` from img/...; returns the head's output width."""
   for unsupported in ('img/cls', 'img/pre_logits/kernel', 'img/patchln_pre/scale',
@@ -189,9 +199,18 @@ def _image_config(arrays, options: Options, c) -> int | None:
     c.posemb = 'sincos2d'
   elif posemb.ndim == 3 and posemb.shape[0] == 1:
     c.posemb = 'learn_1d_resized'
-    c.max_grid = _square_side(posemb.shape[1], 'img/pos_embedding', posemb.shape)
-  elif posemb.ndim == 3 and posemb.shape[0] == posemb.shape[1]:
-    c.posemb, c.max_grid = 'learn_2d_resized', int(posemb.shape[0])
+    if options.image_grid is None:
+      side = _square_side(posemb.shape[1], 'img/pos_embedding', posemb.shape)
+      _set_grid(c, (side, side))
+    elif math.prod(options.image_grid) != posemb.shape[1]:
+      raise CheckpointMismatch(f"checkpoint 'img/pos_embedding' has shape "
+                               f'{posemb.shape}, image_grid {options.image_grid} '
+                               f'needs [1, {math.prod(options.image_grid)}, W]')
+    else:
+      _set_grid(c, options.image_grid)
+  elif posemb.ndim == 3:
+    c.posemb = 'learn_2d_resized'
+    _set_grid(c, posemb.shape[:2])
   else:
     raise CheckpointMismatch(f"checkpoint 'img/pos_embedding' has shape "
                              f'{posemb.shape}, expected [1, G*G, W] or [G, G, W]')
@@ -347,6 +366,9 @@ def _check_exportable(config) -> None:
   if img.get('stem', 'conv') == 'conv' and img.posemb not in (
       'learn_2d_resized', 'learn_1d_resized', 'sincos2d'):
     problems.append(f'image.posemb {img.posemb!r} (ViT has a learned or sincos2d posemb)')
+  rows, cols = two_towers.posemb_grid(img)
+  if img.get('stem', 'conv') == 'dense' and rows != cols:
+    problems.append(f'image.posemb_grid {(rows, cols)} (NaFlex grids are square)')
   if img.get('stem', 'conv') == 'conv' and img.pool == 'max':
     problems.append("image.pool 'max' (ViT pools map, gap, tok or 0)")
   for tower, c in (('image', img), ('text', txt)):
@@ -372,11 +394,11 @@ def from_params(params, config, scan: bool | None = None) -> dict:
   posemb = arrays.pop('img/posemb/pos_embedding', None)
   if posemb is not None:
     width = posemb.shape[-1]
-    grid = config.image.max_grid
+    rows, cols = two_towers.posemb_grid(config.image)
     if config.image.get('stem', 'conv') == 'conv':
-      posemb = posemb.reshape(1, grid * grid, width)
+      posemb = posemb.reshape(1, rows * cols, width)
     else:
-      posemb = posemb.reshape(grid, grid, width)
+      posemb = posemb.reshape(rows, cols, width)
     arrays['img/pos_embedding'] = posemb
   if scan is not None:
     arrays = _relayout(arrays, {'img/Transformer': scan, 'txt/Encoder_0': scan})

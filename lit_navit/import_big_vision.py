@@ -26,6 +26,7 @@ from lit_navit import big_vision
 from lit_navit import checkpoint
 from lit_navit import config as config_lib
 from lit_navit.data import text as text_lib
+from lit_navit.models import two_towers
 
 RECIPES = {
     'siglip': dict(pad_id=1, sticky_eos=True, lowercase=True),
@@ -46,7 +47,8 @@ def guess_recipe(model_config) -> str:
 def default_max_tokens(model_config) -> int:
   """Tokens per image for eval: a ViT's trained grid, else NaFlex's 256."""
   if model_config.image.posemb == 'learn_1d_resized':
-    return model_config.image.max_grid ** 2
+    rows, cols = two_towers.posemb_grid(model_config.image)
+    return rows * cols
   return NAFLEX_TOKENS
 
 
@@ -119,6 +121,8 @@ def parse_args(argv=None):
                       'MAP head: gap')
   parser.add_argument('--image_posemb', default='sincos2d',
                       help='ViT posemb when the checkpoint stores none: sincos2d')
+  parser.add_argument('--image_grid', default=None, metavar='ROWSxCOLS',
+                      help="a ViT posemb's grid when it is not square, e.g. 16x32")
   parser.add_argument('--scan', choices=('keep', 'true', 'false'), default='keep',
                       help='block layout of the imported params (default: the '
                       "checkpoint's)")
@@ -132,9 +136,18 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   args = parse_args(argv)
   scan = {'keep': None, 'true': True, 'false': False}[args.scan]
+  grid = None
+  if args.image_grid:
+    try:
+      grid = tuple(int(n) for n in args.image_grid.lower().split('x'))
+    except ValueError:
+      grid = ()
+    if len(grid) != 2:
+      raise SystemExit(f'--image_grid {args.image_grid!r}: expected ROWSxCOLS')
   options = big_vision.Options(image_pool=args.image_pool,
                                 image_posemb=args.image_posemb,
-                                text_pool=args.text_pool, scan=scan)
+                                text_pool=args.text_pool, scan=scan,
+                                image_grid=grid)
   config, _ = import_checkpoint(args.npz, args.tokenizer, args.workdir,
                                 options=options, recipe=args.recipe,
                                 max_tokens=args.max_tokens)

@@ -312,3 +312,26 @@ def test_masked_max_pools_each_slot_over_its_own_tokens():
   for b in range(2):
     for e in range(2):
       np.testing.assert_array_equal(got[b, e], x[b][segment[b] == e + 1].max(0))
+
+
+def test_a_rectangular_vit_posemb_is_read_as_its_grid():
+  # A ViT trained on 2x3-patch images adds pos_embedding[0, i] to token i
+  # (row-major); on a 2x3 image the resized grid must give exactly that.
+  arrays = big_vision.load_npz(bv_fixtures.path('siglip_vit', 'params'))
+  rng = np.random.default_rng(0)
+  arrays['img/pos_embedding'] = rng.normal(size=(1, 6, 64)).astype(np.float32)
+  with pytest.raises(big_vision.CheckpointMismatch, match='square grid'):
+    big_vision.model_config(arrays)
+  with pytest.raises(big_vision.CheckpointMismatch, match=r'needs \[1, 8, W\]'):
+    big_vision.model_config(arrays, big_vision.Options(image_grid=(2, 4)))
+  config = big_vision.model_config(arrays, big_vision.Options(image_grid=(2, 3)))
+  assert tuple(config.image.posemb_grid) == (2, 3)
+  params = big_vision.to_params(arrays, config)
+  yx = np.stack(np.divmod(np.arange(6), 3), -1).astype(np.int32)
+  table = params['img']['posemb']['pos_embedding']
+  module = posemb.make(config.image.posemb, 64, config.image.max_grid,
+                       grid_shape=two_towers.posemb_grid(config.image))
+  got = module.apply({'params': {'pos_embedding': table}}, yx, np.full_like(yx, (2, 3)))
+  np.testing.assert_allclose(got, arrays['img/pos_embedding'][0], atol=1e-6)
+  exported = big_vision.from_params(params, config)
+  np.testing.assert_array_equal(exported['img/pos_embedding'], arrays['img/pos_embedding'])

@@ -39,7 +39,8 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   p0 = two_towers.base_patch_size(c)
   per_row = 2 * tokens * 3 * p * p * width
   if c.posemb in ('learn_2d_resized', 'learn_1d_resized'):
-    per_row += 2 * tokens * c.max_grid ** 2 * width
+    rows, cols = two_towers.posemb_grid(c)
+    per_row += 2 * tokens * rows * cols * width
   per_row += _encoder_flops(tokens, width, size['depth'], mlp_dim)
   if c.pool == 'map':
     per_row += _map_head_flops(slots, tokens, width, mlp_dim)

@@ -79,6 +79,7 @@ class NaViT(nn.Module):
     base_patch_size: patch size the embedding kernel is stored at.
     posemb: a kind in posemb.KINDS.
     max_grid: position table size (patches per side).
+    posemb_grid: (rows, cols) of a rectangular resized grid; None: square.
     stem: 'conv' or 'dense', how the patch-embedding kernel is stored.
     pool: 'map' (attention pooling per slot), 'mean' or 'max'.
     out_dim: width of a final linear 'head'; None for no head.
@@ -102,6 +103,7 @@ class NaViT(nn.Module):
   dtype: Any = jnp.float32
   resize_fn: flexi.ResizeFn = patches_lib.resize_image
   stem: str = 'conv'
+  posemb_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, patches, yx, segment, grid):
@@ -116,7 +118,8 @@ class NaViT(nn.Module):
 
     # Each token's image size; padding reads slot 1's, which nothing uses.
     token_grid = grid[jnp.arange(batch)[:, None], jnp.maximum(segment - 1, 0)]
-    pos = posemb_lib.make(self.posemb, self.width, self.max_grid)(yx, token_grid)
+    pos = posemb_lib.make(self.posemb, self.width, self.max_grid,
+                          grid_shape=self.posemb_grid)(yx, token_grid)
     x = x + pos.astype(self.dtype)
 
     x = encoder.Encoder(

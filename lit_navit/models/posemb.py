@@ -128,26 +128,31 @@ class Learned2dResized(nn.Module):
 
   With `flat` the table is stored as [1, G*G, width], row-major over the
   grid: big_vision ViT's learned 1-D posemb, which a G x G image reads as is.
+  `grid_shape` (rows, cols) makes the grid rectangular (a ViT trained on
+  non-square images); unset, it is max_grid x max_grid.
   """
   width: int
   max_grid: int
   antialias: bool = True
   flat: bool = False
+  grid_shape: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, yx, grid):
-    g = self.max_grid
-    shape = (1, g * g, self.width) if self.flat else (g, g, self.width)
+    rows, cols = self.grid_shape or (self.max_grid, self.max_grid)
+    shape = (1, rows * cols, self.width) if self.flat else (rows, cols, self.width)
     table = self.param('pos_embedding', _table_init(self.width), shape)
     size = jnp.maximum(grid, 1)  # Padding tokens carry grid 0.
-    w_y = resize_weights(yx[..., 0], size[..., 0], g, self.antialias)
-    w_x = resize_weights(yx[..., 1], size[..., 1], g, self.antialias)
-    weights = (w_y[..., :, None] * w_x[..., None, :]).reshape(*yx.shape[:-1], g * g)
-    return weights @ table.reshape(g * g, self.width)
+    w_y = resize_weights(yx[..., 0], size[..., 0], rows, self.antialias)
+    w_x = resize_weights(yx[..., 1], size[..., 1], cols, self.antialias)
+    weights = (w_y[..., :, None] * w_x[..., None, :]).reshape(*yx.shape[:-1], rows * cols)
+    return weights @ table.reshape(rows * cols, self.width)
 
 
-def make(kind: str, width: int, max_grid: int, name: str = 'posemb') -> nn.Module:
-  """The position-embedding module named by config `posemb`."""
+def make(kind: str, width: int, max_grid: int, name: str = 'posemb',
+         grid_shape: tuple[int, int] | None = None) -> nn.Module:
+  """The position-embedding module named by config `posemb`; `grid_shape`
+  applies to the resized kinds."""
   if kind == 'learn_factorized':
     return LearnedFactorized(width, max_grid, name=name)
   if kind == 'fractional_factorized':
@@ -157,7 +162,8 @@ def make(kind: str, width: int, max_grid: int, name: str = 'posemb') -> nn.Modul
   if kind == 'sincos2d':
     return Sincos2d(width, name=name)
   if kind == 'learn_2d_resized':
-    return Learned2dResized(width, max_grid, name=name)
+    return Learned2dResized(width, max_grid, grid_shape=grid_shape, name=name)
   if kind == 'learn_1d_resized':
-    return Learned2dResized(width, max_grid, flat=True, name=name)
+    return Learned2dResized(width, max_grid, flat=True, grid_shape=grid_shape,
+                            name=name)
   raise ValueError(f'unknown posemb {kind!r}; expected one of {KINDS}')

@@ -39,6 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
       # Position table side, in patches; for learn_2d_resized the learned
       # grid's side (NaFlex: 16; its cost grows with max_grid**2).
       max_grid=64,
+      # (rows, cols) of a rectangular learn_*_resized grid; unset: max_grid square.
+      posemb_grid=ml_collections.config_dict.placeholder(tuple),
       pool='map',                 # 'map' | 'mean' | 'max'.
       stem='conv',                # Patch kernel stored 'conv' [p,p,3,W] | 'dense' [p*p*3,W].
       head=True,                  # A linear head to embed_dim; False: width is embed_dim.
@@ -96,6 +98,12 @@ def _out_dim(config, tower: str, width: int) -> int | None:
   return None
 
 
+def posemb_grid(image_config) -> tuple[int, int]:
+  """(rows, cols) of the image posemb grid: `posemb_grid`, else max_grid square."""
+  grid = image_config.get('posemb_grid')
+  return tuple(int(g) for g in grid) if grid else (image_config.max_grid,) * 2
+
+
 def image_tower(config) -> navit.NaViT:
   """The NaViT described by `config.image`, projecting to `config.embed_dim`."""
   c = config.image
@@ -106,7 +114,7 @@ def image_tower(config) -> navit.NaViT:
       out_dim=_out_dim(config, 'image', size['width']),
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
       scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
-      stem=c.get('stem', 'conv'))
+      stem=c.get('stem', 'conv'), posemb_grid=posemb_grid(c))
 
 
 def text_tower(config) -> text.TextTransformer:
