@@ -50,7 +50,7 @@ class Options:
 
   Attributes:
     image_pool: big_vision image pool_type when there is no img/MAPHead_0
-      ('gap'; 'map' is read off the checkpoint).
+      ('gap', or 'max' for NaFlex; 'map' is read off the checkpoint).
     image_posemb: the ViT's posemb when there is no img/pos_embedding
       ('sincos2d'; a learned one is read off the checkpoint).
     text_pool: big_vision text pool_type when there is no txt/MAPHead_0
