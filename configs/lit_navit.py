@@ -7,8 +7,12 @@ text tower instead with `locked=txt`.
   python -m lit_navit.train --workdir DIR \\
     --config configs/lit_navit.py:variant=B/16,batch=4096,path=...,init=/ckpts/siglip_b16
 
+`init` may also be a big_vision SigLIP / SigLIP 2 .npz: the locked tower's
+config (sizes, stem, posemb, pooling, head) is then read off its arrays,
+embed_dim becomes its output width, and its patch size the input's.
+
 Args: those of configs/siglip_navit.py, plus locked (img | txt) and init (a
-workdir or step directory whose params initialise the model).
+workdir, step directory or big_vision .npz whose params initialise the model).
 """
 
 import os
@@ -17,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import siglip_navit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from lit_navit import big_vision
 from lit_navit import config as config_lib
 
 
@@ -30,4 +35,6 @@ def get_config(arg=None):
   c.init_params = f'{lit.locked}/.*'
   c.optim.schedule = [(f'{lit.locked}/.*', None),
                       ('.*', dict(decay_type='cosine', warmup_steps=5_000))]
+  if lit.init.endswith('.npz'):
+    big_vision.adopt_tower(c, lit.init, lit.locked)
   return c

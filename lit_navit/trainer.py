@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from lit_navit import big_vision
 from lit_navit import checkpoint
 from lit_navit import losses
 from lit_navit import metrics as metrics_lib
@@ -59,8 +60,7 @@ def make_pipeline(config, source, *, rows: int, groups: int = 1, mode: str = 'tr
   `groups` is the caption groups of its rows: its device shards (see
   `caption_groups`).
   """
-  tokenizer = text.Tokenizer(config.input.tokenizer, length=config.input.text_len,
-                             sticky_eos=config.input.sticky_eos)
+  tokenizer = text.Tokenizer.from_config(config.input)
   input_config = config.input.copy_and_resolve_references()
   with input_config.unlocked():
     input_config.mode = mode
@@ -168,23 +168,32 @@ class Trainer:
     return state
 
   def _load_init_params(self, params):
-    """Replaces the params matching config.init_params with init_from's."""
-    _, loaded = checkpoint.load_for_inference(self.config.init_from)
+    """Replaces the params matching config.init_params with init_from's
+    (a workdir, a step directory or a big_vision .npz)."""
+    init_from = self.config.init_from
+    if init_from.endswith('.npz'):
+      loaded_by_path = big_vision.to_ours(big_vision.load_npz(init_from),
+                                          self.config.model)
+    else:
+      _, loaded = checkpoint.load_for_inference(init_from)
+      loaded_by_path = dict(zip(rules.tree_paths(loaded), jax.tree.leaves(loaded)))
     take = rules.match_rules(params, [(self.config.init_params, True), ('.*', False)],
                              'config.init_params')
-    loaded_by_path = dict(zip(rules.tree_paths(loaded), jax.tree.leaves(loaded)))
 
     def pick(key_path, param, take_it, sharding_):
       if not take_it:
         return param
       path = rules.path_str(key_path)
-      if path not in loaded_by_path or loaded_by_path[path].shape != param.shape:
-        raise ValueError(f'config.init_from={self.config.init_from!r} has no param '
-                         f'{path!r} of shape {param.shape}')
+      if path not in loaded_by_path:
+        raise ValueError(f'config.init_from={init_from!r} has no param {path!r} '
+                         f'(model expects {tuple(param.shape)})')
+      if loaded_by_path[path].shape != param.shape:
+        raise ValueError(f'config.init_from={init_from!r} param {path!r} has shape '
+                         f'{tuple(loaded_by_path[path].shape)}, model expects '
+                         f'{tuple(param.shape)}')
       return jax.device_put(np.asarray(loaded_by_path[path]), sharding_)
 
-    log.info('initialising %r params from %s', self.config.init_params,
-                 self.config.init_from)
+    log.info('initialising %r params from %s', self.config.init_params, init_from)
     return jax.tree_util.tree_map_with_path(pick, params, take,
                                             self.state_sharding['params'])
 

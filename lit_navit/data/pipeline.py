@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.source = sources.default_source_config()
   config.tokenizer = text.default_tokenizer_path()  # A sentencepiece model.
   config.sticky_eos = False  # Keep EOS when a caption is truncated.
+  # Padding id; unset: the tokenizer model's (SigLIP pads with 1, its EOS).
+  config.pad_id = ml_collections.config_dict.placeholder(int)
+  config.lowercase = False  # Lowercase captions first (SigLIP, SigLIP 2).
   config.tokens_per_row = 256  # L, image tokens per packed row.
   config.images_per_row = 16  # E, image slots per row.
   config.text_len = 16  # T, tokens per caption.

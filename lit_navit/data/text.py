@@ -4,6 +4,8 @@ Any `.model` file works (c4_en, Gemma, or the small one trained on the
 synthetic captions in tokenizers/). EOS and padding follow big_vision: EOS is
 appended, the sequence is cut to `length`, and with `sticky_eos` a cut
 sequence still ends in EOS. An empty caption becomes just EOS, then padding.
+SigLIP tokenizes lowercased text with sticky EOS and pads with 1 (c4_en's
+EOS); SigLIP 2 the same with Gemma's pad id 0.
 """
 
 import os
@@ -29,10 +31,12 @@ class Tokenizer:
     sticky_eos: if a caption is cut, its last kept token becomes EOS.
     add_eos: append EOS to every caption.
     pad_id: id for padding; default the model's pad id, else 0.
+    lowercase: lowercase captions before encoding (big_vision's default).
   """
 
   def __init__(self, model_path: str, length: int, sticky_eos: bool = False,
-               add_eos: bool = True, pad_id: int | None = None):
+               add_eos: bool = True, pad_id: int | None = None,
+               lowercase: bool = False):
     if not os.path.isfile(model_path):
       raise FileNotFoundError(f'sentencepiece model {model_path!r} does not exist')
     if length < 1:
@@ -41,8 +45,17 @@ class Tokenizer:
     self.length = length
     self.sticky_eos = sticky_eos
     self.add_eos = add_eos
+    self.lowercase = lowercase
     model_pad = self._sp.pad_id()
     self.pad_id = pad_id if pad_id is not None else (model_pad if model_pad >= 0 else 0)
+
+  @classmethod
+  def from_config(cls, input_config) -> 'Tokenizer':
+    """The tokenizer of an `input` config (data/pipeline.default_config)."""
+    return cls(input_config.tokenizer, input_config.text_len,
+               sticky_eos=input_config.sticky_eos,
+               pad_id=input_config.get('pad_id'),
+               lowercase=input_config.get('lowercase', False))
 
   @property
   def eos_id(self) -> int:
@@ -54,7 +67,8 @@ class Tokenizer:
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     out = np.full((len(texts), self.length), self.pad_id, np.int32)
-    for row, ids in enumerate(self._sp.encode([t or '' for t in texts])):
+    texts = [(t or '').lower() if self.lowercase else (t or '') for t in texts]
+    for row, ids in enumerate(self._sp.encode(texts)):
       if self.add_eos:
         ids = ids + [self.eos_id]
       if len(ids) > self.length:

@@ -128,9 +128,7 @@ class Embedder:
   def from_config(cls, config, params, batch_rows, **kwargs):
     """From a full training config (`config.model`, `config.input`), as
     `checkpoint.load_for_inference` returns it."""
-    tokenizer = text_lib.Tokenizer(config.input.tokenizer,
-                                   config.input.text_len,
-                                   sticky_eos=config.input.sticky_eos)
+    tokenizer = text_lib.Tokenizer.from_config(config.input)
     return cls(two_towers.TwoTowers(config.model), params, config.input,
                tokenizer, batch_rows, **kwargs)
 

@@ -33,17 +33,19 @@ def _map_head_flops(queries: int, tokens: int, width: int, mlp_dim: int) -> int:
 def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   """Forward FLOPs of the image tower on one batch of `spec`."""
   c = config.image
-  size = variants.decode(c.variant)
+  size = variants.tower_size(c, 'image')
   width, mlp_dim = size['width'], size['mlp_dim']
   tokens, slots, p = spec.tokens_per_row, spec.slots, spec.patch_size
   p0 = two_towers.base_patch_size(c)
   per_row = 2 * tokens * 3 * p * p * width
-  if c.posemb == 'learn_2d_resized':
-    per_row += 2 * tokens * c.max_grid ** 2 * width
+  if c.posemb in ('learn_2d_resized', 'learn_1d_resized'):
+    rows, cols = two_towers.posemb_grid(c)
+    per_row += 2 * tokens * rows * cols * width
   per_row += _encoder_flops(tokens, width, size['depth'], mlp_dim)
   if c.pool == 'map':
     per_row += _map_head_flops(slots, tokens, width, mlp_dim)
-  per_row += 2 * slots * width * config.embed_dim
+  if c.get('head', True):
+    per_row += 2 * slots * width * config.embed_dim
   pi_resize = 2 * p * p * p0 * p0 * 3 * width if p != p0 else 0
   return spec.rows * per_row + pi_resize
 
@@ -51,13 +53,14 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
 def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   """Forward FLOPs of the text tower on the G*C caption rows of one batch."""
   c = config.text
-  size = variants.decode(c.variant)
+  size = variants.tower_size(c, 'text')
   width, mlp_dim = size['width'], size['mlp_dim']
   tokens = spec.text_len
   per_caption = _encoder_flops(tokens, width, size['depth'], mlp_dim)
   if c.pool == 'map':
     per_caption += _map_head_flops(1, tokens, width, mlp_dim)
-  per_caption += 2 * width * config.embed_dim
+  if c.get('head', True):
+    per_caption += 2 * width * config.embed_dim
   return spec.groups * spec.captions * per_caption
 
 

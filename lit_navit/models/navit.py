@@ -21,6 +21,16 @@ from lit_navit.models import pooling
 from lit_navit.models import posemb as posemb_lib
 
 
+STEMS = ('conv', 'dense')
+
+
+def _stem_init(conv_shape):
+  """lecun_normal over the conv fan-in, whatever shape the kernel is stored in."""
+  def init(key, shape, dtype=jnp.float32):
+    return nn.initializers.lecun_normal()(key, conv_shape, dtype).reshape(shape)
+  return init
+
+
 def patch_size_of(patch_dim: int) -> int:
   """p from the flattened patch length p*p*3."""
   p = math.isqrt(patch_dim // 3)
@@ -32,22 +42,29 @@ def patch_size_of(patch_dim: int) -> int:
 class PatchEmbedding(nn.Module):
   """Linear map of flattened (py, px, c) patches to width.
 
-  The kernel is stored as [p0, p0, 3, width] (a big_vision conv kernel) at
-  `base_patch_size` p0 and PI-resized to the input's patch size.
+  The kernel is stored at `base_patch_size` p0 as [p0, p0, 3, width] with
+  stem 'conv' (big_vision ViT's conv kernel) or as [p0*p0*3, width] with stem
+  'dense' (NaFlex's), the same numbers in (py, px, c) order either way, and
+  PI-resized to the input's patch size.
   """
   width: int
   base_patch_size: int
   use_bias: bool = True
   resize_fn: flexi.ResizeFn = patches_lib.resize_image
   dtype: Any = jnp.float32
+  stem: str = 'conv'
 
   @nn.compact
   def __call__(self, patches):
+    if self.stem not in STEMS:
+      raise ValueError(f'unknown image stem {self.stem!r}; expected one of {STEMS}')
     p = patch_size_of(patches.shape[-1])
     p0 = self.base_patch_size
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (p0, p0, 3, self.width))
-    kernel = flexi.pi_resize(kernel, p, self.resize_fn).reshape(p * p * 3, self.width)
+    conv_shape = (p0, p0, 3, self.width)
+    shape = conv_shape if self.stem == 'conv' else (p0 * p0 * 3, self.width)
+    kernel = self.param('kernel', _stem_init(conv_shape), shape)
+    kernel = flexi.pi_resize(kernel.reshape(conv_shape), p, self.resize_fn)
+    kernel = kernel.reshape(p * p * 3, self.width)
     x = patches.astype(self.dtype) @ kernel.astype(self.dtype)
     if self.use_bias:
       x = x + self.param('bias', nn.initializers.zeros, (self.width,)).astype(self.dtype)
@@ -62,7 +79,9 @@ class NaViT(nn.Module):
     base_patch_size: patch size the embedding kernel is stored at.
     posemb: a kind in posemb.KINDS.
     max_grid: position table size (patches per side).
-    pool: 'map' (attention pooling per slot) or 'mean'.
+    posemb_grid: (rows, cols) of a rectangular resized grid; None: square.
+    stem: 'conv' or 'dense', how the patch-embedding kernel is stored.
+    pool: 'map' (attention pooling per slot), 'mean' or 'max'.
     out_dim: width of a final linear 'head'; None for no head.
     qk_norm, use_bias, attention, scan, remat_policy, dtype: see encoder.py.
     resize_fn: the pipeline's image resize, for the PI-resize matrix.
@@ -83,6 +102,8 @@ class NaViT(nn.Module):
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
   resize_fn: flexi.ResizeFn = patches_lib.resize_image
+  stem: str = 'conv'
+  posemb_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, patches, yx, segment, grid):
@@ -92,11 +113,13 @@ class NaViT(nn.Module):
     batch, _, _ = patches.shape
     slots = grid.shape[1]
     x = PatchEmbedding(self.width, self.base_patch_size, self.use_bias,
-                       self.resize_fn, self.dtype, name='embedding')(patches)
+                       self.resize_fn, self.dtype, self.stem,
+                       name='embedding')(patches)
 
     # Each token's image size; padding reads slot 1's, which nothing uses.
     token_grid = grid[jnp.arange(batch)[:, None], jnp.maximum(segment - 1, 0)]
-    pos = posemb_lib.make(self.posemb, self.width, self.max_grid)(yx, token_grid)
+    pos = posemb_lib.make(self.posemb, self.width, self.max_grid,
+                          grid_shape=self.posemb_grid)(yx, token_grid)
     x = x + pos.astype(self.dtype)
 
     x = encoder.Encoder(
@@ -108,6 +131,8 @@ class NaViT(nn.Module):
     if self.pool == 'map':
       pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
                                self.use_bias, self.dtype, name='MAPHead_0')(x, slot_mask)
+    elif self.pool == 'max':
+      pooled = pooling.masked_max(x, slot_mask)
     else:
       pooled = pooling.masked_mean(x, slot_mask)
     if self.out_dim is not None:

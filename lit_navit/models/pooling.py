@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from lit_navit.models import attention as attention_lib
 from lit_navit.models import encoder
 
-POOLS = ('map', 'mean')
+POOLS = ('map', 'mean', 'max')
 
 
 class MAPHead(nn.Module):
@@ -48,3 +48,9 @@ def masked_mean(x, slot_mask):
   counts = jnp.maximum(weights.sum(-1, keepdims=True), 1.0)
   sums = jnp.einsum('bel,bld->bed', weights, x.astype(jnp.float32))
   return (sums / counts).astype(x.dtype)
+
+
+def masked_max(x, slot_mask):
+  """Channel-wise max of each slot's tokens: [B, L, D], [B, E, L] -> [B, E, D]."""
+  lowest = jnp.finfo(x.dtype).min
+  return jnp.max(jnp.where(slot_mask[..., None], x[:, None], lowest), axis=2)

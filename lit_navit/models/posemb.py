@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 KINDS = ('learn_factorized', 'fractional_factorized', 'sincos_factorized',
-         'learn_2d_resized')
+         'sincos2d', 'learn_2d_resized', 'learn_1d_resized')
 
 
 def resize_weights(position, out_size, in_size: int, antialias: bool):
@@ -96,6 +96,28 @@ class SincosFactorized(nn.Module):
     return halves.reshape(*yx.shape[:-1], self.width)
 
 
+class Sincos2d(nn.Module):
+  """big_vision's `posemb_sincos_2d` (MoCo v3) at each token's absolute (y, x).
+
+  Channels are [sin x, cos x, sin y, cos y], each a quarter of the width, with
+  frequencies temperature ** -(i / (width / 4 - 1)): a ViT trained with
+  big_vision's sincos2d sees the same embedding here.
+  """
+  width: int
+  temperature: float = 10_000.0
+
+  @nn.compact
+  def __call__(self, yx, grid):
+    del grid
+    if self.width % 4 or self.width < 8:
+      raise ValueError(f'sincos2d needs width divisible by 4 and >= 8, got {self.width}')
+    quarter = self.width // 4
+    omega = 1.0 / self.temperature ** (jnp.arange(quarter) / (quarter - 1))
+    y = yx[..., 0:1].astype(jnp.float32) * omega
+    x = yx[..., 1:2].astype(jnp.float32) * omega
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
+
+
 class Learned2dResized(nn.Module):
   """A learned [G, G, width] grid bilinearly resized to each image's (rows, cols).
 
@@ -103,30 +125,45 @@ class Learned2dResized(nn.Module):
   grid resized to rows x cols has at (y, x) (antialiased as NaFlex does, so
   its checkpoints can be imported). Computed per token as interpolation
   weights over the G x G grid, so shapes stay static.
+
+  With `flat` the table is stored as [1, G*G, width], row-major over the
+  grid: big_vision ViT's learned 1-D posemb, which a G x G image reads as is.
+  `grid_shape` (rows, cols) makes the grid rectangular (a ViT trained on
+  non-square images); unset, it is max_grid x max_grid.
   """
   width: int
   max_grid: int
   antialias: bool = True
+  flat: bool = False
+  grid_shape: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, yx, grid):
-    g = self.max_grid
-    table = self.param('pos_embedding', _table_init(self.width), (g, g, self.width))
+    rows, cols = self.grid_shape or (self.max_grid, self.max_grid)
+    shape = (1, rows * cols, self.width) if self.flat else (rows, cols, self.width)
+    table = self.param('pos_embedding', _table_init(self.width), shape)
     size = jnp.maximum(grid, 1)  # Padding tokens carry grid 0.
-    w_y = resize_weights(yx[..., 0], size[..., 0], g, self.antialias)
-    w_x = resize_weights(yx[..., 1], size[..., 1], g, self.antialias)
-    weights = (w_y[..., :, None] * w_x[..., None, :]).reshape(*yx.shape[:-1], g * g)
-    return weights @ table.reshape(g * g, self.width)
+    w_y = resize_weights(yx[..., 0], size[..., 0], rows, self.antialias)
+    w_x = resize_weights(yx[..., 1], size[..., 1], cols, self.antialias)
+    weights = (w_y[..., :, None] * w_x[..., None, :]).reshape(*yx.shape[:-1], rows * cols)
+    return weights @ table.reshape(rows * cols, self.width)
 
 
-def make(kind: str, width: int, max_grid: int, name: str = 'posemb') -> nn.Module:
-  """The position-embedding module named by config `posemb`."""
+def make(kind: str, width: int, max_grid: int, name: str = 'posemb',
+         grid_shape: tuple[int, int] | None = None) -> nn.Module:
+  """The position-embedding module named by config `posemb`; `grid_shape`
+  applies to the resized kinds."""
   if kind == 'learn_factorized':
     return LearnedFactorized(width, max_grid, name=name)
   if kind == 'fractional_factorized':
     return FractionalFactorized(width, max_grid, name=name)
   if kind == 'sincos_factorized':
     return SincosFactorized(width, name=name)
+  if kind == 'sincos2d':
+    return Sincos2d(width, name=name)
   if kind == 'learn_2d_resized':
-    return Learned2dResized(width, max_grid, name=name)
+    return Learned2dResized(width, max_grid, grid_shape=grid_shape, name=name)
+  if kind == 'learn_1d_resized':
+    return Learned2dResized(width, max_grid, flat=True, grid_shape=grid_shape,
+                            name=name)
   raise ValueError(f'unknown posemb {kind!r}; expected one of {KINDS}')

@@ -1,7 +1,11 @@
 """Text tower: token + learned position embeddings, the shared encoder, pooling.
 
-Pad tokens (config `pad_id`) are masked out of attention and pooling, so a
-caption's embedding does not depend on how much padding follows it.
+By default pad tokens (config `pad_id`) are masked out of attention and
+pooling, so a caption's embedding does not depend on how much padding
+follows it. With `mask_padding=False` the tower is big_vision's
+text_transformer exactly: every token attends to every token, padding
+included, and 'last' pools position T-1 whatever token sits there (the EOS
+under SigLIP's pad-with-EOS tokenization, a pad token under SigLIP 2's).
 """
 
 from typing import Any
@@ -17,13 +21,16 @@ POOLS = ('last', 'first') + pooling.POOLS
 
 
 class TextTransformer(nn.Module):
-  """Tokens int [..., T] -> [..., out_dim or width] float32, zero for all-pad rows.
+  """Tokens int [..., T] -> [..., out_dim or width] float32.
+
+  With `mask_padding`, rows of padding only give zero vectors.
 
   Attributes:
     vocab_size, max_len: embedding table sizes (T <= max_len).
     width, depth, mlp_dim, num_heads: transformer size (see variants.py).
-    pool: 'last' (last non-pad token; the EOS when the tokenizer appends one),
-      'first', 'map' or 'mean'.
+    pool: 'last' (last non-pad token, the EOS when the tokenizer appends one;
+      position T-1 without mask_padding), 'first', 'map', 'mean' or 'max'.
+    mask_padding: hide pad tokens from attention and pooling (see above).
     out_dim: width of a final linear 'head'; None for no head.
     causal: each token sees only earlier tokens.
     pad_id: the padding token.
@@ -39,6 +46,7 @@ class TextTransformer(nn.Module):
   out_dim: int | None = None
   causal: bool = False
   pad_id: int = 0
+  mask_padding: bool = True
   qk_norm: bool = False
   use_bias: bool = True
   attention: Any = 'dense'
@@ -61,9 +69,12 @@ class TextTransformer(nn.Module):
     x = x + pos[:, :length]
 
     real = tokens != self.pad_id
-    mask = attention_lib.segment_mask(real, real)
+    if not self.mask_padding:
+      real = jnp.ones_like(real)
+    mask = attention_lib.segment_mask(real, real) if self.mask_padding else None
     if self.causal:
-      mask = mask & jnp.tril(jnp.ones((length, length), bool))
+      causal = jnp.tril(jnp.ones((length, length), bool))
+      mask = causal if mask is None else mask & causal
     x = encoder.Encoder(
         self.depth, self.mlp_dim, self.num_heads, self.qk_norm, self.use_bias,
         self.attention, self.scan, self.remat_policy, self.dtype,
@@ -78,6 +89,8 @@ class TextTransformer(nn.Module):
       pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
                                self.use_bias, self.dtype,
                                name='MAPHead_0')(x, real[:, None, :])[:, 0]
+    elif self.pool == 'max':
+      pooled = pooling.masked_max(x, real[:, None, :])[:, 0]
     else:
       pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
     if self.out_dim is not None:

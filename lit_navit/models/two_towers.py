@@ -25,15 +25,25 @@ DEFAULT_T_INIT = {'sigmoid': math.log(10.0), 'softmax': math.log(1 / 0.07)}
 def default_config() -> ml_collections.ConfigDict:
   """SigLIP B/16 with a NaViT image tower. Sizes come from the `variant` strings."""
   c = ml_collections.ConfigDict()
+  size = lambda: dict(  # Explicit sizes; each one set overrides the variant's.
+      width=ml_collections.config_dict.placeholder(int),
+      depth=ml_collections.config_dict.placeholder(int),
+      mlp_dim=ml_collections.config_dict.placeholder(int),
+      num_heads=ml_collections.config_dict.placeholder(int))
   c.image = ml_collections.ConfigDict(dict(
       variant='B/16',
+      **size(),
       # Patch size the embedding kernel is stored at; unset: the variant's.
       base_patch_size=ml_collections.config_dict.placeholder(int),
       posemb='learn_factorized',  # See models/posemb.py KINDS.
       # Position table side, in patches; for learn_2d_resized the learned
       # grid's side (NaFlex: 16; its cost grows with max_grid**2).
       max_grid=64,
-      pool='map',                 # 'map' | 'mean'.
+      # (rows, cols) of a rectangular learn_*_resized grid; unset: max_grid square.
+      posemb_grid=ml_collections.config_dict.placeholder(tuple),
+      pool='map',                 # 'map' | 'mean' | 'max'.
+      stem='conv',                # Patch kernel stored 'conv' [p,p,3,W] | 'dense' [p*p*3,W].
+      head=True,                  # A linear head to embed_dim; False: width is embed_dim.
       qk_norm=False,
       use_bias=True,
       scan=True,
@@ -42,11 +52,16 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.text = ml_collections.ConfigDict(dict(
       variant='B',
+      **size(),
       vocab_size=32_000,
       max_len=64,
-      pool='last',                # 'last' | 'first' | 'map' | 'mean'.
+      pool='last',                # 'last' | 'first' | 'map' | 'mean' | 'max'.
       causal=False,
       pad_id=0,
+      # False: big_vision's text tower (attends to padding, 'last' pools
+      # position T-1); see models/text.py.
+      mask_padding=True,
+      head=True,                  # As image.head.
       qk_norm=False,
       use_bias=True,
       scan=True,
@@ -73,26 +88,43 @@ def base_patch_size(image_config) -> int:
   return size
 
 
+def _out_dim(config, tower: str, width: int) -> int | None:
+  """embed_dim for a tower with a head; None (no head) if its width already is."""
+  if config[tower].get('head', True):
+    return config.embed_dim
+  if width != config.embed_dim:
+    raise ValueError(f'{tower}.head=False needs {tower} width {width} == '
+                     f'embed_dim {config.embed_dim}')
+  return None
+
+
+def posemb_grid(image_config) -> tuple[int, int]:
+  """(rows, cols) of the image posemb grid: `posemb_grid`, else max_grid square."""
+  grid = image_config.get('posemb_grid')
+  return tuple(int(g) for g in grid) if grid else (image_config.max_grid,) * 2
+
+
 def image_tower(config) -> navit.NaViT:
   """The NaViT described by `config.image`, projecting to `config.embed_dim`."""
   c = config.image
-  size = variants.decode(c.variant)
-  size.pop('patch_size', None)
+  size = variants.tower_size(c, 'image')
   return navit.NaViT(
       **size, base_patch_size=base_patch_size(c), posemb=c.posemb,
-      max_grid=c.max_grid, pool=c.pool, out_dim=config.embed_dim,
+      max_grid=c.max_grid, pool=c.pool,
+      out_dim=_out_dim(config, 'image', size['width']),
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
-      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype))
+      scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
+      stem=c.get('stem', 'conv'), posemb_grid=posemb_grid(c))
 
 
 def text_tower(config) -> text.TextTransformer:
   """The text transformer described by `config.text`, projecting to `config.embed_dim`."""
   c = config.text
-  size = variants.decode(c.variant)
-  size.pop('patch_size', None)
+  size = variants.tower_size(c, 'text')
   return text.TextTransformer(
       vocab_size=c.vocab_size, max_len=c.max_len, **size, pool=c.pool,
-      out_dim=config.embed_dim, causal=c.causal, pad_id=c.pad_id,
+      out_dim=_out_dim(config, 'text', size['width']), causal=c.causal,
+      pad_id=c.pad_id, mask_padding=c.get('mask_padding', True),
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
       scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype))
 
@@ -124,11 +156,11 @@ class TwoTowers(nn.Module):
 
   def embed_images(self, batch):
     """Packed image batch -> L2-normalised z_img [B*E, embed_dim] (zero for empty slots)."""
-    return l2_normalize(self._slot_embeddings(batch).reshape(
-        -1, self.config.embed_dim))
+    z = self._slot_embeddings(batch)
+    return l2_normalize(z.reshape(-1, z.shape[-1]))
 
   def _slot_embeddings(self, batch):
-    """Unnormalised per-slot image embeddings [B, E, embed_dim]."""
+    """Unnormalised per-slot image embeddings [B, E, D]."""
     return self.img(batch['image/patches'], batch['image/yx'],
                     batch['image/segment'], batch['image/grid'])
 
