@@ -137,6 +137,9 @@ def parse_args():
                       help="navit: rows per step (default W1's batch)")
   parser.add_argument('--navit-text-len', type=int,
                       help="navit: caption tokens T (default W1's 64; demo 16)")
+  parser.add_argument('--navit-captions-per-row', type=float, default=4.3,
+                      help='navit packed: caption rows per row (rows hold ~4.2 '
+                      'images here; bench_pipeline.py --captions-per-row)')
   parser.add_argument('--records', type=int, default=1024,
                       help='synthetic JPEGs encoded up front for the pipelines')
   parser.add_argument('--json', action='store_true',
@@ -198,9 +201,10 @@ def peer_config(image_variant: str, text_variant: str):
   return config
 
 
-def navit_input(config, slots: int):
+def navit_input(config, slots: int, captions_per_row: float | None):
   """NaViT's setting: side ~ U(64, 256) (longer side), no token dropping."""
   config.input.images_per_row = slots
+  config.input.captions_per_row = captions_per_row
   config.input.resolution.update(mode='side', dist='uniform', min=64, max=256)
   config.input.token_drop.kind = 'none'
   return config
@@ -237,6 +241,8 @@ def full_rows_batch(spec: batch_lib.BatchSpec, vocab_size: int, seed: int = 0):
   batch['image/segment'][:] = 1
   batch['image/grid'][:] = side
   batch['text/tokens'][:] = rng.integers(1, vocab_size, batch['text/tokens'].shape)
+  batch['text/slot'][:] = np.arange(spec.rows_per_group)  # Row r's one image.
+  batch['text/valid'][:] = True
   batch['valid'][:] = True
   batch['index'][:] = np.arange(spec.rows)[:, None]
   batch_lib.validate_batch(batch, spec)
@@ -272,7 +278,9 @@ def batch_counts(batches) -> tuple[float, float]:
 
 def pipeline_workload(name: str, config, source, count: int, **notes) -> Workload:
   """A workload fed `count` batches of `config`'s pipeline (see BURN_IN)."""
-  with trainer_lib.make_pipeline(config, source, rows=config.batch_size) as pipe:
+  # One caption group per device, as the trainer's mesh over all devices has.
+  with trainer_lib.make_pipeline(config, source, rows=config.batch_size,
+                                 groups=jax.device_count()) as pipe:
     for _ in range(BURN_IN):
       next(pipe)
     start = time.perf_counter()
@@ -299,15 +307,19 @@ def peer_workload(name: str) -> Workload:
 
 
 def navit_workloads(args, count: int) -> list:
-  """Packed (E=16) and padded (E=1) runs over the same synthetic JPEGs."""
+  """Packed (E=16, captions only for filled slots) and padded (E=1) runs over
+  the same synthetic JPEGs."""
   base, text_len = navit_model_config(args.navit_model, args.navit_text_len)
   base = with_input(base, rows=args.navit_rows, tokens_per_row=256, slots=16,
                     text_len=text_len, patch_size=16)
   base.input.source = sources.default_source_config()
   records = encoded_records(base.input.source, args.records)
-  return [pipeline_workload(name, navit_input(base.copy_and_resolve_references(), slots),
-                            records, count, model=args.navit_model)
-          for name, slots in (('navit packed', 16), ('navit padded', 1))]
+  arms = (('navit packed', 16, args.navit_captions_per_row),
+          ('navit padded', 1, None))
+  return [pipeline_workload(
+      name, navit_input(base.copy_and_resolve_references(), slots, captions),
+      records, count, model=args.navit_model)
+          for name, slots, captions in arms]
 
 
 def demo_workload(args, count: int) -> Workload:
