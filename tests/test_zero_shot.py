@@ -135,6 +135,7 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_demo_metrics_run_the_synthetic_eval_on_a_checkpoint_config(tmp_path):
   config = tiny_config.get_config()
   params = init_params(config.model, config.input.text_len)
