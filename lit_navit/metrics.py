@@ -91,7 +91,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     except (ValueError, KeyError, TypeError):
       pass  # torn by a kill mid-write, or not a record
   if len(keep) < len([line for line in lines if line.strip()]):
-    _replace_atomically(path, lambda f: f.write(b''.join(l + b'\n' for l in keep)))
+    _replace_atomically(path, lambda f: f.write(b''.join(line + b'\n' for line in keep)))
 
 
 def truncate_events(path: str, last_step: int) -> None:

@@ -251,8 +251,8 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
   parts = _part_numbers(output_dir)
   done = set()
   for name in parts.values():
-    done |= _done_identities(_paths(output_dir, name, 0)['metadata'],
-                             _paths(output_dir, name, 0)['failed'], by_file)
+    files = _paths(output_dir, name, 0)
+    done |= _done_identities(files['metadata'], files['failed'], by_file)
   todo = [i for i, identity in enumerate(identities) if identity not in done]
   first = max(parts, default=-1) + 1
   new_parts = -(-len(todo) // part_size)
