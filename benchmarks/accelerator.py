@@ -10,7 +10,8 @@ device it reports:
              E=16, text B at T=64) with the dense attention and with
              cuDNN's: compile seconds, step seconds (median), images/s, MFU
              from analytic FLOPs (models/flops.py) against the datasheet
-             peak, the compiled step's memory and the device's peak memory;
+             peak (times the devices the trainer's mesh spans), the compiled
+             step's memory and the first device's peak memory;
   attention  segment-masked attention on that batch's segments through
              jax.nn.dot_product_attention(implementation='cudnn') against
              the dense einsum path, both in bf16 against a float32
@@ -191,7 +192,8 @@ def train_figures(config, batches, attention: str, shapes: Shapes, peak_tflops) 
       'step_seconds_max': float(samples[:, 0].max()), 'images_per_step': images,
       'images_per_s': images / seconds, 'flops': flops,
       'tflops_per_s': flops / seconds / 1e12,
-      'mfu': flops / seconds / 1e12 / peak_tflops if peak_tflops else None,
+      'mfu': (flops / seconds / 1e12 / (peak_tflops * jax.device_count())
+              if peak_tflops else None),
       'compiled_bytes': (memory.argument_size_in_bytes + memory.output_size_in_bytes
                          + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
       'temp_bytes': memory.temp_size_in_bytes,

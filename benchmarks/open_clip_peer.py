@@ -86,7 +86,7 @@ def setup(workload: str, warmup: int):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    losses.append(float(loss))
+    losses.append(float(loss.detach()))
 
   for _ in range(warmup):
     step()

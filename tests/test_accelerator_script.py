@@ -23,6 +23,7 @@ def test_failures_name_errors_and_comparisons_outside_tolerance():
 def test_cpu_smoke_runs_every_section(tmp_path):
   out = tmp_path / 'accelerator.json'
   env = dict(os.environ, ACCELERATOR_PYTHON=sys.executable, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)  # One CPU device, not conftest's eight.
   proc = subprocess.run(
       ['bash', os.path.join(ROOT, 'benchmarks', 'accelerator.sh'), '--cpu-smoke',
        '--json', str(out)], env=env, capture_output=True, text=True, timeout=900,
