@@ -4,10 +4,14 @@ Times decode -> sample -> patchify -> drop -> pack on synthetic JPEGs that
 are encoded before timing starts (so drawing them is not timed), first one
 stage at a time on one thread (images/s and tokens/s per core), then the
 whole `Pipeline` with its thread pool. Also reports the padding fraction of
-the packed batches against the baseline that puts one image per row.
+the packed batches against the baseline that puts one image per row, and,
+for each `--captions-per-row`, the padding and the caption rows the text
+tower encodes for no pair.
 
   python benchmarks/bench_pipeline.py            # a table
   python benchmarks/bench_pipeline.py --json     # the same figures as JSON
+  python benchmarks/bench_pipeline.py --dist truncated_normal --max-side 384 \
+      --captions-per-row 4 4.5 5       # the SigLIP recipe's resolution
 """
 
 import argparse
@@ -47,7 +51,8 @@ def navit_config(args):
   config.tokens_per_row = args.tokens_per_row
   config.images_per_row = args.images_per_row
   config.patch_sizes = (args.patch_size,)
-  config.resolution.update(mode='side', dist='uniform', min=64, max=256)
+  config.resolution.update(mode='side', dist=args.dist, min=64,
+                           max=args.max_side, mean=-0.5, std=1.0)
   config.token_drop.kind = 'none'
   config.pack_buffer = args.pack_buffer
   config.workers = args.workers
@@ -110,11 +115,12 @@ def stage_figures(records, config, rows, tokenizer):
   return stages, tokens
 
 
-def pipeline_figures(source, tokenizer, config, rows, steps, warmup):
+def pipeline_figures(source, tokenizer, config, rows, steps, warmup,
+                     groups=1):
   """End-to-end rates and packing of `Pipeline` (thread pool included)."""
   images = tokens = 0
   with pipeline_lib.Pipeline(source, tokenizer, config, rows=rows,
-                             seed=0) as pipe:
+                             seed=0, groups=groups) as pipe:
     for _ in range(warmup):
       next(pipe)
     start = time.perf_counter()
@@ -123,9 +129,12 @@ def pipeline_figures(source, tokenizer, config, rows, steps, warmup):
       images += int(batch['valid'].sum())
       tokens += int(np.count_nonzero(batch['image/segment']))
     seconds = time.perf_counter() - start
+    caption_rows = steps * batch['text/valid'].size
   return {'images_per_s': images / seconds, 'tokens_per_s': tokens / seconds,
           'padding_fraction': 1 - tokens / (steps * rows * config.tokens_per_row),
-          'images_per_row': images / (steps * rows)}
+          'images_per_row': images / (steps * rows),
+          'caption_rows_per_row': caption_rows / (steps * rows),
+          'empty_caption_fraction': 1 - images / caption_rows}
 
 
 def main():
@@ -140,6 +149,14 @@ def main():
   parser.add_argument('--tokens-per-row', type=int, default=256)
   parser.add_argument('--images-per-row', type=int, default=16)
   parser.add_argument('--pack-buffer', type=int, default=256)
+  parser.add_argument('--dist', default='uniform',
+                      choices=('uniform', 'truncated_normal'),
+                      help='side distribution on [64, --max-side]')
+  parser.add_argument('--max-side', type=int, default=256)
+  parser.add_argument('--captions-per-row', type=float, nargs='*', default=(),
+                      help='caption capacities to measure packing at')
+  parser.add_argument('--groups', type=int, default=1,
+                      help='caption groups (device shards) of the rows')
   parser.add_argument('--workers', type=int,
                       default=len(os.sched_getaffinity(0)))
   parser.add_argument('--json', action='store_true',
@@ -156,8 +173,16 @@ def main():
       [source[i] for i in range(len(source))], config, args.rows, tokenizer)
   end_to_end = pipeline_figures(source, tokenizer, config, args.rows,
                                 args.steps, args.warmup)
+  captions = {}
+  for value in args.captions_per_row:
+    config.captions_per_row = value
+    captions[value] = pipeline_figures(source, tokenizer, config, args.rows,
+                                       args.steps, args.warmup, args.groups)
+  config.captions_per_row = None
+  side = f'{args.dist}(64, {args.max_side})'
   result = {
-      'setting': {'side': 'U(64, 256)', 'patch_size': args.patch_size,
+      'captions': captions,
+      'setting': {'side': side, 'patch_size': args.patch_size,
                   'tokens_per_row': args.tokens_per_row,
                   'images_per_row': args.images_per_row, 'rows': args.rows,
                   'pack_buffer': args.pack_buffer, 'workers': args.workers,
@@ -174,7 +199,7 @@ def main():
   if args.json:
     print(json.dumps(result))
     return
-  print(f"NaViT setting: side ~ U(64, 256), p={args.patch_size}, "
+  print(f"NaViT setting: side ~ {side}, p={args.patch_size}, "
         f"L={args.tokens_per_row}, E={args.images_per_row}, B={args.rows}, "
         f"no dropping; {args.images} synthetic JPEGs; {cores} cores, "
         f"{args.workers} workers")
@@ -191,6 +216,17 @@ def main():
   print(f"padding fraction, packed    {result['padding_fraction']:.4f}")
   print(f"padding, one image per row  "
         f"{result['padding_fraction_one_image_per_row']:.4f}")
+  if captions:
+    print(f"\ncaption rows ({args.groups} groups of {args.rows // args.groups} rows)")
+    print(f"{'captions/row':>12}{'images/row':>12}{'padding':>10}"
+          f"{'empty captions':>16}")
+    print(f"{'one per slot':>12}{end_to_end['images_per_row']:>12.2f}"
+          f"{end_to_end['padding_fraction']:>10.4f}"
+          f"{end_to_end['empty_caption_fraction']:>16.4f}")
+    for value, figures in captions.items():
+      print(f"{value:>12}{figures['images_per_row']:>12.2f}"
+            f"{figures['padding_fraction']:>10.4f}"
+            f"{figures['empty_caption_fraction']:>16.4f}")
 
 
 if __name__ == '__main__':

@@ -38,7 +38,7 @@ log = logging.getLogger('lit_navit')
 
 # What the device needs of a batch; `index` (int64 example ids) stays on the host.
 MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
-              'text/tokens', 'valid')
+              'valid', 'text/tokens', 'text/slot', 'text/valid')
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -53,17 +53,30 @@ class RunResult:
   final_metrics: dict
 
 
-def make_pipeline(config, source, *, rows: int, mode: str = 'train',
+def make_pipeline(config, source, *, rows: int, groups: int = 1, mode: str = 'train',
                   process_index: int | None = None, process_count: int | None = None):
-  """The input pipeline of this process (or of the host given) for `config`."""
+  """The input pipeline of this process (or of the host given) for `config`.
+
+  `groups` is the caption groups of its rows: its device shards (see
+  `caption_groups`).
+  """
   tokenizer = text.Tokenizer.from_config(config.input)
   input_config = config.input.copy_and_resolve_references()
   with input_config.unlocked():
     input_config.mode = mode
   return pipeline_lib.Pipeline(
-      source, tokenizer, input_config, rows=rows, seed=config.seed,
+      source, tokenizer, input_config, rows=rows, seed=config.seed, groups=groups,
       process_index=jax.process_index() if process_index is None else process_index,
       process_count=jax.process_count() if process_count is None else process_count)
+
+
+def caption_groups(mesh) -> int:
+  """The batch's caption groups: one per device shard of the batch axes.
+
+  A group's captions then live on the device that holds its rows, so the
+  gather of image embeddings to captions needs no communication.
+  """
+  return math.prod(mesh.shape.get(axis, 1) for axis in sharding.BATCH_AXES)
 
 
 def check_divisibility(config, mesh) -> None:
@@ -85,9 +98,11 @@ class Trainer:
     self.mesh = sharding.make_mesh(config)
     check_divisibility(config, self.mesh)
     self.local_rows = config.batch_size // jax.process_count()
+    self.local_groups = caption_groups(self.mesh) // jax.process_count()
     self.source = sources.make_source(config.input.source)
     self.pipeline = prefetch.Prefetch(
-        make_pipeline(config, self.source, rows=self.local_rows))
+        make_pipeline(config, self.source, rows=self.local_rows,
+                      groups=self.local_groups))
     self.model = two_towers.TwoTowers(config.model)
     self.loss_fn = losses.make_loss(config.model.loss, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -102,11 +117,9 @@ class Trainer:
   # --- state ---------------------------------------------------------------
 
   def _example_batch(self, patch_size: int) -> dict:
-    spec = batch_lib.BatchSpec(rows=self.config.batch_size,
-                               tokens_per_row=self.config.input.tokens_per_row,
-                               slots=self.config.input.images_per_row,
-                               text_len=self.config.input.text_len,
-                               patch_size=patch_size)
+    spec = pipeline_lib.batch_spec(self.config.input, rows=self.config.batch_size,
+                                   groups=caption_groups(self.mesh),
+                                   patch_size=patch_size)
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()
             if k in MODEL_KEYS}
 
@@ -189,7 +202,7 @@ class Trainer:
     zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
     # t and b are stored as shape (1,), as in big_vision checkpoints.
     b = params['b'].reshape(()) if 'b' in params else None
-    return self.loss_fn(zimg, ztxt, batch['valid'].reshape(-1),
+    return self.loss_fn(zimg, ztxt, batch['text/valid'].reshape(-1),
                         params['t'].reshape(()), b)
 
   def _train_step(self, state, batch):
@@ -203,7 +216,8 @@ class Trainer:
         step_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
         images=jnp.sum(valid), tokens=real_tokens,
         padding_fraction=1.0 - real_tokens / batch['image/segment'].size,
-        images_per_row=jnp.sum(valid) / batch['valid'].shape[0])
+        images_per_row=jnp.sum(valid) / batch['valid'].shape[0],
+        empty_caption_fraction=1.0 - jnp.mean(batch['text/valid']))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 
@@ -310,7 +324,8 @@ class Trainer:
       self._heldout_loss_fn = jax.jit(lambda p, batch: self._loss(p, batch)[0])
     source = sources.make_source(self.config.evals.heldout)
     losses_ = []
-    with make_pipeline(self.config, source, rows=self.local_rows) as heldout:
+    with make_pipeline(self.config, source, rows=self.local_rows,
+                       groups=self.local_groups) as heldout:
       for _ in range(self.config.evals.heldout_batches):
         local = next(heldout)
         batch = sharding.make_global_batch({k: local[k] for k in MODEL_KEYS}, self.mesh)

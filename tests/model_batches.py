@@ -12,7 +12,8 @@ def random_image(rng: np.random.Generator, rows: int, cols: int,
 
 
 def pack(rows_of_images, tokens_per_row: int, slots: int, captions=None,
-         text_len: int = 1, pad_id: int = 0) -> dict:
+         text_len: int = 1, pad_id: int = 0, groups: int = 1,
+         captions_per_group: int | None = None) -> dict:
   """Packs images row by row, in the order given, into a validated batch.
 
   Args:
@@ -20,13 +21,17 @@ def pack(rows_of_images, tokens_per_row: int, slots: int, captions=None,
     tokens_per_row, slots: L and E.
     captions: per row, one token list per image (default: token 1 each).
     text_len, pad_id: T and the padding id of the captions.
+    groups, captions_per_group: G and C (see `batch.py`).
   """
   patch_dim = next(im for row in rows_of_images for im in row).shape[-1]
   p = int(round((patch_dim / 3) ** 0.5))
   spec = batch_lib.BatchSpec(rows=len(rows_of_images), tokens_per_row=tokens_per_row,
-                             slots=slots, text_len=text_len, patch_size=p)
+                             slots=slots, text_len=text_len, patch_size=p,
+                             groups=groups, captions_per_group=captions_per_group)
   batch = spec.empty(pad_id)
+  used = [0] * groups
   for r, images in enumerate(rows_of_images):
+    group, row_in_group = divmod(r, spec.rows_per_group)
     start = 0
     for k, image in enumerate(images):
       rows, cols = image.shape[:2]
@@ -37,7 +42,11 @@ def pack(rows_of_images, tokens_per_row: int, slots: int, captions=None,
       batch['image/segment'][r, start:end] = k + 1
       batch['image/grid'][r, k] = (rows, cols)
       caption = captions[r][k] if captions else [1]
-      batch['text/tokens'][r, k, :len(caption)] = caption
+      c = used[group]
+      batch['text/tokens'][group, c, :len(caption)] = caption
+      batch['text/slot'][group, c] = row_in_group * slots + k
+      batch['text/valid'][group, c] = True
+      used[group] += 1
       batch['valid'][r, k] = True
       batch['index'][r, k] = r * slots + k
       start = end

@@ -84,12 +84,17 @@ def slot_lengths(batch):
   return np.stack([(segment == k + 1).sum(1) for k in range(slots)], axis=1)
 
 
-def test_train_batches_follow_the_contract(tokenizer):
+@pytest.mark.parametrize('groups,captions_per_row', [(1, None), (3, 2.0)])
+def test_train_batches_follow_the_contract(tokenizer, groups, captions_per_row):
   source = small_source()
-  config = small_config()
-  with pipeline_lib.Pipeline(source, tokenizer, config, rows=3, seed=0) as pipe:
+  config = small_config(captions_per_row=captions_per_row)
+  with pipeline_lib.Pipeline(source, tokenizer, config, rows=3, seed=0,
+                             groups=groups) as pipe:
     batches = take(pipe, 8)
   spec = pipe.batch_spec(8)
+  # A group of 3 rows: one caption row per slot; of 1 row: 2 caption rows.
+  assert spec.groups == groups
+  assert spec.captions == (18 if captions_per_row is None else 2)
   for batch in batches:
     batch_lib.validate_batch(batch, spec, pad_id=tokenizer.pad_id)
     lengths = slot_lengths(batch)
@@ -97,15 +102,23 @@ def test_train_batches_follow_the_contract(tokenizer):
       rows, cols = batch['image/grid'][r, k]
       assert lengths[r, k] == rows * cols  # Nothing dropped.
       record = source[batch['index'][r, k]]
-      np.testing.assert_array_equal(batch['text/tokens'][r, k],
+      group, row_in_group = divmod(r, spec.rows_per_group)
+      caption = batch['text/slot'][group] == row_in_group * spec.slots + k
+      caption &= batch['text/valid'][group]
+      np.testing.assert_array_equal(batch['text/tokens'][group][caption][0],
                                     tokenizer.encode([record.caption])[0])
       height, width = decode.decode_image(record.image).shape[:2]
       if height >= width:
         assert abs(cols - rows * width / height) < 1  # Aspect kept.
       else:
         assert abs(rows - cols * height / width) < 1
-  # 3 rows of 64 tokens hold several 16..64-pixel images at p = 8.
-  assert np.mean([b['valid'].sum() for b in batches]) > 3
+  # 3 rows of 64 tokens hold several 16..64-pixel images at p = 8; with two
+  # captions a row, the captions bind and every caption row holds a pair.
+  images = np.mean([b['valid'].sum() for b in batches])
+  if captions_per_row is None:
+    assert images > 3
+  else:
+    assert images == 6 and pipe.stats['empty_caption_fraction'] == 0
 
 
 def test_restore_from_every_state_gives_the_same_batches(tokenizer):
@@ -113,9 +126,11 @@ def test_restore_from_every_state_gives_the_same_batches(tokenizer):
   source = DamagedSource(small_source(size=40), garbage={3, 17},
                          unreadable={25})
   config = small_config(**{'patch_sizes': (4, 8), 'token_drop.kind': 'beta',
-                           'token_drop.rate': 0.3, 'pack_buffer': 16})
+                           'token_drop.rate': 0.3, 'pack_buffer': 16,
+                           'captions_per_row': 2.5})
   steps = 24
-  with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5) as pipe:
+  with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5,
+                             groups=2) as pipe:
     states, batches = [], []
     for _ in range(steps):
       states.append(json.loads(json.dumps(pipe.get_state())))
@@ -125,7 +140,7 @@ def test_restore_from_every_state_gives_the_same_batches(tokenizer):
   assert {b['image/patches'].shape[-1] for b in batches} == {4 * 4 * 3, 8 * 8 * 3}
   for step, state in enumerate(states):
     with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
-                               seed=5) as restored:
+                               seed=5, groups=2) as restored:
       restored.set_state(state)
       assert restored.get_state() == state
       assert_same_batches(take(restored, steps - step), batches[step:])
@@ -295,6 +310,23 @@ def test_stats_track_padding_and_images_per_row(tokenizer):
   assert stats['images_per_row'] == pytest.approx(images / 18)
 
 
+def test_captions_are_sized_per_group_and_checked_on_restore(tokenizer):
+  config = small_config(captions_per_row=1.5)
+  spec = pipeline_lib.batch_spec(config, rows=8, groups=2, patch_size=8)
+  assert (spec.groups, spec.captions) == (2, 6)  # ceil(1.5 * 4 rows).
+  with pipeline_lib.Pipeline(small_source(), tokenizer, config, rows=4,
+                             seed=0, groups=2) as pipe:
+    take(pipe, 2)
+    state = pipe.get_state()
+  with pipeline_lib.Pipeline(small_source(), tokenizer, config, rows=4,
+                             seed=0, groups=4) as other:
+    with pytest.raises(ValueError, match='groups'):
+      other.set_state(state)
+  with pytest.raises(ValueError, match='caption groups'):
+    pipeline_lib.Pipeline(small_source(), tokenizer, config, rows=3, seed=0,
+                          groups=2)
+
+
 def test_state_is_small_and_rejects_another_run(tokenizer):
   config = small_config()
   with pipeline_lib.Pipeline(small_source(), tokenizer, config, rows=2,
@@ -335,6 +367,7 @@ def test_default_config_builds_a_pipeline(tokenizer):
     ('token_drop.kind', 'random'),
     ('pack_buffer', 0),
     ('bad_record_budget', 1.0),
+    ('captions_per_row', 0.0),
 ])
 def test_bad_config_values_name_their_key(tokenizer, key, value):
   config = small_config(**{key: value})

@@ -192,3 +192,26 @@ def test_multi_host_initializes(initialize_calls, monkeypatch):
   sharding.initialize_distributed()
   assert initialize_calls == [('10.0.0.1:1234', 2, 1), (None, None, None),
                               (None, None, None)]
+
+
+def test_caption_gather_stays_on_each_device():
+  """With one caption group per device, slot embeddings never cross devices."""
+  from lit_navit.models import two_towers  # pylint: disable=import-outside-toplevel
+  mesh = _mesh([('data', 4), ('fsdp', 2)])
+  rows, slots, captions, dim = 16, 3, 4, 5
+  rng = np.random.default_rng(0)
+  slot_emb = rng.normal(size=(rows, slots, dim)).astype(np.float32)
+  # Group g (rows 2g, 2g+1) owns captions of its own six slots only.
+  caption_slot = rng.integers(0, 2 * slots, (8, captions)).astype(np.int32)
+  batch = sharding.make_global_batch(
+      {'slots': slot_emb, 'caption_slot': caption_slot}, mesh)
+  gather = jax.jit(two_towers.gather_to_captions,
+                   out_shardings=sharding.batch_sharding(mesh))
+  hlo = gather.lower(batch['slots'], batch['caption_slot']).compile().as_text()
+  for collective in ('all-gather', 'all-to-all', 'collective-permute',
+                     'all-reduce'):
+    assert collective not in hlo
+  out = np.asarray(gather(batch['slots'], batch['caption_slot']))
+  by_group = slot_emb.reshape(8, 2 * slots, dim)
+  expected = np.stack([by_group[g, caption_slot[g]] for g in range(8)])
+  np.testing.assert_array_equal(out, expected.reshape(-1, dim))

@@ -35,7 +35,8 @@ def sample_batch():
   images = [[random_image(rng, 2, 3, P), random_image(rng, 1, 2, P)],
             [random_image(rng, 3, 3, P)]]
   return pack(images, tokens_per_row=10, slots=3,
-              captions=[[[3, 4, 2], [5, 2]], [[6, 7, 8, 2]]], text_len=6)
+              captions=[[[3, 4, 2], [5, 2]], [[6, 7, 8, 2]]], text_len=6,
+              captions_per_group=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,16 +56,21 @@ def test_outputs_and_methods():
             model.apply(params, batch, method=model.embed_images),
             model.apply(params, batch['text/tokens'], method=model.embed_texts))
 
-  (z_img, z_txt, extras), alone_img, alone_txt = run(params, batch)
-  valid = np.asarray(batch['valid']).reshape(-1)
-  assert z_img.shape == z_txt.shape == (6, EMBED)
+  (z_img, z_txt, extras), slot_img, alone_txt = run(params, batch)
+  # Four caption rows: the three images' captions in slot order, one empty.
+  valid = np.asarray(batch['text/valid']).reshape(-1)
+  assert valid.tolist() == [True, True, True, False]
+  assert z_img.shape == z_txt.shape == (4, EMBED)
+  assert slot_img.shape == (6, EMBED)
   np.testing.assert_array_equal(extras['valid'], valid)
   for z in (z_img, z_txt):
-    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), valid.astype(float), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(z[:3], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(extras['t'], 10.0, rtol=1e-6)
   np.testing.assert_allclose(extras['b'], -10.0)
-  np.testing.assert_allclose(alone_img, z_img, atol=1e-6)
+  # Caption row c pairs the image of slot text/slot[c]: (0, 0), (0, 1), (1, 0).
+  np.testing.assert_allclose(z_img[:3], np.asarray(slot_img)[[0, 1, 3]], atol=1e-6)
   np.testing.assert_allclose(alone_txt, z_txt, atol=1e-6)
+  assert not np.allclose(z_txt[0], z_txt[1])
 
 
 def test_param_tree_follows_the_loss():

@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import math
 
 import ml_collections
 import numpy as np
@@ -59,6 +60,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.tokens_per_row = 256  # L, image tokens per packed row.
   config.images_per_row = 16  # E, image slots per row.
   config.text_len = 16  # T, tokens per caption.
+  # Caption rows per packed row, on average over a caption group (a device
+  # shard's rows): the text tower encodes only these, so size it a little
+  # above the images a row holds (the `images_per_row` statistic); the
+  # packer stops filling a group when its captions run out. None: one per
+  # slot (E), which never limits packing but encodes every empty slot.
+  config.captions_per_row = ml_collections.config_dict.placeholder(float)
   # FlexiViT: one is drawn per step from (seed, step); eval needs exactly one.
   config.patch_sizes = (16,)
   config.resolution = ml_collections.ConfigDict(dict(
@@ -118,16 +125,23 @@ class Pipeline:
     seed: the data seed.
     process_index, process_count: this host and the number of hosts; each
       reads its own `sources.host_shard`.
+    groups: the caption groups the rows split into: the device shards of
+      this host's rows (see `batch.py`).
 
   Attributes:
     skipped: a `decode.SkipCounter` of records skipped, by reason.
   """
 
   def __init__(self, source, tokenizer, config, *, rows: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               groups: int = 1):
     _check_config(config)
     if rows < 1:
       raise ValueError(f'rows must be >= 1, got {rows}')
+    if groups < 1 or rows % groups:
+      raise ValueError(f'{rows} rows do not split into {groups} caption groups '
+                       '(one per device shard)')
+    self._groups = groups
     self._source = source
     self._tokenizer = tokenizer
     self._config = config
@@ -179,17 +193,17 @@ class Pipeline:
       grid = self._grid(item, patch_size)
       jobs.append((item, grid, self._kept_tokens(item, grid, step)))
     # Plan from token counts alone; only the chosen images are patchified.
-    plan = packing.plan_rows([keep for _, _, keep in jobs], self._rows,
-                             self._config.tokens_per_row,
-                             self._config.images_per_row)
+    spec = self.batch_spec(patch_size)
+    plan = packing.plan_rows([keep for _, _, keep in jobs], spec.rows,
+                             spec.tokens_per_row, spec.slots,
+                             groups=spec.groups, captions=spec.captions)
     patches = iter(self._map(
         lambda job: self._patchify(*job, patch_size=patch_size, step=step),
         [jobs[position] for row in plan for position in row]))
     rows = [[packing.PackedImage(next(patches), jobs[position][0].tokens,
                                  jobs[position][0].index)
              for position in row] for row in plan]
-    batch = packing.pack_batch(rows, self.batch_spec(patch_size),
-                               self._tokenizer.pad_id)
+    batch = packing.pack_batch(rows, spec, self._tokenizer.pad_id)
     taken = {position for row in plan for position in row}
     self._buffer = [item for position, item in enumerate(self._buffer)
                     if position not in taken]
@@ -199,10 +213,8 @@ class Pipeline:
 
   def batch_spec(self, patch_size: int) -> batch_lib.BatchSpec:
     """The static shapes of this pipeline's batches at `patch_size`."""
-    return batch_lib.BatchSpec(
-        rows=self._rows, tokens_per_row=self._config.tokens_per_row,
-        slots=self._config.images_per_row, text_len=self._config.text_len,
-        patch_size=patch_size)
+    return batch_spec(self._config, rows=self._rows, groups=self._groups,
+                      patch_size=patch_size)
 
   def patch_size_at(self, step: int) -> int:
     """The patch size of batch `step`: a function of (seed, step) only."""
@@ -331,6 +343,7 @@ class Pipeline:
     self._totals['tokens'] += segment.size
     self._totals['image_tokens'] += int(np.count_nonzero(segment))
     self._totals['images'] += int(batch['valid'].sum())
+    self._totals['caption_rows'] += batch['text/valid'].size
 
   @property
   def stats(self) -> dict:
@@ -341,6 +354,8 @@ class Pipeline:
         'images': t['images'],
         'padding_fraction': 1 - t['image_tokens'] / max(1, t['tokens']),
         'images_per_row': t['images'] / max(1, t['rows']),
+        # Caption rows the text tower encodes for no pair.
+        'empty_caption_fraction': 1 - t['images'] / max(1, t['caption_rows']),
         'skipped': self.skipped.total,
     }
 
@@ -358,6 +373,7 @@ class Pipeline:
         'seed': self._seed,
         'process_index': self._process[0],
         'process_count': self._process[1],
+        'groups': self._groups,
         'mode': self._config.mode,
         'step': self._step,
         'epoch': self._epoch,
@@ -378,9 +394,10 @@ class Pipeline:
       raise ValueError(f'pipeline state version {state.get("version")}, '
                        f'expected {STATE_VERSION}')
     expected = {'seed': self._seed, 'process_index': self._process[0],
-                'process_count': self._process[1], 'mode': self._config.mode}
+                'process_count': self._process[1], 'groups': self._groups,
+                'mode': self._config.mode}
     for key, value in expected.items():
-      if state[key] != value:
+      if state.get(key, 1) != value:
         raise ValueError(f'pipeline state has {key}={state[key]!r} but this '
                          f'pipeline has {value!r}; the run cannot resume '
                          'exactly')
@@ -413,6 +430,25 @@ class Pipeline:
     self.close()
 
 
+def batch_spec(config, *, rows: int, groups: int,
+               patch_size: int) -> batch_lib.BatchSpec:
+  """The static shapes of batches of `rows` rows in `groups` caption groups.
+
+  Each group gets ceil(captions_per_row * rows per group) caption rows, at
+  most one per slot.
+  """
+  slots = config.images_per_row
+  captions = None
+  if config.captions_per_row is not None:
+    rows_per_group = rows // groups
+    captions = min(rows_per_group * slots,
+                   math.ceil(config.captions_per_row * rows_per_group))
+  return batch_lib.BatchSpec(
+      rows=rows, tokens_per_row=config.tokens_per_row, slots=slots,
+      text_len=config.text_len, patch_size=patch_size, groups=groups,
+      captions_per_group=captions)
+
+
 def _check_config(config):
   """Raises ValueError naming the first bad `input` key."""
   def need(ok, key, value, what):
@@ -425,6 +461,8 @@ def _check_config(config):
   need(config.images_per_row >= 1, 'images_per_row', config.images_per_row,
        'must be >= 1')
   need(config.text_len >= 1, 'text_len', config.text_len, 'must be >= 1')
+  need(config.captions_per_row is None or config.captions_per_row > 0,
+       'captions_per_row', config.captions_per_row, 'must be None or > 0')
   sizes = tuple(config.patch_sizes)
   need(sizes and all(int(p) == p and p >= 1 for p in sizes), 'patch_sizes',
        sizes, 'must be a non-empty tuple of positive ints')

@@ -70,6 +70,8 @@ def eval_input_config(input_config, *, resize='fit', max_tokens=None,
   default_tokens, default_images = default_rows(resize, budget)
   config.tokens_per_row = int(tokens_per_row or default_tokens)
   config.images_per_row = int(images_per_row or default_images)
+  with config.unlocked():
+    config.captions_per_row = None  # Images only: captions never limit packing.
   return config
 
 

@@ -51,7 +51,7 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
 
 
 def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
-  """Forward FLOPs of the text tower on the B*E captions of one batch."""
+  """Forward FLOPs of the text tower on the G*C caption rows of one batch."""
   c = config.text
   size = variants.tower_size(c, 'text')
   width, mlp_dim = size['width'], size['mlp_dim']
@@ -61,7 +61,7 @@ def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
     per_caption += _map_head_flops(1, tokens, width, mlp_dim)
   if c.get('head', True):
     per_caption += 2 * width * config.embed_dim
-  return spec.rows * spec.slots * per_caption
+  return spec.groups * spec.captions * per_caption
 
 
 def forward_flops(config, spec: batch_lib.BatchSpec) -> int:

@@ -157,27 +157,47 @@ class TwoTowers(nn.Module):
 
   def embed_images(self, batch):
     """Packed image batch -> L2-normalised z_img [B*E, embed_dim] (zero for empty slots)."""
-    z = self.img(batch['image/patches'], batch['image/yx'],
-                 batch['image/segment'], batch['image/grid'])
-    return l2_normalize(z.reshape(-1, z.shape[-1]))
+    return l2_normalize(self._slot_embeddings(batch).reshape(
+        -1, self.config.embed_dim))
+
+  def _slot_embeddings(self, batch):
+    """Unnormalised per-slot image embeddings [B, E, embed_dim]."""
+    return self.img(batch['image/patches'], batch['image/yx'],
+                    batch['image/segment'], batch['image/grid'])
 
   def embed_texts(self, tokens):
     """Tokens int [..., T] -> L2-normalised z_txt [prod(...), embed_dim]."""
-    z = self.txt(tokens)
-    return l2_normalize(z.reshape(-1, z.shape[-1]))
+    z = self.txt(tokens.reshape(-1, tokens.shape[-1]))
+    return l2_normalize(z)
 
   def __call__(self, batch, train: bool = False):
-    """Returns (z_img [B*E, D], z_txt [B*E, D], extras).
+    """Returns (z_img [G*C, D], z_txt [G*C, D], extras), one row per caption row.
 
-    extras: 't' (the temperature exp(t)), 'b' (the bias; sigmoid loss only)
-    and 'valid' bool [B*E]. The model has no dropout, so `train` changes
-    nothing; it is accepted so trainers call every model alike.
+    Only the batch's caption rows are encoded; each image embedding is
+    gathered, within its group, to its caption's row. extras: 't' (the
+    temperature exp(t)), 'b' (the bias; sigmoid loss only) and 'valid' bool
+    [G*C], the rows that hold a pair. The model has no dropout, so `train`
+    changes nothing; it is accepted so trainers call every model alike.
     """
     del train
-    extras = {'t': jnp.exp(self.t[0]), 'valid': batch['valid'].reshape(-1)}
+    extras = {'t': jnp.exp(self.t[0]), 'valid': batch['text/valid'].reshape(-1)}
     if self.config.loss == 'sigmoid':
       extras['b'] = self.b[0]
-    return self.embed_images(batch), self.embed_texts(batch['text/tokens']), extras
+    zimg = gather_to_captions(self._slot_embeddings(batch), batch['text/slot'])
+    return l2_normalize(zimg), self.embed_texts(batch['text/tokens']), extras
+
+
+def gather_to_captions(slots, caption_slot):
+  """Per-slot rows [B, E, D] -> the rows of each caption [G*C, D].
+
+  `caption_slot` int [G, C] indexes the flat slots of each group of B/G
+  rows; the gather is batched over groups, so with groups split over
+  devices like the rows it stays on each device.
+  """
+  groups = caption_slot.shape[0]
+  by_group = slots.reshape(groups, -1, slots.shape[-1])
+  gathered = jnp.take_along_axis(by_group, caption_slot[..., None], axis=1)
+  return gathered.reshape(-1, slots.shape[-1])
 
 
 def dummy_batch(spec: batch_lib.BatchSpec) -> dict:
