@@ -144,7 +144,7 @@ def test_sizes_are_read_from_the_checkpoint():
 @pytest.mark.parametrize('name', bv_fixtures.NAMES)
 def test_export_writes_back_the_same_arrays_and_reimports(name, tmp_path):
   arrays, config, params = _import(name, scan=True)
-  for scan in (None, False, True):
+  for scan in (None, False):  # None: the model's layout, stacked here.
     path = str(tmp_path / f'{name}_{scan}.npz')
     big_vision.save_npz(path, big_vision.from_params(params, config, scan=scan))
     exported = big_vision.load_npz(path)
@@ -152,9 +152,11 @@ def test_export_writes_back_the_same_arrays_and_reimports(name, tmp_path):
       assert sorted(exported) == sorted(arrays)
       for key, value in arrays.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
-    again = big_vision.model_config(exported)
-    _assert_matches_big_vision(_embed(again, big_vision.to_params(exported, again),
-                                      name), name)
+    else:  # Another file: it must import to a model that still matches.
+      again = big_vision.model_config(exported)
+      assert again.image.scan and again.text.scan
+      _assert_matches_big_vision(_embed(again, big_vision.to_params(exported, again),
+                                        name), name)
 
 
 def _corrupt(tmp_path, name, change):
