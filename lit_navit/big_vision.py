@@ -260,6 +260,66 @@ def model_config(arrays: dict, options: Options = Options()) -> ml_collections.C
   return c
 
 
+def image_batch(image, patch_size: int | None = None) -> dict:
+  """big_vision image-model inputs as the image keys of a packed batch, one
+  image a row (slot 1), for the image tower's own apply.
+
+  Args:
+    image: a ViT's float images [N, H, W, 3] (cut into row-major patches of
+      `patch_size`, flattened (py, px, c)), or NaFlex's tuple
+      (patches [N, L, p*p*3], ptype [N, L], yabs [N, L], xabs [N, L]), whose
+      grid is (max yabs + 1, max xabs + 1) as NaFlex takes it.
+    patch_size: the ViT's patch size (images only).
+  """
+  if isinstance(image, (tuple, list)):
+    patches, ptype, yabs, xabs = (np.asarray(x) for x in image)
+    real = ptype == 1
+    grid = np.stack([np.where(real, yabs, 0).max(1), np.where(real, xabs, 0).max(1)], -1) + 1
+    return {'image/patches': patches.astype(np.float32),
+            'image/yx': np.stack([yabs, xabs], -1).astype(np.int32),
+            'image/segment': real.astype(np.int32),
+            'image/grid': grid[:, None].astype(np.int32)}
+  images = np.asarray(image, np.float32)
+  n, height, width, _ = images.shape
+  p = patch_size
+  if not p or height % p or width % p:
+    raise ValueError(f'images {images.shape} are not whole patches of {p}')
+  rows, cols = height // p, width // p
+  patches = images.reshape(n, rows, p, cols, p, 3).transpose(0, 1, 3, 2, 4, 5)
+  yy, xx = np.divmod(np.arange(rows * cols, dtype=np.int32), cols)
+  return {'image/patches': patches.reshape(n, rows * cols, p * p * 3),
+          'image/yx': np.broadcast_to(np.stack([yy, xx], -1), (n, rows * cols, 2)).copy(),
+          'image/segment': np.ones((n, rows * cols), np.int32),
+          'image/grid': np.full((n, 1, 2), (rows, cols), np.int32)}
+
+
+def encode(config, params, image=None, text=None):
+  """What big_vision's two_towers Model.apply returns, from our model.
+
+  Args:
+    config: the model config (`model_config`); params: its params.
+    image: big_vision image inputs (see `image_batch`), or None.
+    text: int tokens [N, T], or None.
+
+  Returns:
+    (zimg, ztxt, out): L2-normalised float32 embeddings (None where the
+    input is None) and out = {'t': exp(t), 'b': b (sigmoid models)}.
+  """
+  model = two_towers.TwoTowers(config)
+  variables = {'params': params}
+  zimg = ztxt = None
+  if image is not None:
+    batch = image_batch(image, two_towers.base_patch_size(config.image))
+    zimg = np.asarray(model.apply(variables, batch, method=model.embed_images))
+  if text is not None:
+    ztxt = np.asarray(model.apply(variables, np.asarray(text, np.int32),
+                                  method=model.embed_texts))
+  out = {'t': np.exp(np.asarray(params['t']))}
+  if 'b' in params:
+    out['b'] = np.asarray(params['b'])
+  return zimg, ztxt, out
+
+
 def adopt_tower(config, npz: str, tower: str) -> None:
   """Makes training `config`'s `tower` ('img' or 'txt') the one stored in `npz`.
 

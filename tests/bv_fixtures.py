@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from lit_navit import big_vision
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repo's sibling shared/ (a main checkout), else the workspace's (a worktree).
 ROOT = os.environ.get('BIG_VISION_FIXTURES') or next(
@@ -26,26 +28,13 @@ def load(name: str, kind: str) -> dict:
 def image_batch(name: str, patch_size: int = 16) -> dict:
   """The fixture's images, one a row, as the image keys of a packed batch."""
   inputs = load(name, 'inputs')
-  if 'image' in inputs:  # ViT: NHWC images, cut row-major into (py, px, c) patches.
-    images = inputs['image']
-    n, h, w, _ = images.shape
-    p = patch_size
-    rows, cols = h // p, w // p
-    patches = images.reshape(n, rows, p, cols, p, 3).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(n, rows * cols, p * p * 3)
-    yy, xx = np.divmod(np.arange(rows * cols, dtype=np.int32), cols)
-    yx = np.broadcast_to(np.stack([yy, xx], -1), (n, rows * cols, 2))
-    segment = np.ones((n, rows * cols), np.int32)
-    grid = np.full((n, 1, 2), (rows, cols), np.int32)
-  else:  # NaFlex: patches with (y, x); ptype 1 marks a patch, 0 padding.
-    patches = inputs['patches']
-    yx = np.stack([inputs['yabs'], inputs['xabs']], -1)
-    segment = inputs['ptype']
-    grid = inputs['grid_hw'][:, None, :]
-  return {'image/patches': np.asarray(patches, np.float32),
-          'image/yx': np.asarray(yx, np.int32),
-          'image/segment': np.asarray(segment, np.int32),
-          'image/grid': np.asarray(grid, np.int32)}
+  if 'image' in inputs:
+    return big_vision.image_batch(inputs['image'], patch_size)
+  batch = big_vision.image_batch(tuple(inputs[k] for k in ('patches', 'ptype',
+                                                           'yabs', 'xabs')))
+  # NaFlex's grid from coordinates is the grid the pp made.
+  np.testing.assert_array_equal(batch['image/grid'][:, 0], inputs['grid_hw'])
+  return batch
 
 
 def pack_into_one_row(batch: dict) -> dict:

@@ -16,6 +16,7 @@ import pytest
 
 from lit_navit import big_vision
 from lit_navit import checkpoint
+from lit_navit import config as config_lib
 from lit_navit import export_big_vision
 from lit_navit import import_big_vision
 from lit_navit.data import text as text_lib
@@ -67,6 +68,17 @@ def test_imported_model_reproduces_big_vision(name, layout):
   _, config, params = _import(name, LAYOUTS[layout])
   assert config.image.scan == config.text.scan == (LAYOUTS[layout] or False)
   _assert_matches_big_vision(_embed(config, params, name), name)
+
+
+@pytest.mark.parametrize('name', bv_fixtures.NAMES)
+def test_encode_takes_big_vision_inputs_as_they_are(name):
+  _, config, params = _import(name)
+  inputs = bv_fixtures.load(name, 'inputs')
+  image = inputs['image'] if 'image' in inputs else tuple(
+      inputs[k] for k in ('patches', 'ptype', 'yabs', 'xabs'))
+  zimg, ztxt, out = big_vision.encode(config, params, image, inputs['text'])
+  logits = zimg @ ztxt.T * out['t'][0] + out['b'][0]
+  _assert_matches_big_vision((zimg, ztxt, logits, out['t'][0], out['b'][0]), name)
 
 
 @pytest.mark.parametrize('name', bv_fixtures.NAMES)
@@ -132,7 +144,7 @@ def test_sizes_are_read_from_the_checkpoint():
 @pytest.mark.parametrize('name', bv_fixtures.NAMES)
 def test_export_writes_back_the_same_arrays_and_reimports(name, tmp_path):
   arrays, config, params = _import(name, scan=True)
-  for scan in (None, False, True):
+  for scan in (None, False):  # None: the model's layout, stacked here.
     path = str(tmp_path / f'{name}_{scan}.npz')
     big_vision.save_npz(path, big_vision.from_params(params, config, scan=scan))
     exported = big_vision.load_npz(path)
@@ -140,9 +152,11 @@ def test_export_writes_back_the_same_arrays_and_reimports(name, tmp_path):
       assert sorted(exported) == sorted(arrays)
       for key, value in arrays.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
-    again = big_vision.model_config(exported)
-    _assert_matches_big_vision(_embed(again, big_vision.to_params(exported, again),
-                                      name), name)
+    else:  # Another file: it must import to a model that still matches.
+      again = big_vision.model_config(exported)
+      assert again.image.scan and again.text.scan
+      _assert_matches_big_vision(_embed(again, big_vision.to_params(exported, again),
+                                        name), name)
 
 
 def _corrupt(tmp_path, name, change):
@@ -335,3 +349,17 @@ def test_a_rectangular_vit_posemb_is_read_as_its_grid():
   np.testing.assert_allclose(got, arrays['img/pos_embedding'][0], atol=1e-6)
   exported = big_vision.from_params(params, config)
   np.testing.assert_array_equal(exported['img/pos_embedding'], arrays['img/pos_embedding'])
+
+
+def test_lit_config_takes_a_big_vision_npz():
+  npz = bv_fixtures.path('siglip2_naflex', 'params')
+  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'configs')
+  config = config_lib.load_config_file(
+      os.path.join(configs_dir, 'lit_navit.py') + f':init={npz},source=synthetic')
+  config_lib.check_config(config)
+  assert config.init_from == npz and config.init_params == 'img/.*'
+  assert config.model.image == big_vision.model_config(big_vision.load_npz(npz)).image
+  assert config.model.embed_dim == 64 and config.input.patch_sizes == (16,)
+  shapes = two_towers.param_shapes(config.model)['params']
+  assert 'head' not in shapes['img'] and shapes['txt']['head']['kernel'].shape[-1] == 64

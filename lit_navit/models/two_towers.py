@@ -36,8 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
       # Patch size the embedding kernel is stored at; unset: the variant's.
       base_patch_size=ml_collections.config_dict.placeholder(int),
       posemb='learn_factorized',  # See models/posemb.py KINDS.
-      # Position table side, in patches; for learn_2d_resized the learned
-      # grid's side (NaFlex: 16; its cost grows with max_grid**2).
+      # Position table side, in patches; for learn_2d_resized and
+      # learn_1d_resized the learned grid's side (NaFlex: 16; its cost grows
+      # with max_grid**2).
       max_grid=64,
       # (rows, cols) of a rectangular learn_*_resized grid; unset: max_grid square.
       posemb_grid=ml_collections.config_dict.placeholder(tuple),
