@@ -169,7 +169,7 @@ def test_global_batch_splits_rows_over_data_and_fsdp():
 def initialize_calls(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize',
-                      lambda *args: calls.append(args))
+                      lambda *args, **kwargs: calls.append(args))
   for var in ('JAX_COORDINATOR_ADDRESS', 'TPU_PROCESS_ADDRESSES',
               'TPU_WORKER_HOSTNAMES'):
     monkeypatch.delenv(var, raising=False)
