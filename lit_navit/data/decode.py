@@ -95,7 +95,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
       raise BadImage('too_large', str(e)) from e
     except Image.UnidentifiedImageError as e:
       pages = _tiff_pages(data)
-      if pages:  # well-formed, but a layout or sample format PIL cannot read
+      if pages > 1:  # well-formed pages PIL cannot read (a cut single page is corrupt)
         raise BadImage('unsupported', f'TIFF with {pages} page(s) whose pixel '
                        'layout PIL cannot decode') from e
       if _looks_like_image(data):
