@@ -2,6 +2,7 @@
 the evaluation and export tests."""
 
 import functools
+import importlib.util
 import os
 
 import jax
@@ -83,3 +84,16 @@ def write_images(folder, sizes, seed=0):
     Image.fromarray(pixels).save(path, quality=95)
     paths.append(path)
   return paths
+
+
+EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'eval')
+
+
+def load_script(name):
+  """An eval/ script as a module, so a test can call its main(argv)."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(EVAL_DIR, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

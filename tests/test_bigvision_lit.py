@@ -1,6 +1,5 @@
 """LiT and the evaluators on big_vision checkpoints (the reference fixtures)."""
 
-import importlib.util
 import json
 import os
 
@@ -18,20 +17,12 @@ from lit_navit import train
 from lit_navit.data import text as text_lib
 import bv_fixtures
 import tiny_config
+from eval_helpers import load_script
 from eval_helpers import write_images
 
 pytestmark = pytest.mark.slow
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'eval')
 
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(EVAL_DIR, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _flat(tree):
@@ -68,7 +59,7 @@ def test_lit_with_an_imported_tower_keeps_it_bitwise_and_trains_the_text(tmp_pat
 
   # Zero-shot runs from the result.
   output = str(tmp_path / 'zs.json')
-  _script('zero_shot_imagenet').main([
+  load_script('zero_shot_imagenet').main([
       '--checkpoint', workdir, '--synthetic', '16', '--batch_rows', '4',
       '--output', output, '--no_progress'])
   with open(output, encoding='utf-8') as f:
@@ -104,7 +95,7 @@ def test_zero_shot_script_on_an_imported_vit(imported, tmp_path):
   for n, name in enumerate(('red_circle', 'blue_square')):
     write_images(str(tmp_path / 'data' / name), [(40, 30), (64, 64)], seed=n)
   output = str(tmp_path / 'zs.json')
-  _script('zero_shot_imagenet').main([
+  load_script('zero_shot_imagenet').main([
       '--checkpoint', imported['siglip_vit'], '--folder', str(tmp_path / 'data'),
       '--templates', '7', '--output', output, '--no_progress'])
   with open(output, encoding='utf-8') as f:
@@ -120,14 +111,14 @@ def test_retrieval_and_export_scripts_on_an_imported_naflex(imported, tmp_path):
   data = tmp_path / 'photos' / 'pairs.jsonl'
   data.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   output = str(tmp_path / 'retrieval.json')
-  _script('retrieval').main(['--checkpoint', imported['siglip2_naflex'],
+  load_script('retrieval').main(['--checkpoint', imported['siglip2_naflex'],
                              '--data', str(data), '--ks', '1,3', '--output', output,
                              '--no_progress'])
   with open(output, encoding='utf-8') as f:
     results = json.load(f)
   assert results['num_images'] == 3 and results['text_to_image/R@3'] == 1.0
 
-  summary = _script('export_embeddings').main([
+  summary = load_script('export_embeddings').main([
       '--checkpoint', imported['siglip2_naflex'], '--images', str(tmp_path / 'photos'),
       '--output_dir', str(tmp_path / 'export'), '--dtype', 'float32', '--no_progress'])
   assert summary['num_exported'] == 3
@@ -142,7 +133,7 @@ def test_export_script_on_the_vit_fixture_photos_gives_big_vision_zimg(imported,
   for n, image in enumerate(bv_fixtures.load('siglip_vit', 'inputs')['image_uint8']):
     Image.fromarray(image).save(str(photos / f'{n}.png'))
   out = str(tmp_path / 'export')
-  _script('export_embeddings').main([
+  load_script('export_embeddings').main([
       '--checkpoint', imported['siglip_vit'], '--images', str(photos),
       '--output_dir', out, '--dtype', 'float32', '--no_text', '--no_progress'])
   zimg = np.load(os.path.join(out, 'img_emb', 'img_emb_0.npy'))

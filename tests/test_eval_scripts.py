@@ -4,7 +4,6 @@ Expected numbers come from the checkpoint's own embeddings (an Embedder made
 the way the scripts make theirs) and metrics computed here from scratch.
 """
 
-import importlib.util
 import json
 import os
 
@@ -19,22 +18,13 @@ from lit_navit.evaluate import embed
 from lit_navit.evaluate import imagenet_metadata
 import data_fixtures
 import tiny_config
-from eval_helpers import init_params, write_images
+from eval_helpers import init_params, load_script, write_images
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'eval')
 SIZES = [(30, 20), (16, 48), (40, 40), (24, 8), (64, 16), (20, 20), (8, 40),
          (33, 17)]
 
 pytestmark = pytest.mark.slow
 
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(EVAL_DIR, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(name='workdir', scope='module')
@@ -98,7 +88,7 @@ def test_zero_shot_script_evaluates_each_budget_and_plots(workdir, tmp_path, mon
   templates.write_text('a photo of a {}.\na drawing of a {}.\n')
   output = str(tmp_path / 'zs.json')
   plotted = _capture_plots(monkeypatch)
-  _script('zero_shot_imagenet').main([
+  load_script('zero_shot_imagenet').main([
       '--checkpoint', workdir, '--folder', str(tmp_path / 'data'),
       '--templates', str(templates), '--max_tokens', '8,16', '--output', output,
       '--no_progress'])
@@ -132,7 +122,7 @@ def test_zero_shot_script_reads_an_imagenet_folder_at_another_patch_size(
   templates = tmp_path / 'templates.txt'
   templates.write_text('a photo of a {}.\n')
   output = str(tmp_path / 'zs.json')
-  _script('zero_shot_imagenet').main([
+  load_script('zero_shot_imagenet').main([
       '--checkpoint', workdir, '--imagenet', str(tmp_path), '--patch_size', '16',
       '--max_images', '3', '--templates', str(templates), '--output', output,
       '--no_progress'])
@@ -168,7 +158,7 @@ def test_zero_shot_script_reads_tfrecord_labels(workdir, tmp_path):
   templates = tmp_path / 'templates.txt'
   templates.write_text('{}\n')
   output = str(tmp_path / 'zs.json')
-  _script('zero_shot_imagenet').main([
+  load_script('zero_shot_imagenet').main([
       '--checkpoint', workdir, '--tfrecord', str(tmp_path / 'val.tfrecord'),
       '--classnames', str(classnames), '--templates', str(templates),
       '--output', output, '--no_progress'])
@@ -190,7 +180,7 @@ def test_retrieval_script_recall_and_a_missing_image(workdir, tmp_path):
   data.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   output = str(tmp_path / 'retrieval.json')
   step_dir = os.path.join(workdir, 'checkpoints', '1')  # a step, not a workdir
-  _script('retrieval').main(['--checkpoint', step_dir, '--data', str(data),
+  load_script('retrieval').main(['--checkpoint', step_dir, '--data', str(data),
                              '--ks', '1,2,5', '--output', output, '--no_progress'])
   with open(output, encoding='utf-8') as f:
     results = json.load(f)
@@ -258,7 +248,7 @@ def test_export_script_inputs(workdir, tmp_path):
        [f'{tfrecord}#{n}:{key}' for n, key in enumerate(keys)])):
     out = str(tmp_path / f'export{flag}')
     no_text = ['--no_text'] if flag == '--tfrecord' else []
-    summary = _script('export_embeddings').main([
+    summary = load_script('export_embeddings').main([
         '--checkpoint', workdir, flag, str(value), '--output_dir', out,
         '--part_size', '3', '--dtype', 'float32', '--no_progress', *no_text])
     assert summary['num_exported'] == 5 and summary['parts_written'] == 2, flag
@@ -275,7 +265,7 @@ def test_export_script_inputs(workdir, tmp_path):
 def test_export_then_query_scripts(workdir, tmp_path):
   paths = write_images(str(tmp_path / 'photos' / 'a'), SIZES[:6])
   out = str(tmp_path / 'export')
-  summary = _script('export_embeddings').main([
+  summary = load_script('export_embeddings').main([
       '--checkpoint', workdir, '--images', str(tmp_path / 'photos'),
       '--output_dir', out, '--part_size', '4', '--dtype', 'float32',
       '--no_progress'])
@@ -283,7 +273,7 @@ def test_export_then_query_scripts(workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(out, 'metadata'))) == [
       'metadata_0.parquet', 'metadata_1.parquet']
   output = str(tmp_path / 'query.json')
-  queries = _script('query').main([
+  queries = load_script('query').main([
       '--checkpoint', workdir, '--index', out, '--image', paths[4],
       '--text', 'a red circle', '--k', '3', '--output', output])
   assert [q.get('text', q.get('image')) for q in queries] == ['a red circle', paths[4]]
