@@ -75,6 +75,7 @@ class Shapes:
   rows: int
   tokens_per_row: int
   slots: int
+  captions_per_row: float | None  # None: one caption row per slot
   text_len: int
   side: tuple         # image side ~ U(min, max), pixels
   records: int        # synthetic JPEGs encoded for the pipeline
@@ -88,11 +89,13 @@ class Shapes:
   repeats: int        # timed calls of the attention, loss and matmul
 
 
-GPU = Shapes(model='b16', rows=64, tokens_per_row=256, slots=16, text_len=64,
+GPU = Shapes(model='b16', rows=64, tokens_per_row=256, slots=16,
+             captions_per_row=4.3, text_len=64,
              side=(64, 256), records=768, warmup=3, steps=10, fused='cudnn',
              train_attentions=('dense', 'cudnn'),
              loss_batch=16384, loss_dim=768, matmul=8192, repeats=10)
-CPU_SMOKE = Shapes(model='demo', rows=2, tokens_per_row=64, slots=4, text_len=16,
+CPU_SMOKE = Shapes(model='demo', rows=2, tokens_per_row=64, slots=4,
+                   captions_per_row=None, text_len=16,
                    side=(32, 128), records=32, warmup=1, steps=2, fused='xla',
                    train_attentions=('dense',),  # The attention section covers 'xla'.
                    loss_batch=64, loss_dim=32, matmul=256, repeats=2)
@@ -149,7 +152,7 @@ def navit_config(shapes: Shapes):
   config = bench_train.with_input(config, rows=shapes.rows,
                                   tokens_per_row=shapes.tokens_per_row,
                                   slots=shapes.slots, text_len=text_len, patch_size=16)
-  config = bench_train.navit_input(config, shapes.slots)
+  config = bench_train.navit_input(config, shapes.slots, shapes.captions_per_row)
   config.input.resolution.update(min=shapes.side[0], max=shapes.side[1])
   config.input.source = sources.default_source_config()
   config.model.dtype = 'bfloat16'

@@ -152,7 +152,8 @@ def main(argv=None):
                                 options=options, recipe=args.recipe,
                                 max_tokens=args.max_tokens)
   m = config.model
-  print(f'imported {args.npz} -> {checkpoint.step_directory(args.workdir)}: '
+  step_dir = os.path.join(os.path.abspath(args.workdir), checkpoint.CHECKPOINT_DIR, '0')
+  print(f'imported {args.npz} -> {step_dir}: '
         f'image {m.image.stem} stem, {m.image.width}x{m.image.depth}, '
         f'posemb {m.image.posemb}, pool {m.image.pool}; text {m.text.width}x'
         f'{m.text.depth}, vocab {m.text.vocab_size}, T={m.text.max_len}, '

@@ -292,10 +292,10 @@ def _free_port():
 class _TwoHostRows:
   """One process feeding what two hosts would: host 0's rows, then host 1's."""
 
-  def __init__(self, config):
+  def __init__(self, config, groups):
     self.hosts = [trainer_lib.make_pipeline(config, trainer_lib.sources.make_source(
-        config.input.source), rows=config.batch_size // 2, process_index=i,
-        process_count=2) for i in range(2)]
+        config.input.source), rows=config.batch_size // 2, groups=groups // 2,
+        process_index=i, process_count=2) for i in range(2)]
     self.skipped = self.hosts[0].skipped
 
   def __next__(self):
@@ -326,7 +326,7 @@ def test_two_processes_match_one_process(tmp_path):
   config = config_lib.load_config_file(TINY + ':steps=4,every=4')
   trainer = trainer_lib.Trainer(config, single)
   trainer.pipeline.close()
-  trainer.pipeline = _TwoHostRows(config)
+  trainer.pipeline = _TwoHostRows(config, trainer_lib.caption_groups(trainer.mesh))
   trainer.run()
 
   multi_loss = [r['loss'] for r in _metrics(multi)]

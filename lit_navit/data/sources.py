@@ -438,7 +438,7 @@ class FileListSource:
     return len(self._items)
 
   @property
-  def paths(self) -> list:
+  def image_paths(self) -> list:
     """The image file of each record (what an export keys records by)."""
     return [image_path for image_path, _, _ in self._items]
 

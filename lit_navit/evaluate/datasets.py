@@ -64,6 +64,11 @@ class ImageFiles:
     if self.captions is not None and len(self.captions) != len(self.paths):
       raise ValueError(f'{len(self.captions)} captions for {len(self.paths)} images')
 
+  @property
+  def image_paths(self) -> list:
+    """The image file of each record (what an export keys records by)."""
+    return self.paths
+
   def __len__(self):
     return len(self.paths)
 

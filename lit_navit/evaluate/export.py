@@ -70,7 +70,9 @@ class _Part:
 def _identities(source):
   """What marks each record of `source` as done: (path bytes, size,
   mtime_ns) for image files, the source index otherwise."""
-  paths = getattr(source, 'paths', None)
+  # Shard sources have `paths` too, one per file: only per-record image
+  # files identify records.
+  paths = getattr(source, 'image_paths', None)
   if paths is None:
     return list(range(len(source)))
   identities = []
