@@ -10,3 +10,21 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """A GCS-API server on 127.0.0.1 that gs:// paths reach (tests/gcs_emulator.py)."""
+  from gcs_emulator import GcsEmulator  # pylint: disable=g-import-not-at-top
+  emulator = GcsEmulator()
+  yield emulator
+  emulator.close()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+  """A fresh, empty bucket of the emulator, as 'gs://NAME'."""
+  return gcs_emulator.bucket()

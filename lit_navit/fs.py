@@ -1,0 +1,185 @@
+"""The one filesystem layer: every path the project reads or writes.
+
+Local paths and URLs (gs://, and any other protocol fsspec knows) go through
+fsspec, so `gs://bucket/data/*.tfrecord` works wherever a local path does.
+For gs://, gcsfs honours STORAGE_EMULATOR_HOST (the tests point it at a
+GCS-API emulator on 127.0.0.1).
+
+Writes that must be all-or-nothing use `atomic_write`: locally a temporary
+file renamed into place, on object storage a single upload (an object
+appears only when its upload completes).
+
+Orbax reaches gs:// through etils.epath (directories) and tensorstore
+(arrays). epath would take tf.io.gfile, whose GCS endpoint is compiled in;
+EPATH_USE_TF=false sends it through fsspec too, so one client (gcsfs)
+serves every gs:// path we touch outside tensorstore.
+"""
+
+import builtins
+import contextlib
+import functools
+import os
+import posixpath
+import tempfile
+import uuid
+
+import fsspec
+
+os.environ.setdefault('EPATH_USE_TF', 'false')
+
+
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL (gs://...) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_filesystem(protocol: str):
+  return fsspec.filesystem(protocol)
+
+
+def filesystem(path: str):
+  """(fsspec filesystem, path as that filesystem names it)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return fsspec.filesystem('file'), os.path.abspath(path)
+  protocol = path.split('://', 1)[0]
+  fs = _remote_filesystem(protocol)
+  return fs, fs._strip_protocol(path)  # pylint: disable=protected-access
+
+
+def _url(fs, stripped: str, like: str) -> str:
+  """The full path of `stripped` on the filesystem of `like`."""
+  if not is_remote(like):
+    return stripped
+  return fs.unstrip_protocol(stripped)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; URLs as they are."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+  path = os.fspath(path)
+  return posixpath.join(path, *parts) if is_remote(path) else os.path.join(path, *parts)
+
+
+def dirname(path: str) -> str:
+  path = os.fspath(path).rstrip('/')
+  return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+  return posixpath.basename(os.fspath(path).rstrip('/'))
+
+
+def open(path: str, mode: str = 'rb', **kwargs):  # pylint: disable=redefined-builtin
+  """Opens a file for reading or writing ('b' for bytes, else text)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return builtins.open(path, mode, **kwargs)
+  if 'b' not in mode:
+    kwargs.setdefault('encoding', 'utf-8')
+  return fsspec.open(path, mode, **kwargs).open()
+
+
+def read_bytes(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def read_text(path: str) -> str:
+  with open(path, 'r', encoding='utf-8') as f:
+    return f.read()
+
+
+def exists(path: str) -> bool:
+  fs, p = filesystem(path)
+  return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+  fs, p = filesystem(path)
+  return fs.isdir(p)
+
+
+def isfile(path: str) -> bool:
+  fs, p = filesystem(path)
+  return fs.isfile(p)
+
+
+def size(path: str) -> int:
+  fs, p = filesystem(path)
+  return fs.size(p)
+
+
+def listdir(path: str) -> list:
+  """Names (not paths) in a directory, sorted; [] when it does not exist."""
+  fs, p = filesystem(path)
+  if not fs.isdir(p):
+    return []
+  return sorted(basename(entry) for entry in fs.ls(p, detail=False)
+                if entry.rstrip('/') != p.rstrip('/'))
+
+
+def glob(pattern: str) -> list:
+  """Paths matching a glob pattern (*, ?, [..], ** across folders), sorted."""
+  fs, p = filesystem(pattern)
+  return sorted(_url(fs, match, pattern) for match in fs.glob(p))
+
+
+def makedirs(path: str) -> None:
+  """Creates a folder and its parents (nothing to do on object storage)."""
+  fs, p = filesystem(path)
+  fs.makedirs(p, exist_ok=True)
+
+
+def remove(path: str) -> None:
+  fs, p = filesystem(path)
+  fs.rm_file(p)
+
+
+def rmtree(path: str) -> None:
+  fs, p = filesystem(path)
+  if fs.exists(p):
+    fs.rm(p, recursive=True)
+
+
+def rename(source: str, target: str) -> None:
+  """Moves a file or folder (atomic for a local file; on object storage a
+  copy, then a delete)."""
+  if not is_remote(source):
+    os.replace(source, target)
+    return
+  fs, s = filesystem(source)
+  # Not fs.mv: gcsfs tries a move API first that not every server has.
+  fs.copy(s, filesystem(target)[1], recursive=True)
+  fs.rm(s, recursive=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb', **kwargs):
+  """Writes `path` whole or not at all: a crash leaves the old file (or none)."""
+  path = os.fspath(path)
+  if is_remote(path):
+    # Staged in a local file, then one upload: the object appears whole
+    # when the upload completes, and never when the writer fails.
+    fs, p = filesystem(path)
+    with tempfile.TemporaryDirectory(prefix='lit_navit-upload-') as staging:
+      local = os.path.join(staging, basename(path))
+      with builtins.open(local, mode, **kwargs) as f:
+        yield f
+      fs.put_file(local, p)
+    return
+  temporary = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+  try:
+    with builtins.open(temporary, mode, **kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
