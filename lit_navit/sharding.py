@@ -16,12 +16,14 @@ optimizer state's with `state_shardings`, and passes both to
 `jax.jit(..., out_shardings=...)`.
 """
 
+import json
 import math
 import os
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lit_navit import rules
@@ -143,3 +145,19 @@ def initialize_distributed(coordinator_address: str | None = None,
   if (any(x is not None for x in given)
       or os.environ.get('JAX_COORDINATOR_ADDRESS') or _multihost_tpu()):
     jax.distributed.initialize(*given, heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def gather_from_processes(obj) -> list:
+  """[obj of process 0, obj of process 1, ...] on every process; obj is JSON.
+
+  The checkpoint is written by process 0, so per-process state (each host's
+  input pipeline position) must reach it first.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array(len(data)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:length])) for row, length in zip(gathered, lengths)]

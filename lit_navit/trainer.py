@@ -163,7 +163,7 @@ class Trainer:
         state['params'] = self._load_init_params(state['params'])
       return state
     step, state, data_state = restored
-    self.pipeline.set_state(data_state)
+    self.pipeline.set_state(self._own_data_state(data_state))
     log.info('resumed from step %d', step)
     return state
 
@@ -248,7 +248,20 @@ class Trainer:
     return bool(np.any(flags))
 
   def _save(self, step: int, state) -> None:
-    self.checkpointer.save(step, state, self.pipeline.get_state(), self.config)
+    # Every host's pipeline position, in process order: each resumes its own.
+    data_state = {'processes': sharding.gather_from_processes(
+        self.pipeline.get_state())}
+    self.checkpointer.save(step, state, data_state, self.config)
+
+  def _own_data_state(self, data_state: dict) -> dict:
+    """This process's pipeline state out of a checkpoint's data state."""
+    states = data_state.get('processes', [data_state])
+    if len(states) != jax.process_count():
+      raise ValueError(
+          f'the checkpoint was written by {len(states)} processes and this run '
+          f'has {jax.process_count()}: the input pipelines cannot resume '
+          'exactly; resume with the same number of hosts')
+    return states[jax.process_index()]
 
   def run(self, hooks=()) -> RunResult:
     """Trains to config.total_steps (or until preempted). `hooks` get (step, state)."""
@@ -341,11 +354,15 @@ class Trainer:
     return float(np.mean(losses_))
 
   def zero_shot(self, params) -> dict:
-    """Synthetic zero-shot and retrieval, the demo's numbers (one host only)."""
-    if self.config.input.source.kind != 'synthetic' or jax.process_count() > 1:
-      log.warning('evals.zero_shot_examples needs a synthetic source and one host; skipped')
+    """Synthetic zero-shot and retrieval, the demo's numbers."""
+    if self.config.input.source.kind != 'synthetic':
+      log.warning('evals.zero_shot_examples needs a synthetic source; skipped')
       return {}
     from lit_navit.evaluate import demo_eval  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      # Each host holds only its shards of the parameters: gather them, and
+      # every host computes the same (small) evaluation.
+      params = multihost_utils.process_allgather(params, tiled=True)
     metrics = demo_eval.synthetic_metrics(self.config, params,
                                           self.config.evals.zero_shot_examples)
     return {f'eval/{k}': v for k, v in metrics.items() if not isinstance(v, dict)}

@@ -313,9 +313,11 @@ class _TwoHostRows:
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
   multi = str(tmp_path / 'multi')
+  evals = ('--config.evals.heldout.kind=synthetic', '--config.evals.heldout.size=64',
+           '--config.evals.heldout_batches=2', '--config.evals.zero_shot_examples=16')
   procs = [subprocess.Popen(
       _train_cmd(multi, 'steps=4,every=4', f'--coordinator_address=127.0.0.1:{port}',
-                 '--num_processes=2', f'--process_id={i}'),
+                 '--num_processes=2', f'--process_id={i}', *evals),
       env=_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
            for i in range(2)]
   for p in procs:
@@ -324,15 +326,29 @@ def test_two_processes_match_one_process(tmp_path):
 
   single = str(tmp_path / 'single')
   config = config_lib.load_config_file(TINY + ':steps=4,every=4')
+  config_lib.apply_overrides(config, [
+      (flag[len('--config.'):].split('=')[0], flag.split('=')[1]) for flag in evals])
   trainer = trainer_lib.Trainer(config, single)
   trainer.pipeline.close()
   trainer.pipeline = _TwoHostRows(config, trainer_lib.caption_groups(trainer.mesh))
   trainer.run()
 
-  multi_loss = [r['loss'] for r in _metrics(multi)]
-  single_loss = [r['loss'] for r in _metrics(single)]
+  multi_loss = [r['loss'] for r in _metrics(multi) if 'loss' in r]
+  single_loss = [r['loss'] for r in _metrics(single) if 'loss' in r]
   assert len(multi_loss) == 4
   np.testing.assert_allclose(multi_loss, single_loss, rtol=1e-5)
+  # The in-training evals run on two hosts too. Zero-shot sees the same
+  # images on any number of hosts and agrees with one host's (the held-out
+  # loss reads each host's own shard, so only its presence is compared).
+  multi_evals, single_evals = (
+      {k: v for r in _metrics(w) for k, v in r.items() if k.startswith('eval/')}
+      for w in (multi, single))
+  assert {'eval/loss', 'eval/zero_shot/top1'} <= set(multi_evals), multi_evals
+  assert multi_evals.keys() == single_evals.keys()
+  assert np.isfinite(multi_evals['eval/loss'])
+  for key in (k for k in multi_evals if k.startswith('eval/zero_shot')):
+    np.testing.assert_allclose(multi_evals[key], single_evals[key], rtol=1e-4,
+                               err_msg=key)
   # Adam turns float noise in near-zero gradients into steps of up to ~lr
   # (1e-3), so parameters agree to a fraction of one step, not to rtol.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
