@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import jax
 import ml_collections
@@ -152,6 +153,7 @@ def newest_readable(steps, restore, where: str):
     try:
       return step, restore(step), failed
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_late_tensorstore_callbacks()
       # Whatever fails to read (missing file, bad bytes, bad JSON), the step
       # is unusable: try the one before it.
       failed.append((step, _reason(e)))
@@ -160,6 +162,23 @@ def newest_readable(steps, restore, where: str):
   raise UnreadableCheckpoint(
       f'no checkpoint in {where} is readable: ' +
       '; '.join(f'step {step}: {reason}' for step, reason in failed))
+
+
+def _quiet_late_tensorstore_callbacks():
+  """After a failed restore, tensorstore reads still in flight complete into
+  orbax's event loop, which is closed by then; each would print a stray
+  'Event loop is closed' traceback. Those (and only those) are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'lit_navit_quiet', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.lit_navit_quiet = True
+  sys.unraisablehook = hook
 
 
 def _reason(error: Exception) -> str:
@@ -195,6 +214,7 @@ def load_for_inference(path: str):
     try:
       return _read_step(path)
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_late_tensorstore_callbacks()
       raise UnreadableCheckpoint(
           f'checkpoint {path} is unreadable ({_reason(e)})') from e
   step_dirs = _step_dirs(path)
