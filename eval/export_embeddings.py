@@ -18,6 +18,9 @@ scaled down only past --max_tokens, small ones packed several a row, which
 is what makes a folder of mixed sizes fast (benchmarks/bench_export.py).
 --resize fit matches the zero-shot and retrieval scripts' default (SigLIP 2
 NaFlex, every image scaled to fill the budget).
+Multi-host: run it on every host with --coordinator_address, --num_processes
+and --process_id (none on a TPU slice); each embeds its share of each part,
+and process 0 writes the folder, the same folder one host writes.
 """
 
 import argparse
@@ -49,6 +52,7 @@ def parse_args(argv=None):
   parser.add_argument('--dtype', default='float16', choices=export.DTYPES)
   parser.add_argument('--no_text', action='store_true',
                       help='skip caption embeddings even when captions exist')
+  cli.add_host_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -74,6 +78,7 @@ def open_source(args, config):
 
 def main(argv=None):
   args = parse_args(argv)
+  cli.join_hosts(args)
   budgets = cli.parse_token_budgets(args.max_tokens)
   if len(budgets) != 1:
     raise ValueError(f'--max_tokens {args.max_tokens!r}: give one budget')
@@ -94,7 +99,7 @@ def main(argv=None):
         f'{os.path.join(args.output_dir, "failed.jsonl")}); '
         f'{summary["num_new"]} new this run in {summary["parts_written"]} parts, '
         f'{summary["parts_skipped"]} parts already done')
-  if args.output:
+  if args.output and cli.is_writer():
     cli.write_json(args.output, summary)
   return summary
 

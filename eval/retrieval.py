@@ -10,6 +10,9 @@ Flickr token file ("img.jpg#k<TAB>caption"; --image_list picks the split).
 Recall follows the standard protocol: text->image counts a caption when its
 image is in the top K; image->text counts an image when any of its captions
 is. Images that fail to decode are listed and left out with their captions.
+Multi-host: run it on every host with --coordinator_address, --num_processes
+and --process_id (none on a TPU slice); each embeds its share of the images,
+and process 0 writes the output.
 """
 
 import argparse
@@ -35,6 +38,7 @@ def parse_args(argv=None):
   parser.add_argument('--image_list', default=None,
                       help='token files: image names of the split, one a line')
   parser.add_argument('--ks', default='1,5,10', help='K values, comma separated')
+  cli.add_host_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -81,8 +85,9 @@ def evaluate(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  cli.join_hosts(args)
   results = evaluate(args)
-  if args.output:
+  if args.output and cli.is_writer():
     cli.write_json(args.output, results)
   return results
 

@@ -13,6 +13,9 @@ Reports top-1, top-5 and per-class accuracy. Class names and the 80 / 7
 prompt templates are CLIP's unless --classnames / --templates say otherwise.
 --synthetic N evaluates the held-out synthetic shape-colour pairs instead,
 through the same function as the trainer's eval hook.
+Multi-host: run it on every host with --coordinator_address, --num_processes
+and --process_id (none on a TPU slice); each embeds its share of the images,
+and process 0 writes the outputs.
 """
 
 import argparse
@@ -63,6 +66,7 @@ def parse_args(argv=None):
                       help='evaluate an evenly spaced subset of this many images')
   parser.add_argument('--plot', default=None,
                       help='accuracy-vs-tokens PNG (default: beside --output)')
+  cli.add_host_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -174,13 +178,15 @@ def plot(results, path):
 
 def main(argv=None):
   args = parse_args(argv)
+  cli.join_hosts(args)
   results = evaluate(args)
   plot_path = args.plot or (os.path.splitext(args.output)[0] + '.png'
                             if args.output and len(results['results']) > 1 else None)
   if plot_path:
-    plot(results, plot_path)
+    if cli.is_writer():
+      plot(results, plot_path)
     results['plot'] = plot_path
-  if args.output:
+  if args.output and cli.is_writer():
     cli.write_json(args.output, results)
   return results
 

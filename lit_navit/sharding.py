@@ -161,3 +161,32 @@ def gather_from_processes(obj) -> list:
   padded[:len(data)] = data
   gathered = multihost_utils.process_allgather(padded)
   return [json.loads(bytes(row[:length])) for row, length in zip(gathered, lengths)]
+
+
+def run_on_process_0(fn):
+  """fn() on process 0, its (JSON) result returned on every process.
+
+  What one process must do alone (write a shared folder) while the others
+  wait for it. An error there is raised on every process, the same type
+  for a user error (ValueError, OSError), so none is left waiting in the
+  next collective.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  outcome, error = None, None
+  if jax.process_index() == 0:
+    try:
+      outcome = {'value': fn()}
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      kind = next((t.__name__ for t in (ValueError, OSError) if isinstance(e, t)),
+                  'RuntimeError')
+      outcome = {'error': str(e), 'type': kind}
+  outcome = gather_from_processes(outcome)[0]
+  if error is not None:
+    raise error
+  if 'error' in outcome:
+    kind = {'ValueError': ValueError, 'OSError': OSError}.get(outcome['type'],
+                                                              RuntimeError)
+    raise kind(f'process 0: {outcome["error"]}')
+  return outcome['value']

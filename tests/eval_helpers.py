@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from lit_navit import checkpoint
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline
 from lit_navit.evaluate import embed
@@ -71,6 +72,17 @@ def tiny_embedder(batch_rows=2, **kwargs):
   model, params = tiny_model()
   return embed.Embedder(model, params, input_config(), ByteTokenizer(),
                         batch_rows, **kwargs)
+
+
+def write_checkpoint(workdir):
+  """One checkpoint of a randomly initialised tiny_config model in `workdir`."""
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config()
+  params = init_params(config.model, config.input.text_len)
+  saver = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+  saver.save(1, {'params': params}, {}, config)
+  saver.close()
+  return workdir
 
 
 def write_images(folder, sizes, seed=0):

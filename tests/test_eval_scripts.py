@@ -17,8 +17,7 @@ from lit_navit.evaluate import datasets
 from lit_navit.evaluate import embed
 from lit_navit.evaluate import imagenet_metadata
 import data_fixtures
-import tiny_config
-from eval_helpers import init_params, load_script, write_images
+from eval_helpers import load_script, write_checkpoint, write_images
 
 SIZES = [(30, 20), (16, 48), (40, 40), (24, 8), (64, 16), (20, 20), (8, 40),
          (33, 17)]
@@ -30,13 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(name='workdir', scope='module')
 def _workdir(tmp_path_factory):
   """A workdir holding one checkpoint of a randomly initialised tiny model."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_config.get_config()
-  params = init_params(config.model, config.input.text_len)
-  saver = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
-  saver.save(1, {'params': params}, {}, config)
-  saver.close()
-  return workdir
+  return write_checkpoint(str(tmp_path_factory.mktemp('run')))
 
 
 def _embedder(workdir, **kwargs):

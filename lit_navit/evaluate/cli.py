@@ -1,5 +1,6 @@
-"""What the eval/ scripts share: model flags, loading a checkpoint, JSON
-output, and ending a user error with one line (`run`)."""
+"""What the eval/ scripts share: model flags, joining the processes of a
+multi-host run, loading a checkpoint, JSON output, and ending a user error
+with one line (`run`)."""
 
 import json
 import math
@@ -44,6 +45,37 @@ def add_model_flags(parser, max_tokens_help='token budget per image',
                       help='hide progress bars')
   parser.add_argument('--debug', action='store_true',
                       help='show the traceback of a user error')
+
+
+def add_host_flags(parser):
+  """--coordinator_address, --num_processes, --process_id, --heartbeat_timeout:
+  run the script on every host of a slice (see `join_hosts`)."""
+  parser.add_argument('--coordinator_address', default=None,
+                      help='multi-host: host:port of process 0 (TPU slices '
+                      'need none of these flags; JAX_COORDINATOR_ADDRESS, '
+                      'JAX_NUM_PROCESSES and JAX_PROCESS_ID work too)')
+  parser.add_argument('--num_processes', type=int, default=None,
+                      help='multi-host: the number of processes')
+  parser.add_argument('--process_id', type=int, default=None,
+                      help='multi-host: this process\'s index')
+  parser.add_argument('--heartbeat_timeout', type=int, default=100,
+                      help='multi-host: seconds after which a silent (dead) '
+                      'process makes the others stop with an error')
+
+
+def join_hosts(args):
+  """Joins the processes of a multi-host run (see `add_host_flags`); does
+  nothing on one host. Each process then embeds its share of the images
+  and gets everyone's; process 0 writes the files (`is_writer`)."""
+  from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes,
+                                  args.process_id, args.heartbeat_timeout)
+
+
+def is_writer():
+  """Whether this process writes the outputs: process 0 of a multi-host run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 def run(main):

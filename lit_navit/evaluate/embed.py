@@ -11,18 +11,21 @@ nothing dropped. Two ways to size an image (`resize`, see `resolution`):
             share a packed row.
 
 Outputs are scattered back to source order by each slot's `index`, so
-packing never shows.
+packing never shows. On a multi-process run each process embeds its own
+block of the images (`sources.host_shard`) and every process gets them all.
 """
 
 import math
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
 from lit_navit.data import decode
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import resolution
+from lit_navit.data import sources
 from lit_navit.data import text as text_lib
 from lit_navit.models import two_towers
 
@@ -147,14 +150,28 @@ class Embedder:
   def images(self, source, progress=True):
     """Embeds every image of `source`.
 
+    On a multi-process run every process must call this with the same
+    source: each embeds its block and the blocks are gathered.
+
     Returns:
       (emb, failed): emb float32 [len(source), D] in source order, a zero row
       for each image that failed; failed lists (index, key, reason) for the
       images that could not be read or decoded.
     """
-    emb = np.zeros((len(source), self.dim), np.float32)
-    seen = np.zeros(len(source), bool)
-    bar = tqdm.tqdm(total=len(source), unit='img', disable=not progress,
+    block = sources.host_shard(len(source), jax.process_index(),
+                               jax.process_count())
+    emb, seen = self._embed_block(source, block,
+                                  progress and jax.process_index() == 0)
+    if jax.process_count() > 1:
+      emb, seen = _gather_blocks(emb, seen, len(source))
+    failed = [self._failure(source, int(i)) for i in np.flatnonzero(~seen)]
+    return emb, failed
+
+  def _embed_block(self, source, block, progress):
+    """(emb [len(block), D], seen [len(block)]) of this process's images."""
+    emb = np.zeros((len(block), self.dim), np.float32)
+    seen = np.zeros(len(block), bool)
+    bar = tqdm.tqdm(total=len(block), unit='img', disable=not progress,
                     desc=f'images ({self.resize}, p={self.patch_size}, '
                     f'<={self.max_tokens} tokens)')
     in_flight = None  # The previous batch's (indices, device result).
@@ -162,12 +179,15 @@ class Embedder:
     def collect(indices, result):
       result = np.asarray(result)
       valid = indices >= 0
-      emb[indices[valid]] = result[valid]
-      seen[indices[valid]] = True
+      emb[indices[valid] - block.start] = result[valid]
+      seen[indices[valid] - block.start] = True
       bar.update(int(valid.sum()))
 
+    # The pipeline reads this process's block and keeps source indices.
     with pipeline_lib.Pipeline(source, self.tokenizer, self.input_config,
-                               rows=self.batch_rows, seed=0) as batches:
+                               rows=self.batch_rows, seed=0,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count()) as batches:
       for batch in batches:
         inputs = {k: batch[k] for k in _IMAGE_KEYS}
         result = self._embed_images(self.params, inputs)
@@ -180,10 +200,9 @@ class Embedder:
       collect(*in_flight)
     # Images that failed are done work too: the bar ends at 100%.
     bar.set_postfix(failed=int((~seen).sum()))
-    bar.update(len(source) - bar.n)
+    bar.update(len(block) - bar.n)
     bar.close()
-    failed = [self._failure(source, int(i)) for i in np.flatnonzero(~seen)]
-    return emb, failed
+    return emb, seen
 
   def _failure(self, source, index):
     """(index, key, reason) of an image the pipeline skipped."""
@@ -213,3 +232,21 @@ class Embedder:
       result = np.asarray(self._embed_texts(self.params, tokens))
       out[start:start + len(chunk)] = result[:len(chunk)]
     return out
+
+
+def _gather_blocks(emb, seen, num_images):
+  """Every process's (emb, seen) block, joined in process (= source) order.
+
+  Blocks differ in size by at most one; each is padded to the largest for
+  the gather and cut back after.
+  """
+  count = jax.process_count()
+  sizes = [len(sources.host_shard(num_images, p, count)) for p in range(count)]
+  largest = max(sizes)
+  padded_emb = np.zeros((largest, emb.shape[1]), np.float32)
+  padded_seen = np.zeros(largest, bool)
+  padded_emb[:len(emb)], padded_seen[:len(seen)] = emb, seen
+  all_emb = multihost_utils.process_allgather(padded_emb)
+  all_seen = multihost_utils.process_allgather(padded_seen)
+  return (np.concatenate([e[:n] for e, n in zip(all_emb, sizes)]),
+          np.concatenate([s[:n] for s, n in zip(all_seen, sizes)]))

@@ -44,6 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lit_navit import sharding
+
 MANIFEST = 'export.json'
 DTYPES = ('float16', 'float32')
 
@@ -65,6 +67,15 @@ class _Part:
     record = self._source[self.indices[index]]
     self.keys[index], self.captions[index] = record.key, record.caption
     return record
+
+  def gather(self):
+    """Adds the keys and captions that the other processes read."""
+    if jax.process_count() == 1:
+      return
+    rows = [[i, self.keys[i], self.captions[i]] for i in self.keys]
+    for host_rows in sharding.gather_from_processes(rows):
+      for i, key, caption in host_rows:
+        self.keys[i], self.captions[i] = key, caption
 
 
 def _identities(source):
@@ -236,18 +247,63 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
   if part_size < 1:
     raise ValueError(f'part_size must be >= 1, got {part_size}')
-  identities = _identities(source)
-  by_file = bool(identities) and isinstance(identities[0], tuple)
+  # Only process 0 reads and writes the folder; every process embeds its
+  # share of each part (see `embed.Embedder.images`).
+  identities = _identities(source) if jax.process_index() == 0 else None
   settings = {
       'part_size': part_size, 'dtype': dtype, 'texts': texts,
       'key_column': key_column, 'dim': embedder.dim,
       'patch_size': embedder.patch_size, 'max_tokens': embedder.max_tokens,
       'resize': embedder.resize, 'params_sha256': params_fingerprint(embedder.params),
-      'records_by': 'file' if by_file else 'index',
   }
-  earlier = _check_manifest(output_dir, settings)
   # Facts that may change between runs, recorded but not checked.
-  manifest = {**settings, 'num_images': len(source), 'checkpoint': checkpoint}
+  facts = {'num_images': len(source), 'checkpoint': checkpoint}
+  plan = sharding.run_on_process_0(
+      lambda: _plan(output_dir, settings, facts, identities, part_size))
+  todo, first, width = plan['todo'], plan['first'], plan['width']
+  new_parts = -(-len(todo) // part_size)
+  start_time = time.perf_counter()
+  for n in range(new_parts):
+    indices = todo[n * part_size:(n + 1) * part_size]
+    part = _Part(source, indices)
+    emb, failed = embedder.images(part, progress=progress)
+    part.gather()
+    sharding.run_on_process_0(lambda: _write_part(
+        embedder, part, emb, failed, [identities[i] for i in indices],
+        _paths(output_dir, first + n, width), dtype, texts, key_column))
+
+  def finish():
+    exported, failed_total = _merge_failed(output_dir)
+    if plan['manifest']:
+      _write_manifest(output_dir, plan['manifest'])
+    return exported, failed_total
+
+  exported, failed_total = sharding.run_on_process_0(finish)
+  seconds = time.perf_counter() - start_time
+  return {
+      'num_images': len(source),
+      'num_exported': exported,
+      'num_failed': failed_total,
+      'num_new': len(todo),
+      'parts_written': new_parts,
+      'parts_skipped': plan['parts_skipped'],
+      'seconds': seconds,
+      'images_per_second': len(todo) / seconds if todo else 0.0,
+  }
+
+
+def _plan(output_dir, settings, facts, identities, part_size):
+  """Checks the folder's settings and lists the records it lacks.
+
+  Returns:
+    {'todo': source indices to embed, 'first': the first new part's number,
+    'width': its digits, 'parts_skipped': parts already there, 'manifest':
+    the export.json to write at the end, or None}.
+  """
+  by_file = bool(identities) and isinstance(identities[0], tuple)
+  settings = {**settings, 'records_by': 'file' if by_file else 'index'}
+  earlier = _check_manifest(output_dir, settings)
+  manifest = {**settings, **facts}
   if earlier is None:  # first: an interrupted first run keeps its settings
     _write_manifest(output_dir, manifest)
   parts = _part_numbers(output_dir)
@@ -260,27 +316,9 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
   new_parts = -(-len(todo) // part_size)
   width = max([len(n) for n in parts.values()] +
               [len(str(max(first + new_parts - 1, 0)))])
-  start_time = time.perf_counter()
-  for n in range(new_parts):
-    indices = todo[n * part_size:(n + 1) * part_size]
-    part = _Part(source, indices)
-    emb, failed = embedder.images(part, progress=progress)
-    _write_part(embedder, part, emb, failed, [identities[i] for i in indices],
-                _paths(output_dir, first + n, width), dtype, texts, key_column)
-  exported, failed_total = _merge_failed(output_dir)
-  if earlier is not None and earlier != manifest:
-    _write_manifest(output_dir, manifest)
-  seconds = time.perf_counter() - start_time
-  return {
-      'num_images': len(source),
-      'num_exported': exported,
-      'num_failed': failed_total,
-      'num_new': len(todo),
-      'parts_written': new_parts,
-      'parts_skipped': len(parts),
-      'seconds': seconds,
-      'images_per_second': len(todo) / seconds if todo else 0.0,
-  }
+  changed = earlier is not None and earlier != manifest
+  return {'todo': todo, 'first': first, 'width': width,
+          'parts_skipped': len(parts), 'manifest': manifest if changed else None}
 
 
 def _write_part(embedder, part, emb, failed, identities, paths, dtype, texts,
