@@ -68,7 +68,7 @@ def _error(index: int, key: str, reason: str, detail: str,
   return Record(index, b'', caption, key, error=f'{reason}: {detail}')
 
 
-class _Reader:
+class Reader:
   """What every reader shares: the files and `read_at`."""
 
   def __init__(self, paths):
@@ -89,7 +89,7 @@ class _Reader:
                      f'{position}: has the file changed?')
 
 
-class TFRecordReader(_Reader):
+class TFRecordReader(Reader):
   """tf.train.Example records in TFRecord files (see sources.TFRecordSource).
 
   A length header whose checksum fails, or a record cut short, ends the
@@ -137,7 +137,7 @@ class TFRecordReader(_Reader):
         position, record_number = next_position, record_number + 1
 
 
-class TarReader(_Reader):
+class TarReader(Reader):
   """webdataset tar shards (see sources.WebDatasetSource), read as a stream.
 
   A record is a run of consecutive members sharing a key (the member path up
@@ -230,7 +230,7 @@ def _group_record(index: int, key: str, members: dict) -> Record:
   return Record(index, image, caption, key)
 
 
-class ListReader(_Reader):
+class ListReader(Reader):
   """Image files listed in JSONL, CSV or TSV files (see sources.FileListSource).
 
   A record is one line (CSV and TSV: after the header row; a quoted field
@@ -315,7 +315,7 @@ def _list_format(path: str) -> str:
                    'expected .jsonl, .json, .csv or .tsv')
 
 
-class IndexedReader(_Reader):
+class IndexedReader(Reader):
   """A random-access source (synthetic, or any `sources.Source`) read as
   virtual files of `records_per_file` consecutive records.
 

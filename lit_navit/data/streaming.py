@@ -61,6 +61,8 @@ class RecordStream:
     seed: the data seed.
     process_index, process_count: this host and the number of hosts.
     train: train mode (else eval, see module doc).
+    shuffle: train mode: shuffle the file order and the records (else files
+      in order and no shuffle buffer).
     cycle_length: files open at once.
     shuffle_buffer: records in the shuffle buffer (<= 1: no shuffling).
     retry_policy: for storage errors.
@@ -70,6 +72,7 @@ class RecordStream:
 
   def __init__(self, reader, *, seed: int, process_index: int = 0,
                process_count: int = 1, train: bool = True,
+               shuffle: bool = True,
                cycle_length: int = 16, shuffle_buffer: int = 1000,
                retry_policy: retry.RetryPolicy = retry.RetryPolicy(),
                bad_file_budget: float = 0.1, on_skip=None):
@@ -80,9 +83,10 @@ class RecordStream:
     self._seed = seed
     self._process = (process_index, process_count)
     self._train = train
+    self._shuffle = train and shuffle
     self._files_per_epoch = len(self._shards(0))
     self._cycle = min(cycle_length, self._files_per_epoch) if train else 1
-    self._buffer_size = shuffle_buffer if train else 0
+    self._buffer_size = shuffle_buffer if self._shuffle else 0
     self._retry = retry_policy
     self._budget = bad_file_budget
     self._on_skip = on_skip or (lambda reason, detail: None)
@@ -104,7 +108,7 @@ class RecordStream:
       cached = (epoch, shards_lib.host_shards(
           self._num_files, seed=self._seed, epoch=epoch,
           process_index=self._process[0], process_count=self._process[1],
-          shuffle=self._train))
+          shuffle=self._shuffle))
       self._shards_cache = cached
     return cached[1]
 
