@@ -15,8 +15,8 @@ same record gets the same id on every host and in every epoch. The
 Damage is not an exception: a record that cannot be read comes back as a
 Record with `image=b''` and `error` ('reason: detail'), as `sources.py`
 does, so the pipeline skips and counts it; a damaged or truncated tail ends
-the file with one such record. Storage errors (OSError) propagate to the
-caller, who retries (see `streaming.py`).
+the file with one such record, whose next_position is `END`. Storage errors
+(OSError) propagate to the caller, who retries (see `streaming.py`).
 """
 
 import contextlib
@@ -45,6 +45,8 @@ from lit_navit.data.sources import Record
 STREAM_BLOCK = 8 << 20
 RECORD_BLOCK = 1 << 20
 _RECORDS_PER_FILE = 1 << 32
+# The next_position of a record after which the file cannot be read on.
+END = -1
 
 
 def example_id(file_number: int, record_number: int) -> int:
@@ -115,19 +117,19 @@ class TFRecordReader(Reader):
         if not header:
           return
         if len(header) < _TFRECORD_HEADER:
-          yield position, position, _error(
+          yield position, END, _error(
               index, name, 'truncated', f'partial length header at byte {position}')
           return
         length = int.from_bytes(header[:8], 'little')
         if _masked_crc32c(header[:8]) != int.from_bytes(header[8:], 'little'):
-          yield position, position, _error(
+          yield position, END, _error(
               index, name, 'corrupt_header',
               f'length checksum mismatch at byte {position}; rest of the file '
               'unreadable')
           return
         payload = f.read(length + _TFRECORD_FOOTER)
         if len(payload) < length + _TFRECORD_FOOTER:
-          yield position, position, _error(
+          yield position, END, _error(
               index, name, 'truncated', f'record of {length} bytes at byte '
               f'{position} runs past the end of file')
           return
@@ -162,7 +164,7 @@ class TarReader(Reader):
 
     def damage(at, reason, detail):
       index = example_id(file_number, counter[0])
-      return at, at, _error(index, f'{path}@{at}', reason, detail)
+      return at, END, _error(index, f'{path}@{at}', reason, detail)
 
     with open_file(path, block_size) as f:
       f.seek(position)

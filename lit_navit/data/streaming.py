@@ -29,6 +29,7 @@ import logging
 
 import numpy as np
 
+from lit_navit.data import readers
 from lit_navit.data import retry
 from lit_navit.data import shards as shards_lib
 
@@ -186,6 +187,8 @@ class RecordStream:
   def _next_record(self, current: _OpenFile):
     """The file's next (position, next_position, Record); None when done."""
     path = self._reader.paths[current.shard.file]
+    if current.position == readers.END:  # After damage: nothing to read.
+      return None
     for attempt in range(self._retry.retries + 1):
       try:
         if current.records is None:
