@@ -27,6 +27,8 @@ from lit_navit import sharding
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import prefetch
+from lit_navit.data import readers
+from lit_navit.data import retry
 from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -100,7 +102,10 @@ class Trainer:
     check_divisibility(config, self.mesh)
     self.local_rows = config.batch_size // jax.process_count()
     self.local_groups = caption_groups(self.mesh) // jax.process_count()
-    self.source = sources.make_source(config.input.source)
+    # Training streams its files; nothing indexes them (readers.py).
+    self.source = readers.make_reader(
+        config.input.source,
+        retry.RetryPolicy(config.input.read_retries, config.input.retry_delay))
     self.pipeline = prefetch.Prefetch(
         make_pipeline(config, self.source, rows=self.local_rows,
                       groups=self.local_groups))

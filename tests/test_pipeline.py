@@ -32,6 +32,7 @@ def small_config(**overrides):
   config.patch_sizes = (8,)
   config.resolution.update(min=16, max=64)
   config.pack_buffer = 24
+  config.shuffle_buffer = 16
   config.workers = 2
   for key, value in overrides.items():
     node = config
@@ -113,12 +114,15 @@ def test_train_batches_follow_the_contract(tokenizer, groups, captions_per_row):
       else:
         assert abs(rows - cols * height / width) < 1
   # 3 rows of 64 tokens hold several 16..64-pixel images at p = 8; with two
-  # captions a row, the captions bind and every caption row holds a pair.
+  # captions a row, the captions bind: no row holds more than two images and
+  # nearly every caption row holds a pair (a row of only large images left
+  # in the buffer may hold one).
   images = np.mean([b['valid'].sum() for b in batches])
   if captions_per_row is None:
     assert images > 3
   else:
-    assert images == 6 and pipe.stats['empty_caption_fraction'] == 0
+    assert all(b['valid'].sum(1).max() <= 2 for b in batches)
+    assert images > 5.5 and pipe.stats['empty_caption_fraction'] < 0.05
 
 
 def test_restore_from_every_state_gives_the_same_batches(tokenizer):
@@ -136,7 +140,7 @@ def test_restore_from_every_state_gives_the_same_batches(tokenizer):
       states.append(json.loads(json.dumps(pipe.get_state())))
       batches.append(next(pipe))
     final_state = pipe.get_state()
-  assert final_state['epoch'] >= 2  # The run wrapped over epochs.
+  assert final_state['stream']['epoch'] >= 2  # The run wrapped over epochs.
   assert {b['image/patches'].shape[-1] for b in batches} == {4 * 4 * 3, 8 * 8 * 3}
   for step, state in enumerate(states):
     with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
@@ -170,8 +174,6 @@ def test_hosts_read_disjoint_shards_at_the_same_patch_sizes(tokenizer):
       batches = take(pipe, 12)
     seen.append({int(i) for b in batches for i in b['index'][b['valid']]})
     patch_dims.append([b['image/patches'].shape[-1] for b in batches])
-    shard = sources.host_shard(len(source), host, 2)
-    assert seen[-1] <= set(shard)
     assert [pipe.patch_size_at(s) ** 2 * 3 for s in range(12)] == patch_dims[-1]
   assert not seen[0] & seen[1]
   assert patch_dims[0] == patch_dims[1]

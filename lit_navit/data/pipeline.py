@@ -2,10 +2,13 @@
 
 One `Pipeline` serves training and evaluation:
 
-  train  this host's shard in an order shuffled by (seed, epoch), repeated
-         forever; resolutions sampled, tokens dropped, patch size sampled per
-         step (FlexiViT) as a function of (seed, step), the same on every host.
-  eval   this host's shard once, in order; each image sized by 'fit' (the
+  train  this host's records streamed from its own files, interleaved and
+         shuffled (`streaming.RecordStream`: sequential reads, no index of
+         the data set), repeated forever; resolutions sampled, tokens
+         dropped, patch size sampled per step (FlexiViT) as a function of
+         (seed, step), the same on every host.
+  eval   this host's block of a random-access source once, in order
+         (`sources.host_shard`); each image sized by 'fit' (the
          token budget, NaFlex) or 'native' (its own size, shrunk only to
          fit the budget), nothing dropped; the last batch is padded with
          empty slots, then StopIteration.
@@ -18,13 +21,18 @@ submission order, so batches do not depend on the number of workers.
 
 Every random choice is keyed: an image's resolution by (seed, index, epoch),
 its drop rate and dropped patches by (seed, index, step), the patch size by
-(seed, step). The state therefore holds only positions and example indices,
-never pixels, and a restored pipeline recomputes everything else.
+(seed, step), where `index` is the record's stable example id (see
+`readers.example_id`). The state therefore holds only positions and record
+references, never pixels, and a restored pipeline recomputes everything else.
+
+Resuming needs the same number of hosts: each host's stream position is
+only meaningful for the files that host was given.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -36,13 +44,15 @@ from lit_navit.data import decode
 from lit_navit.data import dropping
 from lit_navit.data import packing
 from lit_navit.data import patches as patches_lib
+from lit_navit.data import readers
 from lit_navit.data import resolution
+from lit_navit.data import retry
 from lit_navit.data import sources
+from lit_navit.data import streaming
 from lit_navit.data import text
 
 MODES = ('train', 'eval')
-STATE_VERSION = 1
-_ORDER_TAG = 0x6f72
+STATE_VERSION = 2
 _RESOLUTION_TAG = 0x7273
 _PATCH_SIZE_TAG = 0x7073
 
@@ -94,7 +104,16 @@ def default_config() -> ml_collections.ConfigDict:
   # Decoded images waiting to be packed. More packs tighter; it should
   # exceed rows * (images per row) by a good margin.
   config.pack_buffer = 256
-  config.shuffle = True  # Train mode: shuffle each epoch's order.
+  config.shuffle = True  # Train mode: shuffle file order and records.
+  # Train mode streaming: data files open at once (read in turn), and the
+  # records of the shuffle buffer (more mixes better and costs memory and
+  # re-reads on restore: each is one small read).
+  config.cycle_length = 16
+  config.shuffle_buffer = 1000
+  # Storage errors while reading: retries after the first try, and the
+  # pause before the first retry (doubling each time), in seconds.
+  config.read_retries = 3
+  config.retry_delay = 0.5
   config.max_pixels = decode.DEFAULT_MAX_PIXELS  # Larger images are skipped.
   config.workers = 4  # Decode/resize threads; 0 runs them inline.
   # Stop when more than this fraction of the last `bad_record_window`
@@ -111,6 +130,7 @@ class _Pending:
   epoch: int
   image: np.ndarray
   tokens: np.ndarray
+  ref: streaming.Ref | None = None  # Train: where the record lies.
   grids: dict = dataclasses.field(default_factory=dict)
 
 
@@ -118,7 +138,8 @@ class Pipeline:
   """Iterator of packed numpy batches of `rows` rows each (see module doc).
 
   Args:
-    source: a random-access `sources.Source`.
+    source: train: a `readers` reader, or a random-access `sources.Source`
+      (read through `readers.IndexedReader`); eval: a `sources.Source`.
     tokenizer: has `encode(list[str]) -> int32 [N, text_len]` and `pad_id`.
     config: the `input` config (`default_config()`).
     rows: B, rows per batch on this host.
@@ -129,7 +150,8 @@ class Pipeline:
       this host's rows (see `batch.py`).
 
   Attributes:
-    skipped: a `decode.SkipCounter` of records skipped, by reason.
+    skipped: a `decode.SkipCounter` of records (and files) skipped, by
+      reason.
   """
 
   def __init__(self, source, tokenizer, config, *, rows: int, seed: int,
@@ -148,11 +170,25 @@ class Pipeline:
     self._rows = rows
     self._seed = seed
     self._process = (process_index, process_count)
-    self._shard = sources.host_shard(len(source), process_index, process_count)
     self._train = config.mode == 'train'
-    if self._train and not self._shard:
-      raise ValueError(f'host {process_index} of {process_count} has no '
-                       f'examples: the source holds {len(source)}')
+    if self._train:
+      reader = (source if isinstance(source, readers.Reader)
+                else readers.IndexedReader(source))
+      self._stream = streaming.RecordStream(
+          reader, seed=seed, process_index=process_index,
+          process_count=process_count, shuffle=config.shuffle,
+          cycle_length=config.cycle_length,
+          shuffle_buffer=config.shuffle_buffer,
+          retry_policy=retry.RetryPolicy(config.read_retries,
+                                         config.retry_delay),
+          bad_file_budget=config.bad_record_budget,
+          on_skip=lambda reason, detail: self.skipped.add(reason))
+    else:
+      if isinstance(source, readers.Reader):
+        raise TypeError('eval mode reads a random-access sources.Source, not '
+                        f'a streaming reader ({type(source).__name__})')
+      self._shard = sources.host_shard(len(source), process_index,
+                                       process_count)
     self._resolution = config.resolution.copy_and_resolve_references()
     self._token_drop = config.token_drop.copy_and_resolve_references()
     if not self._train:
@@ -164,14 +200,12 @@ class Pipeline:
     workers = config.workers
     self._pool = (concurrent.futures.ThreadPoolExecutor(workers)
                   if workers else None)
-    self._order = (None, None)  # (epoch, its permutation of the shard).
     self.skipped = decode.SkipCounter()
     self._reset()
 
   def _reset(self):
     self._step = 0
-    self._epoch = 0
-    self._position = 0
+    self._position = 0  # Eval: the next place in this host's block.
     self._buffer = []
     self._records_read = 0
     self._recent_failures = collections.deque()
@@ -258,61 +292,47 @@ class Pipeline:
     """Tops the buffer up to `pack_buffer` decoded images (less at the end of eval)."""
     while len(self._buffer) < self._config.pack_buffer:
       wanted = self._config.pack_buffer - len(self._buffer)
-      keys = []
-      while len(keys) < wanted and not self._exhausted():
-        keys.append((self._next_index(), self._epoch))
-        self._advance()
-      if not keys:
+      read = self._read(wanted)
+      if not read:
         return
-      loaded = self._map(self._load, [index for index, _ in keys])
-      for record, _, reason in loaded:
+      loaded = self._map(self._decode, [record for _, _, record in read])
+      for (_, _, record), (image, reason) in zip(read, loaded):
         self._account_record(record, reason)
       self._buffer.extend(self._pending(
-          [(key, (record, image)) for key, (record, image, _) in zip(keys, loaded)
+          [(epoch, ref, record, image)
+           for (epoch, ref, record), (image, _) in zip(read, loaded)
            if image is not None]))
 
-  def _exhausted(self) -> bool:
-    return not self._train and self._position >= len(self._shard)
+  def _read(self, wanted: int) -> list:
+    """Up to `wanted` (epoch, ref or None, record) read next."""
+    if self._train:
+      return [(ref.epoch, ref, record)
+              for ref, record in itertools.islice(self._stream, wanted)]
+    indices = self._shard[self._position:self._position + wanted]
+    self._position += len(indices)
+    return [(0, None, record)
+            for record in self._map(self._source.__getitem__, indices)]
 
-  def _next_index(self) -> int:
-    epoch, order = self._order
-    if epoch != self._epoch:
-      if self._train and self._config.shuffle:
-        rng = np.random.default_rng([self._seed, _ORDER_TAG, self._epoch])
-        order = rng.permutation(len(self._shard))
-      else:
-        order = np.arange(len(self._shard))
-      self._order = (self._epoch, order)
-    return self._shard[int(order[self._position])]
-
-  def _advance(self):
-    self._position += 1
-    if self._train and self._position == len(self._shard):
-      self._epoch += 1
-      self._position = 0
-
-  def _load(self, index: int):
-    """(record, decoded image or None, skip reason or None); runs in a worker."""
-    record = self._source[index]
+  def _decode(self, record):
+    """(decoded image or None, skip reason or None); runs in a worker."""
     if record.error:
-      return record, None, record.error.split(':')[0]
+      return None, record.error.split(':')[0]
     try:
-      return record, decode.decode_image(record.image,
-                                         self._config.max_pixels), None
+      return decode.decode_image(record.image, self._config.max_pixels), None
     except decode.BadImage as e:
-      return record, None, e.reason
+      return None, e.reason
 
   def _pending(self, decoded: list) -> list:
-    """Pending images from [((index, epoch), (record, image))], captions tokenized."""
+    """Pending images from [(epoch, ref, record, image)], captions tokenized."""
     if not decoded:
       return []
-    captions = [record.caption for _, (record, _) in decoded]
+    captions = [record.caption for _, _, record, _ in decoded]
     tokens = np.asarray(self._tokenizer.encode(captions), np.int32)
     if tokens.shape != (len(decoded), self._config.text_len):
       raise ValueError(f'the tokenizer returned captions of shape {tokens.shape}'
                        f'; input.text_len is {self._config.text_len}')
-    return [_Pending(index, epoch, image, row)
-            for ((index, epoch), (_, image)), row in zip(decoded, tokens)]
+    return [_Pending(record.index, epoch, image, row, ref)
+            for (epoch, ref, record, image), row in zip(decoded, tokens)]
 
   def _account_record(self, record, reason):
     """Counts a read record; raises if the recent failure rate is too high."""
@@ -364,11 +384,13 @@ class Pipeline:
   def get_state(self) -> dict:
     """The iterator's position as JSON-serialisable scalars and short lists.
 
-    Holds the step, the read position (epoch, position in the epoch's
-    order), the (index, epoch) of each image pending in the packer buffer,
-    skip counts and the bad-record window; no pixels.
+    Holds the step; in train mode the record stream's state
+    (`streaming.RecordStream.get_state`) and each image pending in the
+    packer buffer as a reference [file, position, record, epoch]; in eval
+    mode the position in this host's block and the pending [index, epoch];
+    skip counts and the bad-record window. No pixels, no record bytes.
     """
-    return {
+    state = {
         'version': STATE_VERSION,
         'seed': self._seed,
         'process_index': self._process[0],
@@ -376,52 +398,74 @@ class Pipeline:
         'groups': self._groups,
         'mode': self._config.mode,
         'step': self._step,
-        'epoch': self._epoch,
-        'position': self._position,
-        'pending': [[item.index, item.epoch] for item in self._buffer],
         'skipped': self.skipped.as_dict(),
         'records_read': self._records_read,
         'recent_failures': list(self._recent_failures),
         'totals': dict(self._totals),
     }
+    if self._train:
+      state['stream'] = self._stream.get_state()
+      state['pending'] = [list(item.ref) for item in self._buffer]
+    else:
+      state['position'] = self._position
+      state['pending'] = [[item.index, item.epoch] for item in self._buffer]
+    return state
 
   def set_state(self, state: dict):
     """Restores `get_state()` output: the next batch is the one that followed it.
 
-    Pending images are re-read and re-decoded from their indices.
+    Buffered and pending records are re-read from their references and
+    pending images re-decoded.
     """
     if state.get('version') != STATE_VERSION:
       raise ValueError(f'pipeline state version {state.get("version")}, '
-                       f'expected {STATE_VERSION}')
+                       f'expected {STATE_VERSION}: a data state from another '
+                       'version of lit_navit cannot be resumed exactly')
+    if state.get('process_count') != self._process[1]:
+      raise ValueError(
+          f'the data state was saved by a run on {state.get("process_count")} '
+          f'hosts and this run has {self._process[1]}: each host streams its '
+          'own files, so a run resumes exactly only on the same number of '
+          'hosts')
     expected = {'seed': self._seed, 'process_index': self._process[0],
-                'process_count': self._process[1], 'groups': self._groups,
-                'mode': self._config.mode}
+                'groups': self._groups, 'mode': self._config.mode}
     for key, value in expected.items():
-      if state.get(key, 1) != value:
-        raise ValueError(f'pipeline state has {key}={state[key]!r} but this '
-                         f'pipeline has {value!r}; the run cannot resume '
+      if state.get(key) != value:
+        raise ValueError(f'pipeline state has {key}={state.get(key)!r} but '
+                         f'this pipeline has {value!r}; the run cannot resume '
                          'exactly')
     self._reset()
     self._step = int(state['step'])
-    self._epoch = int(state['epoch'])
-    self._position = int(state['position'])
     self._records_read = int(state['records_read'])
     self._recent_failures.extend(int(n) for n in state['recent_failures'])
     self._totals.update({k: int(v) for k, v in state['totals'].items()})
     self.skipped = decode.SkipCounter(state['skipped'])
-    pending = [(int(index), int(epoch)) for index, epoch in state['pending']]
-    loaded = self._map(self._load, [index for index, _ in pending])
-    for (index, _), (record, image, reason) in zip(pending, loaded):
+    if self._train:
+      self._stream.set_state(state['stream'], map_fn=self._map)
+      refs = [streaming.Ref(*map(int, ref)) for ref in state['pending']]
+      read = [(ref.epoch, ref, record) for ref, record in
+              zip(refs, self._stream.read_refs(refs, map_fn=self._map))]
+    else:
+      self._position = int(state['position'])
+      pending = [(int(index), int(epoch)) for index, epoch in state['pending']]
+      read = [(epoch, None, record) for (_, epoch), record in zip(
+          pending, self._map(self._source.__getitem__,
+                             [index for index, _ in pending]))]
+    loaded = self._map(self._decode, [record for _, _, record in read])
+    for (_, _, record), (image, reason) in zip(read, loaded):
       if image is None:
-        raise RuntimeError(f'pending example {index} ({record.key}) no longer '
-                           f'decodes ({reason}): has the source changed?')
+        raise RuntimeError(f'pending example {record.index} ({record.key}) no '
+                           f'longer decodes ({reason}): has the source changed?')
     self._buffer = self._pending(
-        [(key, (record, image)) for key, (record, image, _) in zip(pending, loaded)])
+        [(epoch, ref, record, image)
+         for (epoch, ref, record), (image, _) in zip(read, loaded)])
 
   def close(self):
-    """Stops the worker threads."""
+    """Stops the worker threads and closes the open files."""
     if self._pool is not None:
       self._pool.shutdown()
+    if self._train:
+      self._stream.close()
 
   def __enter__(self):
     return self
@@ -484,6 +528,14 @@ def _check_config(config):
   need(config.pack_buffer >= 1, 'pack_buffer', config.pack_buffer,
        'must be >= 1')
   need(config.workers >= 0, 'workers', config.workers, 'must be >= 0')
+  need(config.cycle_length >= 1, 'cycle_length', config.cycle_length,
+       'must be >= 1')
+  need(config.shuffle_buffer >= 0, 'shuffle_buffer', config.shuffle_buffer,
+       'must be >= 0')
+  need(config.read_retries >= 0, 'read_retries', config.read_retries,
+       'must be >= 0')
+  need(config.retry_delay >= 0, 'retry_delay', config.retry_delay,
+       'must be >= 0')
   need(0 <= config.bad_record_budget < 1, 'bad_record_budget',
        config.bad_record_budget, 'must be in [0, 1)')
   need(config.bad_record_window >= 1, 'bad_record_window',

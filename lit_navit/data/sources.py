@@ -13,7 +13,6 @@ the source's `skipped` dict, reason -> count.
 
 import csv
 import dataclasses
-import glob
 import json
 import logging
 import operator
@@ -25,6 +24,8 @@ from typing import Protocol, Sequence
 
 import ml_collections
 import numpy as np
+
+from lit_navit import fs
 
 SOURCE_KINDS = ('synthetic', 'tfrecord', 'wds', 'files')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -86,9 +87,9 @@ def expand_paths(pattern_or_paths) -> list[str]:
       continue
     matched = []
     for expanded in _expand_braces(pattern):
-      if glob.has_magic(expanded):
-        matched.extend(sorted(glob.glob(expanded)))
-      elif os.path.isfile(expanded):
+      if _has_magic(expanded):
+        matched.extend(fs.glob(expanded))
+      elif fs.isfile(expanded):
         matched.append(expanded)
       else:
         raise FileNotFoundError(f'data file {expanded!r} not found'
@@ -100,6 +101,10 @@ def expand_paths(pattern_or_paths) -> list[str]:
   if not paths:
     raise FileNotFoundError(f'no data path given: {pattern_or_paths!r}')
   return paths
+
+
+def _has_magic(pattern: str) -> bool:
+  return any(c in pattern for c in '*?[')
 
 
 _BRACE_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
@@ -254,21 +259,28 @@ class TFRecordSource:
   def __getitem__(self, index: int) -> Record:
     index = check_index(index, len(self))
     path = self._index.paths[self._index.file_id(index)]
-    name = f'{path}#{self._record_numbers[index]}'
-    try:
-      example = self._example_cls.FromString(self._index.read(index))
-    except Exception as e:  # pylint: disable=broad-except
-      # protobuf's DecodeError class differs between its implementations.
-      return Record(index, b'', '', name, error=f'unparseable: {e}')
-    features = example.features.feature
-    key = _as_text(_first_bytes(features, self.key_key))
-    name = f'{name}:{key}' if key else name
-    image = _first_bytes(features, self.image_key)
-    caption = _as_text(_first_bytes(features, self.caption_key))
-    if not image:
-      return Record(index, b'', caption, name,
-                    error=f'no {self.image_key!r} feature')
-    return Record(index, image, caption, name)
+    return example_record(
+        self._example_cls, self._index.read(index), index,
+        f'{path}#{self._record_numbers[index]}', image_key=self.image_key,
+        caption_key=self.caption_key, key_key=self.key_key)
+
+
+def example_record(example_cls, payload: bytes, index: int, name: str, *,
+                   image_key: str, caption_key: str, key_key: str) -> Record:
+  """The Record a serialised tf.train.Example holds (`error` set if none)."""
+  try:
+    example = example_cls.FromString(payload)
+  except Exception as e:  # pylint: disable=broad-except
+    # protobuf's DecodeError class differs between its implementations.
+    return Record(index, b'', '', name, error=f'unparseable: {e}')
+  features = example.features.feature
+  key = _as_text(_first_bytes(features, key_key))
+  name = f'{name}:{key}' if key else name
+  image = _first_bytes(features, image_key)
+  caption = _as_text(_first_bytes(features, caption_key))
+  if not image:
+    return Record(index, b'', caption, name, error=f'no {image_key!r} feature')
+  return Record(index, image, caption, name)
 
 
 def _first_bytes(features, key: str) -> bytes:
