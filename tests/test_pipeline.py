@@ -151,17 +151,22 @@ def test_restore_from_every_state_gives_the_same_batches(tokenizer):
       assert restored.get_state() == final_state
 
 
-def test_batches_do_not_depend_on_the_number_of_workers(tokenizer):
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_batches_do_not_depend_on_the_kind_or_number_of_workers(tokenizer, mode):
   source = small_source()
   config = small_config(**{'token_drop.kind': 'constant',
                            'token_drop.rate': 0.25})
+  if mode == 'train':  # FlexiViT: an image at its grid for each patch size.
+    config.patch_sizes = (8, 16)
+  config.mode = mode
   runs = []
-  for workers in (0, 3):
-    config.workers = workers
+  for threads, processes in ((0, 0), (3, 0), (0, 2)):
+    config.workers, config.worker_processes = threads, processes
     with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
                                seed=1) as pipe:
       runs.append(take(pipe, 6))
-  assert_same_batches(*runs)
+  assert_same_batches(runs[0], runs[1])
+  assert_same_batches(runs[0], runs[2])
 
 
 def test_hosts_read_disjoint_shards_at_the_same_patch_sizes(tokenizer):

@@ -13,11 +13,13 @@ One `Pipeline` serves training and evaluation:
          fit the budget), nothing dropped; the last batch is padded with
          empty slots, then StopIteration.
 
-Each step tops a buffer of decoded, pending images up to `pack_buffer`,
-plans which of them fill the batch's rows (by token counts alone), then
-resizes, patchifies and drops tokens of the chosen ones. Decoding and
-resizing run on a thread pool (PIL releases the GIL); results are taken in
-submission order, so batches do not depend on the number of workers.
+Each step tops a buffer of pending images up to `pack_buffer` (each
+decoded and resized to its grid for every patch size as it arrives, by
+`workers.prepare_image`), plans which of them fill the batch's rows (by
+token counts alone), then patchifies and drops tokens of the chosen ones.
+Images are prepared on a thread pool (`workers`) or in worker processes
+(`worker_processes`); results are taken in submission order, so batches do
+not depend on the kind or number of workers.
 
 Every random choice is keyed: an image's resolution by (seed, index, epoch),
 its drop rate and dropped patches by (seed, index, step), the patch size by
@@ -50,10 +52,10 @@ from lit_navit.data import retry
 from lit_navit.data import sources
 from lit_navit.data import streaming
 from lit_navit.data import text
+from lit_navit.data import workers
 
 MODES = ('train', 'eval')
 STATE_VERSION = 2
-_RESOLUTION_TAG = 0x7273
 _PATCH_SIZE_TAG = 0x7073
 
 
@@ -116,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.retry_delay = 0.5
   config.max_pixels = decode.DEFAULT_MAX_PIXELS  # Larger images are skipped.
   config.workers = 4  # Decode/resize threads; 0 runs them inline.
+  # Decode/resize in this many worker processes instead (data/workers.py):
+  # what scales on a many-core host. 0 leaves it to the threads.
+  config.worker_processes = 0
   # Stop when more than this fraction of the last `bad_record_window`
   # records failed: a broken source, not a few bad records.
   config.bad_record_budget = 0.1
@@ -125,13 +130,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class _Pending:
-  """A decoded image waiting for a row; `grids` caches its grid per patch size."""
+  """An image waiting for a row, at its grid for each patch size."""
   index: int
   epoch: int
-  image: np.ndarray
+  image: workers.Prepared
   tokens: np.ndarray
   ref: streaming.Ref | None = None  # Train: where the record lies.
-  grids: dict = dataclasses.field(default_factory=dict)
 
 
 class Pipeline:
@@ -197,9 +201,14 @@ class Pipeline:
         self._resolution.mode = 'fit'
       self._token_drop.kind = 'none'
     self._max_tokens = self._resolution.max_tokens or config.tokens_per_row
-    workers = config.workers
-    self._pool = (concurrent.futures.ThreadPoolExecutor(workers)
-                  if workers else None)
+    self._sizing = workers.Sizing(
+        seed=seed, patch_sizes=tuple(config.patch_sizes),
+        resolution=self._resolution, max_tokens=self._max_tokens,
+        max_pixels=config.max_pixels)
+    self._pool = (concurrent.futures.ThreadPoolExecutor(config.workers)
+                  if config.workers else None)
+    self._processes = (workers.ProcessPool(config.worker_processes)
+                       if config.worker_processes else None)
     self.skipped = decode.SkipCounter()
     self._reset()
 
@@ -259,13 +268,7 @@ class Pipeline:
     return sizes[rng.integers(len(sizes))]
 
   def _grid(self, item: _Pending, patch_size: int) -> tuple[int, int]:
-    if patch_size not in item.grids:
-      rng = np.random.default_rng(
-          [self._seed, _RESOLUTION_TAG, item.index, item.epoch])
-      height, width = item.image.shape[:2]
-      item.grids[patch_size] = resolution.sample_grid(
-          rng, height, width, patch_size, self._resolution, self._max_tokens)
-    return item.grids[patch_size]
+    return item.image.grids[patch_size]
 
   def _kept_tokens(self, item: _Pending, grid, step: int) -> int:
     num_tokens = grid[0] * grid[1]
@@ -276,7 +279,7 @@ class Pipeline:
 
   def _patchify(self, item: _Pending, grid, keep: int, *, patch_size: int,
                 step: int) -> patches_lib.Patches:
-    patches = patches_lib.resize_and_patchify(item.image, grid, patch_size)
+    patches = patches_lib.patchify(item.image.resized[patch_size], patch_size)
     return dropping.drop_patches(patches, keep, seed=self._seed,
                                  index=item.index, step=step)
 
@@ -295,7 +298,7 @@ class Pipeline:
       read = self._read(wanted)
       if not read:
         return
-      loaded = self._map(self._decode, [record for _, _, record in read])
+      loaded = self._prepare(read)
       for (_, _, record), (image, reason) in zip(read, loaded):
         self._account_record(record, reason)
       self._buffer.extend(self._pending(
@@ -313,14 +316,17 @@ class Pipeline:
     return [(0, None, record)
             for record in self._map(self._source.__getitem__, indices)]
 
-  def _decode(self, record):
-    """(decoded image or None, skip reason or None); runs in a worker."""
-    if record.error:
-      return None, record.error.split(':')[0]
-    try:
-      return decode.decode_image(record.image, self._config.max_pixels), None
-    except decode.BadImage as e:
-      return None, e.reason
+  def _prepare(self, read: list) -> list:
+    """[(workers.Prepared or None, skip reason or None)] of [(epoch, ref,
+    record)], on the worker processes or threads."""
+    jobs = [(record.image, record.index, epoch, self._sizing)
+            for epoch, _, record in read if not record.error]
+    if self._processes is not None:
+      done = iter(self._processes.map(workers.prepare_image, jobs))
+    else:
+      done = iter(self._map(lambda job: workers.prepare_image(*job), jobs))
+    return [(None, record.error.split(':')[0]) if record.error else next(done)
+            for _, _, record in read]
 
   def _pending(self, decoded: list) -> list:
     """Pending images from [(epoch, ref, record, image)], captions tokenized."""
@@ -451,7 +457,7 @@ class Pipeline:
       read = [(epoch, None, record) for (_, epoch), record in zip(
           pending, self._map(self._source.__getitem__,
                              [index for index, _ in pending]))]
-    loaded = self._map(self._decode, [record for _, _, record in read])
+    loaded = self._prepare(read)
     for (_, _, record), (image, reason) in zip(read, loaded):
       if image is None:
         raise RuntimeError(f'pending example {record.index} ({record.key}) no '
@@ -461,9 +467,11 @@ class Pipeline:
          for (epoch, ref, record), (image, _) in zip(read, loaded)])
 
   def close(self):
-    """Stops the worker threads and closes the open files."""
+    """Stops the workers and closes the open files."""
     if self._pool is not None:
       self._pool.shutdown()
+    if self._processes is not None:
+      self._processes.close()
     if self._train:
       self._stream.close()
 
@@ -528,6 +536,8 @@ def _check_config(config):
   need(config.pack_buffer >= 1, 'pack_buffer', config.pack_buffer,
        'must be >= 1')
   need(config.workers >= 0, 'workers', config.workers, 'must be >= 0')
+  need(config.worker_processes >= 0, 'worker_processes',
+       config.worker_processes, 'must be >= 0')
   need(config.cycle_length >= 1, 'cycle_length', config.cycle_length,
        'must be >= 1')
   need(config.shuffle_buffer >= 0, 'shuffle_buffer', config.shuffle_buffer,

@@ -1,58 +1,98 @@
-"""Image decoding in worker processes, so it scales with a host's cores.
+"""Image preparation (decode, size, resize) in threads or worker processes.
 
-A thread pool cannot keep a 100-core host busy: PIL's JPEG decoder holds
-the GIL for part of its work. `DecodePool` runs `decode.decode_image` in
-separate processes instead. Results come back in submission order, so
-batches do not depend on the number of workers.
+`prepare_image` is the per-image work of the pipeline: decode the bytes,
+sample the image's grid for each patch size, and resize it to that grid.
+What comes back is bounded by the token budget (grid * patch pixels, uint8),
+not by the source image, so it crosses a process boundary cheaply.
 
-Workers start by forkserver, not fork: a fork of a process that already
+The pipeline runs it on its threads (`input.workers`) or, when
+`input.worker_processes` > 0, in a `ProcessPool`, which scales with a
+host's cores where threads stop: PIL's decoders hold the GIL for part of
+their work. Results come back in submission order, so batches do not
+depend on the kind or number of workers.
+
+Processes start by forkserver, not fork: a fork of a process that already
 runs JAX's threads can deadlock. Each worker imports only PIL and numpy.
 """
 
 import concurrent.futures
-import itertools
+import dataclasses
 import multiprocessing
 
+import numpy as np
+
 from lit_navit.data import decode
+from lit_navit.data import patches as patches_lib
+from lit_navit.data import resolution
+
+_RESOLUTION_TAG = 0x7273
 
 
-def decode_or_reason(data: bytes, max_pixels: int):
-  """(uint8 RGB image, None), or (None, the skip reason) for a bad image."""
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+  """How `prepare_image` sizes images: the same for every image of a pipeline."""
+  seed: int
+  patch_sizes: tuple
+  resolution: object  # the input.resolution ConfigDict
+  max_tokens: int
+  max_pixels: int
+
+
+@dataclasses.dataclass
+class Prepared:
+  """An image at its grid for each patch size: uint8 [rows*p, cols*p, 3]."""
+  grids: dict    # patch size -> (rows, cols)
+  resized: dict  # patch size -> uint8 image
+
+
+def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
+  """(Prepared, None), or (None, the skip reason) for a bad image.
+
+  The grid is keyed by (seed, index, epoch), so a restored pipeline and
+  any worker compute the same one.
+  """
   try:
-    return decode.decode_image(data, max_pixels), None
+    image = decode.decode_image(data, sizing.max_pixels)
   except decode.BadImage as e:
     return None, e.reason
+  height, width = image.shape[:2]
+  grids, resized = {}, {}
+  for p in sizing.patch_sizes:
+    rng = np.random.default_rng([sizing.seed, _RESOLUTION_TAG, index, epoch])
+    grids[p] = resolution.sample_grid(rng, height, width, p, sizing.resolution,
+                                      sizing.max_tokens)
+    resized[p] = patches_lib.resize_image(image, (grids[p][0] * p, grids[p][1] * p))
+  return Prepared(grids, resized), None
 
 
-class DecodePool:
-  """`processes` decode workers; 0 decodes in the calling process."""
+def _call(job):
+  fn, args = job
+  return fn(*args)
+
+
+class ProcessPool:
+  """`processes` worker processes; `map(fn, jobs)` takes a module-level fn
+  (picklable) and argument tuples, and returns results in order."""
 
   def __init__(self, processes: int):
-    if processes < 0:
-      raise ValueError(f'decode processes must be >= 0, got {processes}')
+    if processes < 1:
+      raise ValueError(f'worker processes must be >= 1, got {processes}')
     self.processes = processes
-    self._pool = None
-    if processes:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          processes, mp_context=multiprocessing.get_context('forkserver'))
+    self._pool = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context('forkserver'))
 
-  def decode(self, blobs: list, max_pixels: int) -> list:
-    """[decode_or_reason(blob)] for each encoded image, in order."""
-    if self._pool is None:
-      return [decode_or_reason(blob, max_pixels) for blob in blobs]
-    # A few images a task: the pickling overhead per task stays small while
-    # every worker still gets work.
-    chunk = max(1, len(blobs) // (4 * self.processes))
+  def map(self, fn, jobs) -> list:
+    """[fn(*args) for args in jobs], in order."""
+    jobs = [(fn, tuple(args)) for args in jobs]
+    # A few jobs a task: little pickling overhead per job, and every worker
+    # still gets work.
+    chunk = max(1, len(jobs) // (4 * self.processes))
     try:
-      return list(self._pool.map(decode_or_reason, blobs,
-                                 itertools.repeat(max_pixels), chunksize=chunk))
+      return list(self._pool.map(_call, jobs, chunksize=chunk))
     except concurrent.futures.process.BrokenProcessPool as e:
       raise RuntimeError(
-          'a decode worker process died (killed, out of memory, or a decoder '
+          'a worker process died (killed, out of memory, or a decoder '
           'crash); the batch cannot be made') from e
 
   def close(self):
-    if self._pool is not None:
-      self._pool.shutdown(cancel_futures=True)
-      self._pool = None
-
+    self._pool.shutdown(cancel_futures=True)
