@@ -13,7 +13,6 @@ the source's `skipped` dict, reason -> count.
 
 import csv
 import dataclasses
-import glob
 import json
 import logging
 import operator
@@ -25,6 +24,8 @@ from typing import Protocol, Sequence
 
 import ml_collections
 import numpy as np
+
+from lit_navit import fs
 
 SOURCE_KINDS = ('synthetic', 'tfrecord', 'wds', 'files')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -86,9 +87,9 @@ def expand_paths(pattern_or_paths) -> list[str]:
       continue
     matched = []
     for expanded in _expand_braces(pattern):
-      if glob.has_magic(expanded):
-        matched.extend(sorted(glob.glob(expanded)))
-      elif os.path.isfile(expanded):
+      if _has_magic(expanded):
+        matched.extend(fs.glob(expanded))
+      elif fs.isfile(expanded):
         matched.append(expanded)
       else:
         raise FileNotFoundError(f'data file {expanded!r} not found'
@@ -100,6 +101,10 @@ def expand_paths(pattern_or_paths) -> list[str]:
   if not paths:
     raise FileNotFoundError(f'no data path given: {pattern_or_paths!r}')
   return paths
+
+
+def _has_magic(pattern: str) -> bool:
+  return any(c in pattern for c in '*?[')
 
 
 _BRACE_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
@@ -153,7 +158,7 @@ class _OffsetIndex:
 
   def read(self, index: int) -> bytes:
     file_ids, offsets, sizes = self._arrays
-    with open(self.paths[file_ids[index]], 'rb') as f:
+    with fs.open(self.paths[file_ids[index]], 'rb') as f:
       f.seek(int(offsets[index]))
       return f.read(int(sizes[index]))
 
@@ -221,8 +226,8 @@ class TFRecordSource:
     self._example_cls = example_pb2.Example
 
   def _index_file(self, file_id: int, path: str):
-    file_size = os.path.getsize(path)
-    with open(path, 'rb') as f:
+    file_size = fs.size(path)
+    with fs.open(path, 'rb') as f:
       offset, n = 0, 0
       while offset < file_size:
         header = f.read(_TFRECORD_HEADER)
@@ -300,10 +305,10 @@ class WebDatasetSource:
     self._captions.freeze()
 
   def _index_shard(self, file_id: int, path: str):
-    file_size = os.path.getsize(path)
+    file_size = fs.size(path)
     groups = {}  # key -> {extension: (offset, size)}, in first-seen order.
     try:
-      with tarfile.open(path, mode='r:') as tar:
+      with fs.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
         for member in tar:
           if not member.isfile():
             continue
@@ -376,11 +381,11 @@ class FileListSource:
   def __init__(self, path, image_field='image', caption_field='caption',
                root=None):
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f'file list not found: {path}')
     self.path = path
-    self.root = os.fspath(root) if root else os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(self.root):
+    self.root = os.fspath(root) if root else fs.dirname(fs.absolute(path))
+    if not fs.isdir(self.root):
       raise FileNotFoundError(f'image root folder not found: {self.root}')
     self.image_field, self.caption_field = image_field, caption_field
     self.skipped = {}
@@ -395,7 +400,7 @@ class FileListSource:
                        'expected .jsonl, .json, .csv or .tsv')
 
   def _read_jsonl(self):
-    with open(self.path, encoding='utf-8', errors='replace') as f:
+    with fs.open(self.path, 'r', encoding='utf-8', errors='replace') as f:
       for line_number, line in enumerate(f, start=1):
         if not line.strip():
           continue
@@ -410,7 +415,7 @@ class FileListSource:
         self._add(row, line_number)
 
   def _read_csv(self, delimiter: str):
-    with open(self.path, encoding='utf-8', errors='replace', newline='') as f:
+    with fs.open(self.path, 'r', encoding='utf-8', errors='replace', newline='') as f:
       reader = csv.DictReader(f, delimiter=delimiter)
       for field in (self.image_field, self.caption_field):
         if field not in (reader.fieldnames or ()):
@@ -426,7 +431,7 @@ class FileListSource:
     elif not isinstance(caption, str):
       self._skip('no_caption', line_number, f'no {self.caption_field!r} field')
     else:
-      self._items.append((os.path.join(self.root, image), caption.strip(),
+      self._items.append((fs.join(self.root, image), caption.strip(),
                           line_number))
 
   def _skip(self, reason: str, line_number: int, detail: str):
@@ -446,7 +451,7 @@ class FileListSource:
     index = check_index(index, len(self))
     image_path, caption, _ = self._items[index]
     try:
-      with open(image_path, 'rb') as f:
+      with fs.open(image_path, 'rb') as f:
         image = f.read()
     except OSError as e:
       return Record(index, b'', caption, image_path,
