@@ -24,8 +24,8 @@ and process 0 writes the folder, the same folder one host writes.
 """
 
 import argparse
-import os
 
+from lit_navit import fs
 from lit_navit.data import sources
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
@@ -61,11 +61,11 @@ def open_source(args, config):
   if args.images:
     return datasets.ImageFiles(datasets.find_images(args.images)), 'image_path', False
   if args.list and args.list.endswith('.txt'):
-    root = args.root or os.path.dirname(os.path.abspath(args.list))
-    if not os.path.isfile(args.list):
+    root = args.root or fs.dirname(fs.absolute(args.list))
+    if not fs.isfile(args.list):
       raise FileNotFoundError(f'image list not found: {args.list}')
-    with open(args.list, encoding='utf-8') as f:
-      paths = [os.path.join(root, line.strip()) for line in f if line.strip()]
+    with fs.open(args.list, 'r', encoding='utf-8') as f:
+      paths = [fs.join(root, line.strip()) for line in f if line.strip()]
     return datasets.ImageFiles(paths), 'image_path', False
   if args.list:
     return sources.FileListSource(args.list, root=args.root), 'image_path', True
@@ -89,14 +89,14 @@ def main(argv=None):
       embedder, source, args.output_dir, part_size=args.part_size,
       dtype=args.dtype, texts=has_captions and not args.no_text,
       key_column=key_column, progress=not args.no_progress,
-      checkpoint=os.path.abspath(args.checkpoint))
-  summary.update(checkpoint=os.path.abspath(args.checkpoint),
-                 output_dir=os.path.abspath(args.output_dir),
+      checkpoint=fs.absolute(args.checkpoint))
+  summary.update(checkpoint=fs.absolute(args.checkpoint),
+                 output_dir=fs.absolute(args.output_dir),
                  resize=embedder.resize, patch_size=embedder.patch_size,
                  max_tokens=embedder.max_tokens)
   print(f'exported {summary["num_exported"]} of {summary["num_images"]} images '
         f'({summary["num_failed"]} failed, listed in '
-        f'{os.path.join(args.output_dir, "failed.jsonl")}); '
+        f'{fs.join(args.output_dir, "failed.jsonl")}); '
         f'{summary["num_new"]} new this run in {summary["parts_written"]} parts, '
         f'{summary["parts_skipped"]} parts already done')
   if args.output and cli.is_writer():

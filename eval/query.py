@@ -12,8 +12,8 @@ patch size, token budget and --resize default to the export's.
 
 import argparse
 import json
-import os
 
+from lit_navit import fs
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
 from lit_navit.evaluate import export
@@ -44,7 +44,7 @@ def check_same_weights(manifest, params, args):
   source = manifest.get('checkpoint') or 'a checkpoint not recorded'
   raise ValueError(
       f'{args.index} was exported from {source} (params_sha256 {exported}), '
-      f'not from --checkpoint {os.path.abspath(args.checkpoint)} (params_sha256 '
+      f'not from --checkpoint {fs.absolute(args.checkpoint)} (params_sha256 '
       f'{given}): its embeddings do not match this model\'s queries. Query with '
       'the export\'s checkpoint, or pass --allow_other_checkpoint')
 
@@ -53,11 +53,10 @@ def main(argv=None):
   args = parse_args(argv)
   if not args.text and not args.image:
     raise ValueError('give at least one --text or --image query')
-  manifest_path = os.path.join(args.index, export.MANIFEST)
-  if not os.path.isfile(manifest_path):
+  manifest_path = fs.join(args.index, export.MANIFEST)
+  if not fs.isfile(manifest_path):
     raise FileNotFoundError(f'not an export folder (no {export.MANIFEST}): {args.index}')
-  with open(manifest_path, encoding='utf-8') as f:
-    manifest = json.load(f)
+  manifest = json.loads(fs.read_text(manifest_path))
   budgets = cli.parse_token_budgets(args.max_tokens or manifest['max_tokens'])
   if len(budgets) != 1:
     raise ValueError(f'--max_tokens {args.max_tokens!r}: give one budget')
@@ -91,8 +90,8 @@ def main(argv=None):
       caption = f'  "{hit["caption"]}"' if hit.get('caption') else ''
       print(f'  {rank:2d}. {hit["score"]:.4f}  {label}{caption}')
   if args.output:
-    cli.write_json(args.output, {'index': os.path.abspath(args.index),
-                                 'checkpoint': os.path.abspath(args.checkpoint),
+    cli.write_json(args.output, {'index': fs.absolute(args.index),
+                                 'checkpoint': fs.absolute(args.checkpoint),
                                  'queries': queries})
   return queries
 

@@ -16,11 +16,11 @@ and process 0 writes the output.
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
 
+from lit_navit import fs
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
 from lit_navit.evaluate import retrieval
@@ -67,8 +67,8 @@ def evaluate(args):
   for name, value in metrics.items():
     print(f'{name}: {100 * value:.2f}')
   return {
-      'checkpoint': os.path.abspath(args.checkpoint),
-      'data': os.path.abspath(args.data),
+      'checkpoint': fs.absolute(args.checkpoint),
+      'data': fs.absolute(args.data),
       'split': args.split,
       'resize': embedder.resize,
       'patch_size': embedder.patch_size,

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from lit_navit import fs
 from lit_navit.data import synthetic
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
@@ -146,7 +147,7 @@ def evaluate(args):
                    for i, key, reason in metrics['failed']],
     })
   return {
-      'checkpoint': os.path.abspath(args.checkpoint),
+      'checkpoint': fs.absolute(args.checkpoint),
       'patch_size': embedder.patch_size,
       'num_classes': len(data.classnames),
       'num_templates': len(templates),
@@ -172,7 +173,8 @@ def plot(results, path):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with fs.atomic_write(path) as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)
 
 

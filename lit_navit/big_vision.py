@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lit_navit import fs
 from lit_navit.models import two_towers
 from lit_navit.models import variants
 
@@ -70,7 +71,7 @@ class Options:
 def load_npz(path: str) -> dict:
   """{name: array} of a big_vision .npz, read without pickle."""
   try:
-    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
+    with fs.open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
       return {name: np.asarray(npz[name]) for name in npz.files}
   except FileNotFoundError:
     raise
@@ -87,7 +88,7 @@ def load_shapes(path: str) -> dict:
              (2, 0): np.lib.format.read_array_header_2_0}
   shapes = {}
   try:
-    with zipfile.ZipFile(path) as archive:
+    with fs.open(path, 'rb') as f, zipfile.ZipFile(f) as archive:
       for info in archive.infolist():
         if not info.filename.endswith('.npy'):
           continue
@@ -106,7 +107,7 @@ def load_shapes(path: str) -> dict:
 
 def save_npz(path: str, arrays: dict) -> None:
   """Writes {name: array} as big_vision does (np.savez, one array a name)."""
-  with open(path, 'wb') as f:
+  with fs.atomic_write(path) as f:
     np.savez(f, **{k: np.asarray(v) for k, v in sorted(arrays.items())})
 
 

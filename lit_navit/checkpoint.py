@@ -16,13 +16,14 @@ trainer stops and lists them, unless told to start over.
 
 import json
 import logging
-import os
 import re
 import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from lit_navit import fs
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -34,7 +35,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, keep_every: int = 0,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = fs.absolute(fs.join(workdir, CHECKPOINT_DIR))
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         keep_period=keep_every or None,
@@ -114,11 +115,11 @@ class Checkpointer:
   def _set_aside(self, step: int) -> None:
     """Moves a bad step out of orbax's sight without deleting anything."""
     if jax.process_index() == 0:
-      src = os.path.join(self.directory, str(step))
+      src = fs.join(self.directory, str(step))
       n = 0
-      while os.path.exists(f'{src}.corrupt-{n}'):
+      while fs.exists(f'{src}.corrupt-{n}'):
         n += 1
-      os.rename(src, f'{src}.corrupt-{n}')
+      fs.rename(src, f'{src}.corrupt-{n}')
     self._manager.close()
     self._manager = self._open()
 
@@ -190,11 +191,11 @@ def _reason(error: Exception) -> str:
 
 def _step_dirs(path: str) -> dict:
   """{step: step directory} under a workdir (or its checkpoints folder)."""
-  root = os.path.join(path, CHECKPOINT_DIR)
-  if not os.path.isdir(root):
+  root = fs.join(path, CHECKPOINT_DIR)
+  if not fs.isdir(root):
     root = path
-  return {int(d): os.path.join(root, d) for d in os.listdir(root)
-          if re.fullmatch(r'\d+', d) and os.path.isdir(os.path.join(root, d))}
+  return {int(d): fs.join(root, d) for d in fs.listdir(root)
+          if re.fullmatch(r'\d+', d) and fs.isdir(fs.join(root, d))}
 
 
 def load_for_inference(path: str):
@@ -206,11 +207,10 @@ def load_for_inference(path: str):
   the optimizer state), onto this process's first device, whatever mesh
   they were trained on.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = fs.absolute(path)
+  if not fs.isdir(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-  if os.path.isdir(os.path.join(path, 'state')) or re.fullmatch(
-      r'\d+', os.path.basename(path)):
+  if fs.isdir(fs.join(path, 'state')) or re.fullmatch(r'\d+', fs.basename(path)):
     try:
       return _read_step(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -228,13 +228,13 @@ def load_for_inference(path: str):
 
 def _read_step(step_dir: str):
   """(config, params) of one step directory; raises if any part is bad."""
-  config_path = os.path.join(step_dir, 'config', 'metadata')
-  with open(config_path, encoding='utf-8') as f:
+  config_path = fs.join(step_dir, 'config', 'metadata')
+  with fs.open(config_path, 'r', encoding='utf-8') as f:
     try:
       config = ml_collections.ConfigDict(json.load(f))
     except json.JSONDecodeError as e:
       raise ValueError(f'{config_path} line {e.lineno}: invalid JSON ({e.msg})') from e
-  state_dir = os.path.join(step_dir, 'state')
+  state_dir = fs.join(step_dir, 'state')
   saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {'params': jax.tree.map(

@@ -14,11 +14,11 @@ bool/int/float key parses it, anything else reads it as a Python literal.
 """
 
 import ast
-import importlib.util
-import os
+import types
 
 import ml_collections
 
+from lit_navit import fs
 from lit_navit import optim
 from lit_navit import sharding
 from lit_navit.data import pipeline
@@ -90,13 +90,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` by calling the file's get_config(arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
+  """Loads `path.py[:arg]` (local or gs://) by calling the file's get_config(arg)."""
+  path, sep, arg = spec.partition('.py:')  # not at the ':' of gs://
+  path += '.py' if sep else ''
+  if not fs.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist')
-  module_spec = importlib.util.spec_from_file_location('lit_navit_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = types.ModuleType('lit_navit_config')
+  module.__file__ = path
+  exec(compile(fs.read_text(path), path, 'exec'), module.__dict__)  # pylint: disable=exec-used
   return module.get_config(arg or None)
 
 
@@ -162,6 +163,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_against(config, default_config(), prefix='')
   if config.batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+  """Raises FileNotFoundError naming the key and path of a file the config
+  reads that does not exist (local or gs://), before anything is compiled.
+  The data paths are checked as the source lists them."""
+  for key, path in (('input.tokenizer', config.input.tokenizer),
+                    ('init_from', config.init_from)):
+    if not path or fs.exists(path):
+      continue
+    bucket = fs.missing_bucket(path)
+    reason = f'bucket {bucket} does not exist' if bucket else 'does not exist'
+    raise FileNotFoundError(f'config key {key}={path!r}: {reason}')
 
 
 def _check_against(config, schema, prefix):

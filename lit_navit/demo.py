@@ -33,6 +33,7 @@ def run_demo(config_spec: str, workdir: str, eval_examples: int) -> dict:
   """Trains, evaluates and exports; returns the summary written to summary.json."""
   from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
   from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lit_navit import fs  # pylint: disable=g-import-not-at-top
   from lit_navit import train  # pylint: disable=g-import-not-at-top
   from lit_navit.evaluate import demo_eval  # pylint: disable=g-import-not-at-top
 
@@ -52,7 +53,7 @@ def run_demo(config_spec: str, workdir: str, eval_examples: int) -> dict:
       'final_loss': result.final_metrics.get('loss'),
       **report,
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+  with fs.atomic_write(fs.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   print_summary(summary)
   return summary

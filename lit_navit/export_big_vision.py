@@ -19,6 +19,7 @@ import os
 
 from lit_navit import big_vision
 from lit_navit import checkpoint
+from lit_navit import fs
 
 log = logging.getLogger('lit_navit')
 
@@ -30,12 +31,12 @@ def export_checkpoint(path: str, npz: str, scan: bool | None = None) -> dict:
   if config.model.text.get('mask_padding', True):
     log.warning('the text tower masks padding; big_vision attends to it, so '
                 'captions with padding embed differently there')
-  os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
+  fs.makedirs(fs.dirname(fs.absolute(npz)))
   big_vision.save_npz(npz, arrays)
   model_cfg = big_vision.bv_model_config(config.model)
   if scan is not None:
     model_cfg['image']['scan'] = model_cfg['text']['scan'] = scan
-  with open(os.path.splitext(npz)[0] + '.json', 'w', encoding='utf-8') as f:
+  with fs.atomic_write(os.path.splitext(npz)[0] + '.json', 'w', encoding='utf-8') as f:
     json.dump(model_cfg, f, indent=2)
   return arrays
 

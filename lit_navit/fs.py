@@ -17,7 +17,7 @@ serves every gs:// path we touch outside tensorstore.
 
 import builtins
 import contextlib
-import functools
+import datetime
 import os
 import posixpath
 import tempfile
@@ -33,26 +33,35 @@ def is_remote(path: str) -> bool:
   return '://' in os.fspath(path)
 
 
-@functools.lru_cache(maxsize=None)
-def _remote_filesystem(protocol: str):
-  return fsspec.filesystem(protocol)
-
-
 def filesystem(path: str):
   """(fsspec filesystem, path as that filesystem names it)."""
   path = os.fspath(path)
   if not is_remote(path):
     return fsspec.filesystem('file'), os.path.abspath(path)
-  protocol = path.split('://', 1)[0]
-  fs = _remote_filesystem(protocol)
+  # fsspec caches the instance (and makes a new one in a forked child).
+  # No listings cache: other processes (a training run, tensorstore) write
+  # the same folders, and a stale listing would hide their files.
+  fs = fsspec.filesystem(path.split('://', 1)[0], use_listings_cache=False)
   return fs, fs._strip_protocol(path)  # pylint: disable=protected-access
 
 
 def _url(fs, stripped: str, like: str) -> str:
-  """The full path of `stripped` on the filesystem of `like`."""
-  if not is_remote(like):
-    return stripped
-  return fs.unstrip_protocol(stripped)
+  """`stripped` named as `like` names paths: a URL, or a local path that is
+  relative when `like` is."""
+  if is_remote(like):
+    return fs.unstrip_protocol(stripped)
+  return stripped if os.path.isabs(like) else os.path.relpath(stripped)
+
+
+def missing_bucket(path: str) -> str | None:
+  """'gs://NAME' when `path` is on object storage and its bucket does not
+  exist (so an error can say so rather than 'not found'); else None."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return None
+  protocol, rest = path.split('://', 1)
+  bucket = f'{protocol}://{rest.split("/", 1)[0]}'
+  return None if exists(bucket) else bucket
 
 
 def absolute(path: str) -> str:
@@ -115,6 +124,17 @@ def size(path: str) -> int:
   return fs.size(p)
 
 
+def stat(path: str) -> tuple[int, int]:
+  """(size in bytes, modification time in ns since the epoch) of a file."""
+  if not is_remote(path):
+    result = os.stat(path)
+    return result.st_size, result.st_mtime_ns
+  fs, p = filesystem(path)
+  info = fs.info(p)
+  modified = info['mtime'] - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+  return int(info['size']), modified // datetime.timedelta(microseconds=1) * 1000
+
+
 def listdir(path: str) -> list:
   """Names (not paths) in a directory, sorted; [] when it does not exist."""
   fs, p = filesystem(path)
@@ -128,6 +148,12 @@ def glob(pattern: str) -> list:
   """Paths matching a glob pattern (*, ?, [..], ** across folders), sorted."""
   fs, p = filesystem(pattern)
   return sorted(_url(fs, match, pattern) for match in fs.glob(p))
+
+
+def find(root: str) -> list:
+  """Every file under the folder `root`, at any depth, sorted."""
+  fs, p = filesystem(root)
+  return sorted(_url(fs, match, root) for match in fs.find(p))
 
 
 def makedirs(path: str) -> None:
@@ -159,10 +185,28 @@ def rename(source: str, target: str) -> None:
   fs.rm(s, recursive=True)
 
 
+def download(path: str, local_path: str) -> None:
+  """Copies a file (local or remote) to a local path."""
+  fs, p = filesystem(path)
+  fs.get_file(p, local_path)
+
+
+def upload(local_path: str, path: str) -> None:
+  """Copies a local file to `path` whole (one upload on object storage)."""
+  if not is_remote(path):
+    with atomic_write(path) as f, builtins.open(local_path, 'rb') as source:
+      f.write(source.read())
+    return
+  fs, p = filesystem(path)
+  fs.put_file(local_path, p)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb', **kwargs):
   """Writes `path` whole or not at all: a crash leaves the old file (or none)."""
   path = os.fspath(path)
+  if 'b' not in mode:
+    kwargs.setdefault('encoding', 'utf-8')
   if is_remote(path):
     # Staged in a local file, then one upload: the object appears whole
     # when the upload completes, and never when the writer fails.

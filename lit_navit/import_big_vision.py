@@ -19,12 +19,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 
 from lit_navit import big_vision
 from lit_navit import checkpoint
 from lit_navit import config as config_lib
+from lit_navit import fs
 from lit_navit.data import text as text_lib
 from lit_navit.models import two_towers
 
@@ -89,17 +88,19 @@ def import_checkpoint(npz: str, tokenizer: str, workdir: str, *,
   params = big_vision.to_params(arrays, model_config)
   check_tokenizer(tokenizer, model_config)
   recipe = recipe or guess_recipe(model_config)
-  os.makedirs(workdir, exist_ok=True)
-  copied = os.path.abspath(os.path.join(workdir, 'tokenizer.model'))
-  if os.path.abspath(tokenizer) != copied:
-    shutil.copyfile(tokenizer, copied)
+  fs.makedirs(workdir)
+  copied = fs.absolute(fs.join(workdir, 'tokenizer.model'))
+  if fs.absolute(tokenizer) != copied:
+    with fs.atomic_write(copied) as f:
+      f.write(fs.read_bytes(tokenizer))
   config = training_config(model_config, copied, recipe,
                            max_tokens or default_max_tokens(model_config))
   saver = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
   saver.save(0, {'params': params}, {}, config)
   saver.close()
-  with open(os.path.join(workdir, 'big_vision_import.json'), 'w', encoding='utf-8') as f:
-    json.dump(dict(npz=os.path.abspath(npz), tokenizer=os.path.abspath(tokenizer),
+  with fs.atomic_write(fs.join(workdir, 'big_vision_import.json'), 'w',
+                       encoding='utf-8') as f:
+    json.dump(dict(npz=fs.absolute(npz), tokenizer=fs.absolute(tokenizer),
                    recipe=recipe, options=dataclasses.asdict(options)), f, indent=2)
   return config, params
 
@@ -152,7 +153,7 @@ def main(argv=None):
                                 options=options, recipe=args.recipe,
                                 max_tokens=args.max_tokens)
   m = config.model
-  step_dir = os.path.join(os.path.abspath(args.workdir), checkpoint.CHECKPOINT_DIR, '0')
+  step_dir = fs.join(fs.absolute(args.workdir), checkpoint.CHECKPOINT_DIR, '0')
   print(f'imported {args.npz} -> {step_dir}: '
         f'image {m.image.stem} stem, {m.image.width}x{m.image.depth}, '
         f'posemb {m.image.posemb}, pool {m.image.pool}; text {m.text.width}x'

@@ -6,20 +6,35 @@ the trainer decides when to pull them off the device.
 A resumed run redoes the steps after its checkpoint. So that readers see one
 record per step, the writer first cuts both logs back to the restored step:
 metrics.jsonl is rewritten without later records (and without a line torn
-by a kill), and so is every TensorBoard event file (each write goes to a
-temporary file that is then renamed over the old one, so a crash leaves the
-old or the new file, never half of one). The new run then appends to
-metrics.jsonl and writes a fresh event file, as TensorBoard writers do.
+by a kill), and so is every TensorBoard event file (each rewrite is atomic,
+so a crash leaves the old or the new file, never half of one). The new run
+then appends to metrics.jsonl and writes a fresh event file, as TensorBoard
+writers do.
+
+A workdir on object storage (gs://) cannot be appended to, and TensorBoard's
+writer reaches gs:// only through tf.io.gfile, which this project does not
+use for storage. So the logs are kept in a local staging folder (first
+filled with the workdir's logs, to be cut back) and uploaded through
+lit_navit.fs, each changed file whole: at `sync()` (the trainer calls it at
+each checkpoint), every SYNC_SECONDS of writes and at `close()`.
 """
 
-import glob
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+
+from lit_navit import fs
+
+JSONL = 'metrics.jsonl'
+TENSORBOARD = 'tensorboard'
+EVENTS_PATTERN = 'events.out.tfevents.*'
+SYNC_SECONDS = 60
 
 
 class MetricsWriter:
@@ -36,13 +51,33 @@ class MetricsWriter:
     # TF only writes summaries here; keep it off any accelerator JAX uses.
     tf.config.set_visible_devices([], 'GPU')
     self._tf = tf
-    jsonl_path = os.path.join(workdir, 'metrics.jsonl')
-    tb_dir = os.path.join(workdir, 'tensorboard')
+    self._workdir = workdir
+    self._staging = None
+    self._uploaded = {}  # staged file -> (size, mtime) when last uploaded
+    local = workdir
+    if fs.is_remote(workdir):
+      self._staging = local = tempfile.mkdtemp(prefix='lit_navit-metrics-')
+      self._download_logs()
+    jsonl_path = os.path.join(local, JSONL)
+    tb_dir = os.path.join(local, TENSORBOARD)
     truncate_jsonl(jsonl_path, resume_step)
-    for path in glob.glob(os.path.join(tb_dir, 'events.out.tfevents.*')):
+    for path in fs.glob(os.path.join(tb_dir, EVENTS_PATTERN)):
       truncate_events(path, resume_step)
     self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
     self._tb = tf.summary.create_file_writer(tb_dir)
+    self._last_sync = time.monotonic()
+
+  def _download_logs(self) -> None:
+    remote = [fs.join(self._workdir, JSONL)] + fs.glob(
+        fs.join(self._workdir, TENSORBOARD, EVENTS_PATTERN))
+    for path in remote:
+      if not fs.isfile(path):
+        continue
+      relative = path[len(self._workdir.rstrip('/')) + 1:]
+      local = os.path.join(self._staging, relative)
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      fs.download(path, local)
+      self._uploaded[local] = _signature(local)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -54,35 +89,49 @@ class MetricsWriter:
       for key, value in record.items():
         if key != 'step' and isinstance(value, (int, float)):
           self._tf.summary.scalar(key, value)
+    if self._staging and time.monotonic() - self._last_sync > SYNC_SECONDS:
+      self.sync()
+
+  def sync(self) -> None:
+    """Flushes both logs and, for a gs:// workdir, uploads what changed."""
+    if not self.enabled:
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+    self._last_sync = time.monotonic()
+    if not self._staging:
+      return
+    staged = [os.path.join(self._staging, JSONL)] + fs.glob(
+        os.path.join(self._staging, TENSORBOARD, EVENTS_PATTERN))
+    for local in staged:
+      signature = _signature(local)
+      if self._uploaded.get(local) != signature:
+        relative = os.path.relpath(local, self._staging)
+        fs.upload(local, fs.join(self._workdir, *relative.split(os.sep)))
+        self._uploaded[local] = signature
 
   def close(self) -> None:
     if self._jsonl:
-      self._jsonl.close()
-      self._tb.flush()
-      self._tb.close()
+      try:
+        self.sync()
+      finally:
+        self._jsonl.close()
+        self._tb.close()
+        if self._staging:
+          shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def _replace_atomically(path: str, write) -> None:
-  """write(file) to a temporary file, then rename it over `path`."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def _signature(path: str):
+  stat = os.stat(path)
+  return stat.st_size, stat.st_mtime_ns
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
   """Keeps the records of metrics.jsonl up to `last_step` (and drops a torn
   last line); leaves the file alone when nothing is to go."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return
-  with open(path, 'rb') as f:
-    lines = f.read().split(b'\n')
+  lines = fs.read_bytes(path).split(b'\n')
   keep = []
   for line in lines:
     try:
@@ -91,12 +140,13 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     except (ValueError, KeyError, TypeError):
       pass  # torn by a kill mid-write, or not a record
   if len(keep) < len([line for line in lines if line.strip()]):
-    _replace_atomically(path, lambda f: f.write(b''.join(line + b'\n' for line in keep)))
+    with fs.atomic_write(path) as f:
+      f.write(b''.join(line + b'\n' for line in keep))
 
 
 def truncate_events(path: str, last_step: int) -> None:
-  """Keeps the events of one TensorBoard file up to `last_step` (a record
-  torn by a kill ends the file); leaves it alone when nothing is to go."""
+  """Keeps the events of one (local) TensorBoard file up to `last_step` (a
+  record torn by a kill ends the file); leaves it alone when nothing is to go."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
   keep, dropped = [], False
@@ -105,15 +155,13 @@ def truncate_events(path: str, last_step: int) -> None:
       keep.append(raw)
     else:
       dropped = True
-  if not dropped and _record_bytes(keep) == os.path.getsize(path):
+  if not dropped and _record_bytes(keep) == fs.size(path):
     return
   from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
-
-  def write(f):
+  with fs.atomic_write(path) as f:
     writer = record_writer.RecordWriter(f)
     for raw in keep:
       writer.write(raw)
-  _replace_atomically(path, write)
 
 
 def _record_bytes(records) -> int:

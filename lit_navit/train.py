@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from lit_navit import fs
 from lit_navit import user_errors
 
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.')
@@ -35,13 +36,17 @@ FLAGS = flags.FLAGS
 
 
 def check_workdir(workdir: str) -> None:
-  """Fails now, not at the first save, if the workdir cannot be written."""
-  os.makedirs(workdir, exist_ok=True)
-  probe = os.path.join(workdir, '.write_probe')
+  """Fails now, not at the first save, if the workdir (local or gs://)
+  cannot be written."""
+  bucket = fs.missing_bucket(workdir)
+  if bucket:
+    raise FileNotFoundError(f'workdir {workdir!r}: bucket {bucket} does not exist')
+  probe = fs.join(workdir, '.write_probe')
   try:
-    with open(probe, 'w', encoding='utf-8') as f:
+    fs.makedirs(workdir)
+    with fs.atomic_write(probe, 'w', encoding='utf-8') as f:
       f.write('ok')
-    os.remove(probe)
+    fs.remove(probe)
   except OSError as e:
     raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
 
@@ -73,6 +78,7 @@ def train(config, workdir: str, hooks=(), start_over: bool = False):
   jax.config.update('jax_threefry_partitionable', True)
   setup_logging()
   config_lib.check_config(config)
+  config_lib.check_paths(config)
   check_workdir(workdir)
   trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
   return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)

@@ -303,6 +303,7 @@ class Trainer:
           last = self._log(writer, throughput, *pending)
           pending = None
           self._save(step, state)
+          writer.sync()  # a gs:// workdir's logs go up with each checkpoint
         if self._eval_due(step):
           last.update(self._evaluate(writer, step, state))
         for hook in hooks:

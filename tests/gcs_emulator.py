@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -34,10 +35,13 @@ class GcsEmulator:
   def __init__(self):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
+    # Its log goes to a file: a pipe nobody reads fills up and then blocks
+    # the (single-threaded) server mid-request.
+    self._log = tempfile.TemporaryFile()
     self._process = subprocess.Popen(
         [sys.executable, '-m', 'gcp_storage_emulator', 'start', '--host',
          '127.0.0.1', '--port', str(self.port), '--in-memory', '--quiet'],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=self._log)
     self._wait_until_listening()
     self.environ = {
         'STORAGE_EMULATOR_HOST': self.url,
@@ -54,8 +58,9 @@ class GcsEmulator:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       if self._process.poll() is not None:
+        self._log.seek(0)
         raise RuntimeError('gcp-storage-emulator exited: '
-                           + self._process.stderr.read().decode()[-2000:])
+                           + self._log.read().decode()[-2000:])
       try:
         with socket.create_connection(('127.0.0.1', self.port), timeout=1):
           return
@@ -74,6 +79,7 @@ class GcsEmulator:
   def close(self):
     self._process.kill()
     self._process.wait()
+    self._log.close()
     for key, value in self._saved.items():
       if value is None:
         os.environ.pop(key, None)

@@ -158,7 +158,7 @@ class _OffsetIndex:
 
   def read(self, index: int) -> bytes:
     file_ids, offsets, sizes = self._arrays
-    with open(self.paths[file_ids[index]], 'rb') as f:
+    with fs.open(self.paths[file_ids[index]], 'rb') as f:
       f.seek(int(offsets[index]))
       return f.read(int(sizes[index]))
 
@@ -226,8 +226,8 @@ class TFRecordSource:
     self._example_cls = example_pb2.Example
 
   def _index_file(self, file_id: int, path: str):
-    file_size = os.path.getsize(path)
-    with open(path, 'rb') as f:
+    file_size = fs.size(path)
+    with fs.open(path, 'rb') as f:
       offset, n = 0, 0
       while offset < file_size:
         header = f.read(_TFRECORD_HEADER)
@@ -312,10 +312,10 @@ class WebDatasetSource:
     self._captions.freeze()
 
   def _index_shard(self, file_id: int, path: str):
-    file_size = os.path.getsize(path)
+    file_size = fs.size(path)
     groups = {}  # key -> {extension: (offset, size)}, in first-seen order.
     try:
-      with tarfile.open(path, mode='r:') as tar:
+      with fs.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
         for member in tar:
           if not member.isfile():
             continue
@@ -388,11 +388,11 @@ class FileListSource:
   def __init__(self, path, image_field='image', caption_field='caption',
                root=None):
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f'file list not found: {path}')
     self.path = path
-    self.root = os.fspath(root) if root else os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(self.root):
+    self.root = os.fspath(root) if root else fs.dirname(fs.absolute(path))
+    if not fs.isdir(self.root):
       raise FileNotFoundError(f'image root folder not found: {self.root}')
     self.image_field, self.caption_field = image_field, caption_field
     self.skipped = {}
@@ -407,7 +407,7 @@ class FileListSource:
                        'expected .jsonl, .json, .csv or .tsv')
 
   def _read_jsonl(self):
-    with open(self.path, encoding='utf-8', errors='replace') as f:
+    with fs.open(self.path, 'r', encoding='utf-8', errors='replace') as f:
       for line_number, line in enumerate(f, start=1):
         if not line.strip():
           continue
@@ -422,7 +422,7 @@ class FileListSource:
         self._add(row, line_number)
 
   def _read_csv(self, delimiter: str):
-    with open(self.path, encoding='utf-8', errors='replace', newline='') as f:
+    with fs.open(self.path, 'r', encoding='utf-8', errors='replace', newline='') as f:
       reader = csv.DictReader(f, delimiter=delimiter)
       for field in (self.image_field, self.caption_field):
         if field not in (reader.fieldnames or ()):
@@ -438,7 +438,7 @@ class FileListSource:
     elif not isinstance(caption, str):
       self._skip('no_caption', line_number, f'no {self.caption_field!r} field')
     else:
-      self._items.append((os.path.join(self.root, image), caption.strip(),
+      self._items.append((fs.join(self.root, image), caption.strip(),
                           line_number))
 
   def _skip(self, reason: str, line_number: int, detail: str):
@@ -458,7 +458,7 @@ class FileListSource:
     index = check_index(index, len(self))
     image_path, caption, _ = self._items[index]
     try:
-      with open(image_path, 'rb') as f:
+      with fs.open(image_path, 'rb') as f:
         image = f.read()
     except OSError as e:
       return Record(index, b'', caption, image_path,

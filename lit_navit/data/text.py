@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lit_navit import fs
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -26,7 +28,7 @@ class Tokenizer:
   """Encodes captions to int32 [N, length].
 
   Args:
-    model_path: a sentencepiece .model file.
+    model_path: a sentencepiece .model file (local or gs://).
     length: tokens per caption (T).
     sticky_eos: if a caption is cut, its last kept token becomes EOS.
     add_eos: append EOS to every caption.
@@ -37,11 +39,12 @@ class Tokenizer:
   def __init__(self, model_path: str, length: int, sticky_eos: bool = False,
                add_eos: bool = True, pad_id: int | None = None,
                lowercase: bool = False):
-    if not os.path.isfile(model_path):
+    if not fs.isfile(model_path):
       raise FileNotFoundError(f'sentencepiece model {model_path!r} does not exist')
     if length < 1:
       raise ValueError(f'tokenizer length must be >= 1, got {length}')
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    # Read through lit_navit.fs: sentencepiece itself opens only local files.
+    self._sp = spm.SentencePieceProcessor(model_proto=fs.read_bytes(model_path))
     self.length = length
     self.sticky_eos = sticky_eos
     self.add_eos = add_eos

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from lit_navit import fs
 from lit_navit.data import resolution
 
 
@@ -136,8 +137,7 @@ def to_json(value):
 
 def write_json(path, value):
   """Writes `value` (see `to_json`) to `path`, creating its folder."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
+  fs.makedirs(fs.dirname(fs.absolute(path)))
+  with fs.atomic_write(path, 'w', encoding='utf-8') as f:
     json.dump(to_json(value), f, indent=2)
     f.write('\n')

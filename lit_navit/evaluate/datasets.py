@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from lit_navit import fs
 from lit_navit.data import sources
 from lit_navit.evaluate import imagenet_metadata
 
@@ -78,7 +79,7 @@ class ImageFiles:
     path = self.paths[index]
     caption = self.captions[index] if self.captions is not None else ''
     try:
-      with open(path, 'rb') as f:
+      with fs.open(path, 'rb') as f:
         return sources.Record(index, f.read(), caption, path)
     except OSError as e:
       return sources.Record(index, b'', caption, path,
@@ -100,18 +101,18 @@ class Subset:
 
 
 def _require_file(path, what):
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f'{what} not found: {path}')
 
 
 def _require_dir(path, what):
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise FileNotFoundError(f'{what} not found: {path}')
 
 
 def _read_json(path):
   """A JSON file's value; ValueError naming the file, line and column."""
-  with open(path, encoding='utf-8') as f:
+  with fs.open(path, 'r', encoding='utf-8') as f:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
@@ -124,12 +125,8 @@ def _read_json(path):
 def find_images(root):
   """Image files under `root`, recursively, in sorted path order."""
   _require_dir(root, 'image folder')
-  found = []
-  for folder, subfolders, files in os.walk(root):
-    subfolders.sort()
-    found.extend(os.path.join(folder, name) for name in sorted(files)
-                 if name.lower().endswith(IMAGE_EXTENSIONS))
-  return sorted(found)
+  return [path for path in fs.find(root)
+          if fs.basename(path).lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def read_classnames(path, folders=None):
@@ -152,14 +149,14 @@ def read_classnames(path, folders=None):
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
       raise ValueError(f'{path}: expected a JSON list of strings or a mapping')
     return list(names)
-  with open(path, encoding='utf-8') as f:
+  with fs.open(path, 'r', encoding='utf-8') as f:
     return [line.strip() for line in f if line.strip()]
 
 
 def read_templates(path):
   """Prompt templates, one a line, each with one '{}' for the class name."""
   _require_file(path, 'template file')
-  with open(path, encoding='utf-8') as f:
+  with fs.open(path, 'r', encoding='utf-8') as f:
     templates = [line.strip() for line in f if line.strip()]
   for n, template in enumerate(templates, start=1):
     if template.count('{}') != 1:
@@ -183,8 +180,8 @@ def image_folder(root, classnames=None, class_folders=None):
     A ClassificationSet; images are ordered by class, then path.
   """
   _require_dir(root, 'dataset folder')
-  present = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+  present = sorted(d for d in fs.listdir(root)
+                   if fs.isdir(fs.join(root, d)))
   folders = list(class_folders) if class_folders is not None else present
   unknown = sorted(set(present) - set(folders))
   if unknown:
@@ -201,7 +198,7 @@ def image_folder(root, classnames=None, class_folders=None):
   class_id = {d: i for i, d in enumerate(folders)}
   paths, labels = [], []
   for folder in present:
-    found = find_images(os.path.join(root, folder))
+    found = find_images(fs.join(root, folder))
     paths.extend(found)
     labels.extend([class_id[folder]] * len(found))
   if not paths:
@@ -214,8 +211,8 @@ def imagenet_folder(root, classnames=None):
   the folder holding `val/`). Class ids follow the sorted wnids; names are
   CLIP's unless `classnames` is given."""
   _require_dir(root, 'ImageNet folder')
-  if os.path.isdir(os.path.join(root, 'val')):
-    root = os.path.join(root, 'val')
+  if fs.isdir(fs.join(root, 'val')):
+    root = fs.join(root, 'val')
   return image_folder(root, classnames or list(imagenet_metadata.CLASSNAMES),
                       class_folders=imagenet_metadata.WNIDS)
 
@@ -283,7 +280,7 @@ def imagenet_tfds(split='validation', data_dir=None, classnames=None):
     raise FileNotFoundError(
         f'TFDS imagenet2012 is not prepared under {builder.data_dir}; run '
         'tfds.builder("imagenet2012").download_and_prepare() first')
-  paths = [os.path.join(builder.data_dir, name)
+  paths = [fs.join(builder.data_dir, name)
            for name in builder.info.splits[split].filenames]
   return tfrecord_classification(
       paths, image_key='image', label_key='label', key_key='file_name',
@@ -319,7 +316,7 @@ def karpathy_json(path, images_root, split='test'):
     try:
       if split is not None and entry.get('split') != split:
         continue
-      paths.append(os.path.join(images_root, entry.get('filepath', ''),
+      paths.append(fs.join(images_root, entry.get('filepath', ''),
                                 entry['filename']))
       captions.append([s['raw'].strip() if 'raw' in s else ' '.join(s['tokens'])
                        for s in entry.get('sentences', [])])
@@ -343,7 +340,7 @@ def flickr_token(path, images_root, image_list=None):
   _require_file(path, 'caption token file')
   _require_dir(images_root, 'image folder')
   by_image = {}
-  with open(path, encoding='utf-8') as f:
+  with fs.open(path, 'r', encoding='utf-8') as f:
     for n, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -354,13 +351,13 @@ def flickr_token(path, images_root, image_list=None):
   names = list(by_image)
   if image_list is not None:
     _require_file(image_list, 'image list')
-    with open(image_list, encoding='utf-8') as f:
+    with fs.open(image_list, 'r', encoding='utf-8') as f:
       names = [line.strip() for line in f if line.strip()]
     unknown = [name for name in names if name not in by_image]
     if unknown:
       raise ValueError(f'{image_list}: {len(unknown)} images have no caption '
                        f'in {path}, e.g. {unknown[0]}')
-  return _retrieval_set([os.path.join(images_root, n) for n in names],
+  return _retrieval_set([fs.join(images_root, n) for n in names],
                         [by_image[n] for n in names])
 
 
@@ -369,10 +366,10 @@ def jsonl_retrieval(path, images_root=None):
   "caption"). Relative paths resolve against `images_root`, else the file's
   folder."""
   _require_file(path, 'JSONL file')
-  root = images_root or os.path.dirname(os.path.abspath(path))
+  root = images_root or fs.dirname(fs.absolute(path))
   _require_dir(root, 'image folder')
   paths, captions = [], []
-  with open(path, encoding='utf-8') as f:
+  with fs.open(path, 'r', encoding='utf-8') as f:
     for n, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -389,7 +386,7 @@ def jsonl_retrieval(path, images_root=None):
         raise ValueError(f'{path} line {n}: "image" must be a string and '
                          f'"{field}" a string (caption) or a list of strings '
                          f'(captions), got {row[field]!r:.80}')
-      paths.append(os.path.join(root, image))
+      paths.append(fs.join(root, image))
       captions.append([t.strip() for t in texts])
   return _retrieval_set(paths, captions)
 

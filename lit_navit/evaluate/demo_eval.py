@@ -6,7 +6,7 @@ shape x colour classes on held-out pairs, and image <-> text recall@1.
 `evaluate_and_export` adds an embedding export and a text query.
 """
 
-import os
+from lit_navit import fs
 
 from lit_navit.data import synthetic
 from lit_navit.evaluate import embed
@@ -35,7 +35,7 @@ def evaluate_and_export(config, params, workdir, num_examples=512,
   embedder = embed.Embedder.from_config(config, params, batch_rows)
   source = zero_shot.synthetic_heldout_source(config.input.source, num_examples)
   metrics = zero_shot.synthetic_eval(embedder, source)
-  export_dir = os.path.join(workdir, 'export')
+  export_dir = fs.join(workdir, 'export')
   export.export(embedder, source, export_dir, part_size=max(1, num_examples // 4),
                 texts=True, progress=False)
   class_name = synthetic.class_names()[synthetic.held_out_class_ids()[0]]

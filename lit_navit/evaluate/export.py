@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lit_navit import fs
 from lit_navit import sharding
 
 MANIFEST = 'export.json'
@@ -89,8 +90,8 @@ def _identities(source):
   identities = []
   for path in paths:
     try:
-      stat = os.stat(path)
-      identities.append((os.fsencode(path), stat.st_size, stat.st_mtime_ns))
+      size, mtime_ns = fs.stat(path)
+      identities.append((os.fsencode(path), size, mtime_ns))
     except OSError:  # a missing file fails again until it appears
       identities.append((os.fsencode(path), -1, -1))
   return identities
@@ -108,11 +109,11 @@ def _identity_columns(identities):
 def _done_identities(metadata, failed, by_file):
   """The identities of one finished part's rows and failures."""
   if by_file:
-    table = pq.read_table(metadata, columns=['path_bytes', 'size', 'mtime_ns'])
+    table = _read_table(metadata, columns=['path_bytes', 'size', 'mtime_ns'])
     done = set(zip(*(table.column(c).to_pylist() for c in table.column_names)))
   else:
-    done = set(pq.read_table(metadata, columns=['index']).column('index').to_pylist())
-  with open(failed, encoding='utf-8') as f:
+    done = set(_read_table(metadata, columns=['index']).column('index').to_pylist())
+  with fs.open(failed, 'r', encoding='utf-8') as f:
     for line in f:
       row = json.loads(line)
       done.add((os.fsencode(row['key']), row['size'], row['mtime_ns'])
@@ -125,12 +126,12 @@ def _part_numbers(output_dir):
   the files of unfinished ones are removed."""
   numbers, finished = {}, set()
   for kind in ('metadata', 'img_emb', 'text_emb', 'failed'):
-    folder = os.path.join(output_dir, kind)
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+    folder = fs.join(output_dir, kind)
+    for name in fs.listdir(folder):
       stem, dot, _ = name.partition('.')
       number = stem.rpartition('_')[2]
       if dot and number.isdigit() and '.tmp-' not in name:
-        numbers.setdefault(int(number), set()).add(os.path.join(folder, name))
+        numbers.setdefault(int(number), set()).add(fs.join(folder, name))
         if kind == 'metadata':
           finished.add(number)
   parts = {}
@@ -140,7 +141,7 @@ def _part_numbers(output_dir):
       parts[number] = names.pop()
     else:
       for path in files:  # an interrupted part: redone from scratch
-        os.remove(path)
+        fs.remove(path)
   return parts
 
 
@@ -148,40 +149,43 @@ def _paths(output_dir, number, width):
   """Part `number`'s files (`number` may be its file-name form already)."""
   name = str(number).zfill(width)
   return {
-      'img': os.path.join(output_dir, 'img_emb', f'img_emb_{name}.npy'),
-      'text': os.path.join(output_dir, 'text_emb', f'text_emb_{name}.npy'),
-      'metadata': os.path.join(output_dir, 'metadata', f'metadata_{name}.parquet'),
-      'failed': os.path.join(output_dir, 'failed', f'failed_{name}.jsonl'),
+      'img': fs.join(output_dir, 'img_emb', f'img_emb_{name}.npy'),
+      'text': fs.join(output_dir, 'text_emb', f'text_emb_{name}.npy'),
+      'metadata': fs.join(output_dir, 'metadata', f'metadata_{name}.parquet'),
+      'failed': fs.join(output_dir, 'failed', f'failed_{name}.jsonl'),
   }
 
 
-def _atomic_write(path, write):
-  """Calls write(tmp_path), then renames tmp_path to path."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
+def _atomic_write(path, write, mode='wb'):
+  """Calls write(file); the file appears at `path` whole or not at all."""
   try:
-    write(tmp)
-    os.replace(tmp, path)
+    fs.makedirs(fs.dirname(path))
+    with fs.atomic_write(path, mode) as f:
+      write(f)
   except OSError as e:  # e.g. a full disk: name the file being written
-    raise OSError(e.errno, e.strerror, path) from e
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 def _save_npy(path, array):
-  def write(tmp):
-    with open(tmp, 'wb') as f:
-      np.save(f, array)
-  _atomic_write(path, write)
+  _atomic_write(path, lambda f: np.save(f, array))
 
 
 def _save_jsonl(path, rows):
-  def write(tmp):
-    with open(tmp, 'w', encoding='utf-8') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
-  _atomic_write(path, write)
+  _atomic_write(path, lambda f: f.writelines(json.dumps(row) + '\n' for row in rows),
+                mode='w')
+
+
+def _read_table(path, **kwargs):
+  with fs.open(path, 'rb') as f:
+    return pq.read_table(f, **kwargs)
+
+
+def _load_npy(path):
+  """An exported array: memory-mapped when local, read whole from a URL."""
+  if not fs.is_remote(path):
+    return np.load(path, mmap_mode='r')
+  with fs.open(path, 'rb') as f:
+    return np.load(f)
 
 
 def params_fingerprint(params):
@@ -195,11 +199,10 @@ def params_fingerprint(params):
 
 def _check_manifest(output_dir, settings):
   """Checks the settings against an earlier run's; returns the manifest."""
-  path = os.path.join(output_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = fs.join(output_dir, MANIFEST)
+  if not fs.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    earlier = json.load(f)
+  earlier = json.loads(fs.read_text(path))
   changed = {k: (earlier.get(k), v) for k, v in settings.items()
              if earlier.get(k) != v}
   if changed:
@@ -209,10 +212,8 @@ def _check_manifest(output_dir, settings):
 
 
 def _write_manifest(output_dir, manifest):
-  def write(tmp):
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(manifest, f, indent=2)
-  _atomic_write(os.path.join(output_dir, MANIFEST), write)
+  _atomic_write(fs.join(output_dir, MANIFEST),
+                lambda f: json.dump(manifest, f, indent=2), mode='w')
 
 
 def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
@@ -344,7 +345,7 @@ def _write_part(embedder, part, emb, failed, identities, paths, dtype, texts,
   if texts:
     _save_npy(paths['text'], embedder.texts(columns['caption']).astype(dtype))
   _save_jsonl(paths['failed'], failed_rows)
-  _atomic_write(paths['metadata'], lambda tmp: pq.write_table(table, tmp))
+  _atomic_write(paths['metadata'], lambda f: pq.write_table(table, f))
 
 
 def _text(key):
@@ -369,27 +370,28 @@ def _merge_failed(output_dir):
   rows, exported = [], 0
   for name in sorted(_part_numbers(output_dir).values(), key=int):
     paths = _paths(output_dir, name, 0)
-    exported += pq.read_metadata(paths['metadata']).num_rows
-    with open(paths['failed'], encoding='utf-8') as f:
+    with fs.open(paths['metadata'], 'rb') as f:
+      exported += pq.read_metadata(f).num_rows
+    with fs.open(paths['failed'], 'r', encoding='utf-8') as f:
       rows.extend(json.loads(line) for line in f)
-  _save_jsonl(os.path.join(output_dir, 'failed.jsonl'), rows)
+  _save_jsonl(fs.join(output_dir, 'failed.jsonl'), rows)
   return exported, len(rows)
 
 
 def _part_files(output_dir, kind):
-  folder = os.path.join(output_dir, f'{kind}_emb')
-  if not os.path.isdir(folder):
+  folder = fs.join(output_dir, f'{kind}_emb')
+  if not fs.isdir(folder):
     raise FileNotFoundError(f'no exported {kind} embeddings in {output_dir} '
                             f'({folder} is missing)')
   files = []
-  names = [n for n in os.listdir(folder) if n.endswith('.npy')]
+  names = [n for n in fs.listdir(folder) if n.endswith('.npy')]
   for name in sorted(names, key=lambda n: int(n[len(f'{kind}_emb_'):-len('.npy')])):
     number = name[len(f'{kind}_emb_'):-len('.npy')]
-    metadata = os.path.join(output_dir, 'metadata', f'metadata_{number}.parquet')
-    if not os.path.exists(metadata):
+    metadata = fs.join(output_dir, 'metadata', f'metadata_{number}.parquet')
+    if not fs.exists(metadata):
       raise FileNotFoundError(f'{metadata} is missing: part {number} is '
                               'unfinished; rerun the export to complete it')
-    files.append((os.path.join(folder, name), metadata))
+    files.append((fs.join(folder, name), metadata))
   return files
 
 
@@ -413,7 +415,7 @@ def query(output_dir, vectors, k=10, kind='img'):
   heaps = [[] for _ in queries]
   files = _part_files(output_dir, kind)
   for part, (emb_path, _) in enumerate(files):
-    emb = np.load(emb_path, mmap_mode='r')
+    emb = _load_npy(emb_path)
     if not len(emb):
       continue
     scores = queries @ np.asarray(emb, np.float32).T
@@ -432,7 +434,7 @@ def query(output_dir, vectors, k=10, kind='img'):
     for score, neg_part, neg_row in sorted(heap, reverse=True):
       part, row = -neg_part, -neg_row
       if part not in tables:
-        tables[part] = pq.read_table(files[part][1]).to_pylist()
+        tables[part] = _read_table(files[part][1]).to_pylist()
       hits.append({'score': score, **tables[part][row]})
     results.append(hits)
   return results[0] if single else results
