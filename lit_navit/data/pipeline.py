@@ -313,8 +313,10 @@ class Pipeline:
               for ref, record in itertools.islice(self._stream, wanted)]
     indices = self._shard[self._position:self._position + wanted]
     self._position += len(indices)
-    return [(0, None, record)
-            for record in self._map(self._source.__getitem__, indices)]
+    # A batch's `index` is the position in the source given (a subset's
+    # records may carry their parent's indices).
+    return [(0, None, dataclasses.replace(record, index=index)) for index, record
+            in zip(indices, self._map(self._source.__getitem__, indices))]
 
   def _prepare(self, read: list) -> list:
     """[(workers.Prepared or None, skip reason or None)] of [(epoch, ref,
@@ -454,9 +456,9 @@ class Pipeline:
     else:
       self._position = int(state['position'])
       pending = [(int(index), int(epoch)) for index, epoch in state['pending']]
-      read = [(epoch, None, record) for (_, epoch), record in zip(
-          pending, self._map(self._source.__getitem__,
-                             [index for index, _ in pending]))]
+      read = [(epoch, None, dataclasses.replace(record, index=index))
+              for (index, epoch), record in zip(pending, self._map(
+                  self._source.__getitem__, [index for index, _ in pending]))]
     loaded = self._prepare(read)
     for (_, _, record), (image, reason) in zip(read, loaded):
       if image is None:
