@@ -165,12 +165,24 @@ def makedirs(path: str) -> None:
 def remove(path: str) -> None:
   fs, p = filesystem(path)
   fs.rm_file(p)
+  _forget_listings(path)
 
 
 def rmtree(path: str) -> None:
   fs, p = filesystem(path)
   if fs.exists(p):
     fs.rm(p, recursive=True)
+  _forget_listings(path)
+
+
+def _forget_listings(path: str) -> None:
+  """epath (so orbax) lists gs:// folders through its own fsspec instance,
+  which caches listings: after a folder changes here, every instance of
+  that filesystem must look again."""
+  if is_remote(path):
+    cls = type(filesystem(path)[0])
+    for instance in list(getattr(cls, '_cache', {}).values()):
+      instance.invalidate_cache()
 
 
 def rename(source: str, target: str) -> None:
@@ -183,6 +195,7 @@ def rename(source: str, target: str) -> None:
   # Not fs.mv: gcsfs tries a move API first that not every server has.
   fs.copy(s, filesystem(target)[1], recursive=True)
   fs.rm(s, recursive=True)
+  _forget_listings(source)
 
 
 def download(path: str, local_path: str) -> None:

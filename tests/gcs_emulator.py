@@ -1,4 +1,5 @@
-"""A real GCS-API server on 127.0.0.1 for gs:// tests (gcp-storage-emulator).
+"""A real GCS-API server on 127.0.0.1 for gs:// tests (gcp-storage-emulator,
+with the generation header it lacks added: gcs_emulator_server.py).
 
 `GcsEmulator` starts the emulator in its own process and points every client
 the project uses at it through the environment, which child processes
@@ -39,7 +40,8 @@ class GcsEmulator:
     # the (single-threaded) server mid-request.
     self._log = tempfile.TemporaryFile()
     self._process = subprocess.Popen(
-        [sys.executable, '-m', 'gcp_storage_emulator', 'start', '--host',
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      'gcs_emulator_server.py'), 'start', '--host',
          '127.0.0.1', '--port', str(self.port), '--in-memory', '--quiet'],
         stdout=subprocess.DEVNULL, stderr=self._log)
     self._wait_until_listening()

@@ -79,3 +79,16 @@ def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
   assert fs.absolute('x') == os.path.join(str(tmp_path), 'x')
   assert fs.absolute('gs://b/x') == 'gs://b/x'
   assert not fs.is_remote('x') and fs.is_remote('gs://b/x')
+
+
+def test_orbax_sees_what_this_layer_moves(gcs_bucket):
+  """epath (orbax's view of folders) lists through its own, caching fsspec
+  instance; a step set aside here must vanish from its listing too."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  step = epath.Path(fs.join(gcs_bucket, 'checkpoints', '12'))
+  (step / 'state').mkdir(parents=True, exist_ok=True)
+  (step / 'state' / 'data').write_text('x')
+  assert [p.name for p in step.parent.iterdir()] == ['12']
+  fs.rename(str(step), str(step) + '.corrupt-0')
+  assert [p.name for p in step.parent.iterdir()] == ['12.corrupt-0']
+  assert not step.exists()
