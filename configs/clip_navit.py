@@ -7,12 +7,17 @@ Takes the same args as configs/siglip_navit.py.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import siglip_navit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lit_navit import config as config_lib
+
+
+def _siglip_config(arg):
+  """configs/siglip_navit.py's config, loaded from beside this file (not
+  imported: its folder on sys.path would shadow the lit_navit package)."""
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), 'siglip_navit.py') + f':{arg or ""}')
 
 
 def get_config(arg=None):
   arg = f'loss=softmax,{arg}' if arg else 'loss=softmax'
-  return siglip_navit.get_config(arg)
+  return _siglip_config(arg)

@@ -16,13 +16,16 @@ workdir, step directory or big_vision .npz whose params initialise the model).
 """
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import siglip_navit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lit_navit import big_vision
 from lit_navit import config as config_lib
+
+
+def _siglip_config(arg):
+  """configs/siglip_navit.py's config, loaded from beside this file (not
+  imported: its folder on sys.path would shadow the lit_navit package)."""
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), 'siglip_navit.py') + f':{arg or ""}')
 
 
 def get_config(arg=None):
@@ -30,7 +33,7 @@ def get_config(arg=None):
   own = [kv for kv in (arg or '').split(',') if kv.split('=')[0] in lit_args]
   rest = [kv for kv in (arg or '').split(',') if kv and kv not in own]
   lit = config_lib.parse_arg(','.join(own), **lit_args)
-  c = siglip_navit.get_config(','.join(rest))
+  c = _siglip_config(','.join(rest))
   c.init_from = lit.init
   c.init_params = f'{lit.locked}/.*'
   c.optim.schedule = [(f'{lit.locked}/.*', None),

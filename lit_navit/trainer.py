@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import time
 
 import jax
@@ -318,12 +319,23 @@ class Trainer:
         self.checkpointer.close()  # raises if a background save failed
       finally:
         if writer is not None:
-          writer.close()
+          self._close_writer(writer, failing=sys.exc_info()[0] is not None)
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
     self.state = state
     return RunResult(steps=step - first_step, seconds=time.perf_counter() - start_time,
                      preempted=preempted, final_metrics=last)
+
+  @staticmethod
+  def _close_writer(writer, failing: bool) -> None:
+    """Closes the metrics writer. A run already failing (a full disk, say)
+    reports that failure, not a second one from flushing its logs."""
+    try:
+      writer.close()
+    except OSError as e:
+      if not failing:
+        raise
+      log.error('the metrics could not be flushed either: %s', e)
 
   # --- evaluation ----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import sys
 
 import jax
 import pytest
@@ -67,3 +68,12 @@ def test_lit_locks_exactly_one_tower(lock):
   locked_only = ({p.shape for p in jax.tree.leaves(params[lock])}
                  - {p.shape for p in jax.tree.leaves(params[other])})
   assert locked_only and not locked_only & state_shapes
+
+
+@pytest.mark.parametrize('path', SHIPPED, ids=os.path.basename)
+def test_loading_a_config_leaves_sys_path_alone(path):
+  """A config's folder on sys.path would let configs/lit_navit.py shadow
+  the lit_navit package in worker processes, which import it afresh."""
+  before = list(sys.path)
+  config_lib.load_config_file(path)
+  assert sys.path == before
