@@ -41,9 +41,10 @@ from lit_navit.data.sources import IMAGE_EXTENSIONS
 from lit_navit.data.sources import Record
 
 # Bytes fetched per storage read while streaming a file, and for the single
-# record that `read_at` wants.
+# record that `read_at` wants: a restore re-reads every buffered record
+# (thousands a host), so that read is about one web image, not a stream block.
 STREAM_BLOCK = 8 << 20
-RECORD_BLOCK = 1 << 20
+RECORD_BLOCK = 256 << 10
 _RECORDS_PER_FILE = 1 << 32
 # The next_position of a record after which the file cannot be read on.
 END = -1
@@ -57,12 +58,20 @@ def example_id(file_number: int, record_number: int) -> int:
 
 
 def open_file(path: str, block_size: int = STREAM_BLOCK):
-  """`path` opened for reading through a buffer of `block_size` bytes."""
+  """`path` opened for reading through a buffer of `block_size` bytes.
+
+  On object storage a file being streamed fetches its next block in the
+  background while this one is parsed (one block ahead), so the latency of
+  each request overlaps the work instead of adding to it.
+  """
   if not fs.is_remote(path):
     return fs.open(path, 'rb', buffering=block_size)
   filesystem, stripped = fs.filesystem(path)
+  if block_size < STREAM_BLOCK:  # One record (`read_at`): nothing to read ahead.
+    return filesystem.open(stripped, 'rb', block_size=block_size,
+                           cache_type='readahead')
   return filesystem.open(stripped, 'rb', block_size=block_size,
-                         cache_type='readahead')
+                         cache_type='background', cache_options={'maxblocks': 2})
 
 
 def _error(index: int, key: str, reason: str, detail: str,
