@@ -1,5 +1,6 @@
 """Writers of small real data files for the data tests: encoded images,
-TFRecord shards (img2dataset layout), webdataset tar shards, PNG headers."""
+TFRecord shards (img2dataset layout), webdataset tar shards, PNG headers;
+and the batch comparisons the pipeline tests share."""
 
 import io
 import os
@@ -86,3 +87,15 @@ def write_tar(path, members) -> str:
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   return path
+
+
+def take(pipeline, n):
+  return [next(pipeline) for _ in range(n)]
+
+
+def assert_same_batches(left, right):
+  assert len(left) == len(right)
+  for a, b in zip(left, right):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from data_fixtures import assert_same_batches, take
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import decode
 from lit_navit.data import dropping
@@ -64,18 +65,6 @@ class DamagedSource:
     if index in self._unreadable:
       return dataclasses.replace(record, image=b'', error='unreadable: gone')
     return record
-
-
-def take(pipeline, n):
-  return [next(pipeline) for _ in range(n)]
-
-
-def assert_same_batches(left, right):
-  assert len(left) == len(right)
-  for a, b in zip(left, right):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def slot_lengths(batch):

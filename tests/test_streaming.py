@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
+from data_fixtures import assert_same_batches, take
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import readers
 from lit_navit.data import retry
@@ -355,18 +356,6 @@ def stream_config(**overrides):
   config.token_drop.update(kind='beta', rate=0.3)
   config.update(overrides)
   return config
-
-
-def take(pipe, n):
-  return [next(pipe) for _ in range(n)]
-
-
-def assert_same_batches(left, right):
-  assert len(left) == len(right)
-  for a, b in zip(left, right):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.parametrize('kind', ['tfrecord', 'tar'])

@@ -193,18 +193,13 @@ class TarReader(Reader):
         tar.members.clear()  # tarfile keeps every header read; we need none.
         if member is None:
           break
-        if not member.isfile():
+        member_key, extension = sources.tar_member_key(member)
+        if member_key is None:
           continue
-        folder, name = os.path.split(member.name)
-        stem, dot, extension = name.partition('.')
-        if not dot or not stem:  # No extension; hidden (.DS_Store, ._x).
-          continue
-        member_key = os.path.join(folder, stem)
         if member_key != key:
           if key is not None:
             yield emit(start, member.offset, key, members)
           key, start, members = member_key, member.offset, {}
-        extension = extension.lower()
         if extension in self._WANTED:
           f.seek(member.offset_data)
           data = f.read(member.size)

@@ -290,6 +290,19 @@ def _first_bytes(features, key: str) -> bytes:
   return values[0] if values else b''
 
 
+def tar_member_key(member: tarfile.TarInfo):
+  """(key, lower-case extension) of a webdataset tar member, or (None, None)
+  for one that belongs to no record: not a file, no extension, hidden
+  (.DS_Store, ._x). The key is the member path up to its name's first dot."""
+  if not member.isfile():
+    return None, None
+  folder, name = os.path.split(member.name)
+  stem, dot, extension = name.partition('.')
+  if not dot or not stem:
+    return None, None
+  return os.path.join(folder, stem), extension.lower()
+
+
 class WebDatasetSource:
   """Tar shards as img2dataset writes them: KEY.jpg (.jpeg/.png/.webp),
   KEY.txt, optionally KEY.json.
@@ -317,17 +330,13 @@ class WebDatasetSource:
     try:
       with fs.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
         for member in tar:
-          if not member.isfile():
-            continue
-          folder, name = os.path.split(member.name)
-          stem, dot, extension = name.partition('.')
-          if not dot or not stem:  # No extension; hidden (.DS_Store, ._x).
+          key, extension = tar_member_key(member)
+          if key is None:
             continue
           if member.offset_data + member.size > file_size:
             self._skip('truncated', path, member.name)
             break
-          key = os.path.join(folder, stem)
-          groups.setdefault(key, {})[extension.lower()] = (
+          groups.setdefault(key, {})[extension] = (
               member.offset_data, member.size)
         else:
           # tarfile ends its walk quietly at a cut-short or damaged header,
