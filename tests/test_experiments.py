@@ -1,0 +1,31 @@
+"""The experiments' code path end to end at a tiny setting."""
+
+import json
+import os
+
+import pytest
+
+from experiments import posemb_extrapolation
+
+
+@pytest.mark.slow
+def test_posemb_extrapolation_writes_every_arm_and_point(tmp_path):
+  arms = ['fractional', 'sincos']
+  posemb_extrapolation.main([
+      '--out', str(tmp_path), '--workdir', str(tmp_path / 'runs'),
+      '--seeds', '1', '--steps', '2', '--eval_examples', '12',
+      '--eval_sides', '64,128,256', '--arms', ','.join(arms)])
+  with open(tmp_path / 'posemb_extrapolation.json', encoding='utf-8') as f:
+    results = json.load(f)
+  assert sorted(results['arms']) == sorted(arms)
+  sides = ['64', '128', '256']
+  for name in arms:
+    arm = results['arms'][name]
+    assert arm['posemb'] == posemb_extrapolation.ARMS[name]
+    assert sorted(arm['points']) == sorted(sides)
+    for side in sides:
+      point = arm['points'][side]
+      assert 0 <= point['min'] <= point['mean'] <= point['max'] <= 1
+      assert len(point['values']) == 1
+  assert results['setting']['eval_tokens'] == [16, 64, 256]
+  assert os.path.getsize(tmp_path / 'posemb_extrapolation.png') > 1000
