@@ -158,6 +158,20 @@ def run_seeds(arm_config, args, arm_name, evaluate):
           'points': {p: spread([s['points'][p] for s in seeds]) for p in points}}
 
 
+def markdown_table(arms, points, fmt='{:.3f}'):
+  """Arms as rows, points as columns, each cell 'mean (min-max)' over seeds."""
+  lines = ['| arm | ' + ' | '.join(str(p) for p in points) + ' |',
+           '| --- |' + ' --- |' * len(points)]
+  for name, arm in arms.items():
+    cells = []
+    for p in points:
+      stats = arm['points'][str(p)]
+      cells.append(f"{fmt.format(stats['mean'])} ({fmt.format(stats['min'])}"
+                   f"-{fmt.format(stats['max'])})")
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def machine():
   """One line naming this machine: CPU model, cores, JAX backend."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -186,7 +200,7 @@ def plot_lines(path, arms, *, xlabel, ylabel, title, chance=None, vline=None,
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
   for label, line in arms.items():
     drawn, = ax.plot(line['x'], line['mean'], marker='o', label=label)
     ax.fill_between(line['x'], line['min'], line['max'], alpha=0.2,

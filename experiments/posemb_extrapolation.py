@@ -57,6 +57,23 @@ def evaluator(eval_examples, sides):
   return evaluate
 
 
+def plot(summary, path):
+  """Accuracy against eval resolution, one line per arm, from the JSON."""
+  sides = summary['setting']['eval_sides']
+  lines = {name: {'x': sides,
+                  **{stat: [arm['points'][str(s)][stat] for s in sides]
+                     for stat in ('mean', 'min', 'max')}}
+           for name, arm in summary['arms'].items()}
+  setting = summary['setting']
+  common.plot_lines(
+      path, lines,
+      xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
+      ylabel='zero-shot top-1, held-out pairs',
+      title=f'Position embeddings trained at side <= {TRAIN_MAX_SIDE} px\n'
+            f'{setting["steps"]} steps, {setting["seeds"]} seeds: mean, min-max band',
+      chance=summary['chance'], vline=TRAIN_MAX_SIDE, vline_label='training max')
+
+
 def main(argv=None):
   args = common.parse_args(__doc__.split('\n')[0], argv, steps=DEFAULT_STEPS)
   sides = EVAL_SIDES if args.eval_sides is None else args.eval_sides
@@ -91,21 +108,9 @@ def main(argv=None):
   }
   json_path = os.path.join(args.out, f'{NAME}.json')
   common.write_json(json_path, summary)
-  lines = {name: {'x': list(sides),
-                  **{stat: [arm['points'][str(s)][stat] for s in sides]
-                     for stat in ('mean', 'min', 'max')}}
-           for name, arm in results.items()}
-  common.plot_lines(
-      os.path.join(args.out, f'{NAME}.png'), lines,
-      xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
-      ylabel='zero-shot top-1, held-out pairs',
-      title=f'Position embeddings trained at side <= {TRAIN_MAX_SIDE} px '
-            f'({args.steps} steps, {args.seeds} seeds, min-max band)',
-      chance=chance, vline=TRAIN_MAX_SIDE, vline_label='training max')
+  plot(summary, os.path.join(args.out, f'{NAME}.png'))
   print(f'wrote {json_path} in {summary["seconds"]} s')
-  for name, arm in results.items():
-    row = '  '.join(f"{s}:{arm['points'][str(s)]['mean']:.3f}" for s in sides)
-    print(f'  {name:<28} {row}')
+  print(common.markdown_table(results, sides))
   return summary
 
 

@@ -2,10 +2,12 @@
 
 import json
 import os
+import sys
 
 import pytest
 
-from experiments import posemb_extrapolation
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from experiments import posemb_extrapolation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.slow
@@ -28,4 +30,6 @@ def test_posemb_extrapolation_writes_every_arm_and_point(tmp_path):
       assert 0 <= point['min'] <= point['mean'] <= point['max'] <= 1
       assert len(point['values']) == 1
   assert results['setting']['eval_tokens'] == [16, 64, 256]
+  table = posemb_extrapolation.common.markdown_table(results['arms'], sides)
+  assert all(name in table for name in arms)
   assert os.path.getsize(tmp_path / 'posemb_extrapolation.png') > 1000
