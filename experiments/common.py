@@ -9,10 +9,12 @@ eval/ scripts read checkpoints.
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -42,6 +44,11 @@ def parse_args(description, argv=None, *, steps, seeds=3):
   parser.add_argument('--arms', default=None,
                       help='comma-separated subset of the study\'s arms')
   args = parser.parse_args(argv)
+  args.keep_workdirs = args.workdir is not None
+  if not args.keep_workdirs:
+    args.workdir = tempfile.mkdtemp(prefix='lit_navit_exp_')
+    atexit.register(shutil.rmtree, args.workdir, ignore_errors=True)
+  use_compilation_cache(os.path.join(args.workdir, 'xla_cache'))
   args.steps = max(1, round(args.steps * args.scale))
   args.eval_examples = max(12, round(args.eval_examples * args.scale))
   return args
@@ -95,7 +102,7 @@ def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
 
 
 def use_compilation_cache(folder):
-  """Seeds and arms of one shape compile once: later ones read XLA's cache."""
+  """Runs of one shape (seeds of an arm) compile once: later ones read XLA's cache."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -140,10 +147,8 @@ def run_seeds(arm_config, args, arm_name, evaluate):
   params) -> {point: value}; returns {'seeds': [...], 'points': {point:
   spread}}."""
   seeds = []
-  root = args.workdir or tempfile.mkdtemp(prefix='lit_navit_exp_')
-  use_compilation_cache(os.path.join(root, 'xla_cache'))
   for seed in range(args.seeds):
-    workdir = os.path.join(root, arm_name, f'seed{seed}')
+    workdir = os.path.join(args.workdir, arm_name, f'seed{seed}')
     config, params, info = train_arm(arm_config(seed), workdir)
     start = time.perf_counter()
     info['points'] = evaluate(config, params)
@@ -151,7 +156,7 @@ def run_seeds(arm_config, args, arm_name, evaluate):
     info['seed'] = seed
     print(f'{arm_name} seed {seed}: {info}', flush=True)
     seeds.append(info)
-    if not args.workdir:
+    if not args.keep_workdirs:
       fs.rmtree(workdir)
   points = seeds[0]['points'].keys()
   return {'seeds': seeds,

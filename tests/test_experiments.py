@@ -14,7 +14,7 @@ from experiments import posemb_extrapolation  # pylint: disable=g-import-not-at-
 def test_posemb_extrapolation_writes_every_arm_and_point(tmp_path):
   arms = ['fractional', 'sincos']
   posemb_extrapolation.main([
-      '--out', str(tmp_path), '--workdir', str(tmp_path / 'runs'),
+      '--out', str(tmp_path),
       '--seeds', '1', '--steps', '2', '--eval_examples', '12',
       '--eval_sides', '64,128,256', '--arms', ','.join(arms)])
   with open(tmp_path / 'posemb_extrapolation.json', encoding='utf-8') as f:
