@@ -1,0 +1,231 @@
+"""What every study in experiments/ shares: train an arm with the project's
+own trainer, evaluate it zero-shot on the synthetic held-out classes at a
+token budget, aggregate seeds, and write the results JSON and a PNG.
+
+An arm is a config from `tiny_config` plus the study's changes; each seed of
+an arm trains in its own workdir (a temporary one unless `--workdir` is
+given) and is read back through `checkpoint.load_for_inference`, as the
+eval/ scripts read checkpoints.
+"""
+
+import argparse
+import atexit
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+from lit_navit import config as config_lib
+from lit_navit import fs
+
+# 12 images per held-out pair on average; chance is 1/64 (every class).
+DEFAULT_EVAL_EXAMPLES = 144
+
+
+def parse_args(description, argv=None, *, steps, seeds=3):
+  """The flags every study takes; `steps` is the study's default."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--out', default='experiments/results',
+                      help='folder for NAME.json and NAME.png')
+  parser.add_argument('--workdir', default=None,
+                      help='where arms train (default: a temporary folder, removed)')
+  parser.add_argument('--seeds', type=int, default=seeds, help='seeds per arm')
+  parser.add_argument('--steps', type=int, default=steps, help='training steps per arm')
+  parser.add_argument('--scale', type=float, default=1.0,
+                      help='multiplies steps and eval examples (a bigger machine)')
+  parser.add_argument('--eval_examples', type=int, default=DEFAULT_EVAL_EXAMPLES,
+                      help='held-out images per eval point')
+  parser.add_argument('--eval_sides', default=None,
+                      type=lambda text: [int(v) for v in text.split(',')],
+                      help='comma-separated eval resolutions in px (default: the study\'s)')
+  parser.add_argument('--arms', default=None,
+                      help='comma-separated subset of the study\'s arms')
+  args = parser.parse_args(argv)
+  args.keep_workdirs = args.workdir is not None
+  if not args.keep_workdirs:
+    args.workdir = tempfile.mkdtemp(prefix='lit_navit_exp_')
+    atexit.register(shutil.rmtree, args.workdir, ignore_errors=True)
+  use_compilation_cache(os.path.join(args.workdir, 'xla_cache'))
+  args.steps = max(1, round(args.steps * args.scale))
+  args.eval_examples = max(12, round(args.eval_examples * args.scale))
+  return args
+
+
+def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
+                source_max_side=256, max_aspect=2.0, lr=1e-2):
+  """A demo-sized SigLIP config ('mu' towers) on the synthetic source.
+
+  Images are drawn up to `source_max_side` pixels and trained with their
+  longer side uniform on [min_side, max_side] pixels, in patches of
+  `patch_size`. Only the final step is checkpointed; nothing is evaluated
+  during training.
+  """
+  c = config_lib.default_config()
+  c.seed = seed
+  c.total_steps = steps
+  c.batch_size = 16
+  c.input.source.kind = 'synthetic'
+  c.input.source.size = 200_000
+  c.input.source.split = 'train'
+  c.input.source.min_side = 32
+  c.input.source.max_side = source_max_side
+  c.input.source.max_aspect = max_aspect
+  c.input.tokens_per_row = 128
+  c.input.images_per_row = 12
+  c.input.text_len = 16
+  c.input.patch_sizes = (patch_size,)
+  c.input.resolution.mode = 'side'
+  c.input.resolution.dist = 'uniform'
+  c.input.resolution.min = min_side
+  c.input.resolution.max = max_side
+  c.input.pack_buffer = 256
+  c.input.workers = 1
+  c.model.image.variant = f'mu/{patch_size}'
+  c.model.image.max_grid = 16
+  c.model.text.variant = 'mu'
+  c.model.text.vocab_size = 512
+  c.model.text.max_len = 16
+  c.model.embed_dim = 64
+  c.model.loss = 'sigmoid'
+  c.optim.lr = lr
+  c.optim.wd = 1e-4
+  c.optim.schedule = [('.*', dict(decay_type='cosine',
+                                  warmup_steps=min(50, max(1, steps // 10))))]
+  c.checkpoint.every = steps
+  c.checkpoint.keep = 1
+  c.checkpoint.async_save = False
+  c.log_every = max(1, steps // 4)
+  return c
+
+
+def use_compilation_cache(folder):
+  """Runs of one shape (seeds of an arm) compile once: later ones read XLA's cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def train_arm(config, workdir):
+  """Trains `config` in `workdir`; returns (trained config, params, info)."""
+  from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
+  from lit_navit import train  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  result = train.train(config, workdir)
+  trained_config, params = checkpoint.load_for_inference(workdir)
+  info = {'train_seconds': round(time.perf_counter() - start, 1),
+          'final_loss': result.final_metrics.get('loss')}
+  return trained_config, params, info
+
+
+def heldout_source(config, num_examples):
+  from lit_navit.evaluate import zero_shot  # pylint: disable=g-import-not-at-top
+  return zero_shot.synthetic_heldout_source(config.input.source, num_examples)
+
+
+def zero_shot_top1(config, params, source, max_tokens, batch_rows=8):
+  """Zero-shot top-1 over every shape x colour class on `source` (held-out
+  pairs), each image resized to fill `max_tokens` patches ('fit', NaFlex)."""
+  from lit_navit.evaluate import embed  # pylint: disable=g-import-not-at-top
+  from lit_navit.evaluate import zero_shot  # pylint: disable=g-import-not-at-top
+  embedder = embed.Embedder.from_config(config, params, batch_rows, resize='fit',
+                                        max_tokens=max_tokens)
+  metrics = zero_shot.synthetic_zero_shot(embedder, source)
+  return metrics['top1'], metrics['chance']
+
+
+def spread(values):
+  """{'mean', 'min', 'max', 'values'} of per-seed numbers."""
+  return {'mean': sum(values) / len(values), 'min': min(values),
+          'max': max(values), 'values': list(values)}
+
+
+def run_seeds(arm_config, args, arm_name, evaluate):
+  """Trains `arm_config(seed)` for each seed and calls evaluate(config,
+  params) -> {point: value}; returns {'seeds': [...], 'points': {point:
+  spread}}."""
+  seeds = []
+  for seed in range(args.seeds):
+    workdir = os.path.join(args.workdir, arm_name, f'seed{seed}')
+    config, params, info = train_arm(arm_config(seed), workdir)
+    start = time.perf_counter()
+    info['points'] = evaluate(config, params)
+    info['eval_seconds'] = round(time.perf_counter() - start, 1)
+    info['seed'] = seed
+    print(f'{arm_name} seed {seed}: {info}', flush=True)
+    seeds.append(info)
+    if not args.keep_workdirs:
+      fs.rmtree(workdir)
+  points = seeds[0]['points'].keys()
+  return {'seeds': seeds,
+          'points': {p: spread([s['points'][p] for s in seeds]) for p in points}}
+
+
+def markdown_table(arms, points, fmt='{:.3f}'):
+  """Arms as rows, points as columns, each cell 'mean (min-max)' over seeds."""
+  lines = ['| arm | ' + ' | '.join(str(p) for p in points) + ' |',
+           '| --- |' + ' --- |' * len(points)]
+  for name, arm in arms.items():
+    cells = []
+    for p in points:
+      stats = arm['points'][str(p)]
+      cells.append(f"{fmt.format(stats['mean'])} ({fmt.format(stats['min'])}"
+                   f"-{fmt.format(stats['max'])})")
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def machine():
+  """One line naming this machine: CPU model, cores, JAX backend."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}'
+
+
+def write_json(path, results):
+  fs.makedirs(os.path.dirname(path) or '.')
+  with fs.atomic_write(path, 'w') as f:
+    json.dump(results, f, indent=2)
+
+
+def plot_lines(path, arms, *, xlabel, ylabel, title, chance=None, vline=None,
+               vline_label=None, xscale='linear'):
+  """One line per arm (mean over seeds) with its min-max band.
+
+  `arms`: {label: {'x': [...], 'mean': [...], 'min': [...], 'max': [...]}}.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+  for label, line in arms.items():
+    drawn, = ax.plot(line['x'], line['mean'], marker='o', label=label)
+    ax.fill_between(line['x'], line['min'], line['max'], alpha=0.2,
+                    color=drawn.get_color())
+  if chance is not None:
+    ax.axhline(chance, color='grey', linestyle=':', label='chance')
+  if vline is not None:
+    ax.axvline(vline, color='black', linestyle='--', linewidth=1, label=vline_label)
+  ax.set_xscale(xscale)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fs.makedirs(os.path.dirname(path) or '.')
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def tokens_for_side(side, patch_size):
+  """Token budget of a square image `side` pixels wide."""
+  return math.ceil(side / patch_size) ** 2
