@@ -102,8 +102,11 @@ def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
 
 
 def use_compilation_cache(folder):
-  """Runs of one shape (seeds of an arm) compile once: later ones read XLA's cache."""
+  """Runs of one shape (seeds of an arm) compile once: later ones read XLA's
+  cache. A cache the process already has (JAX_COMPILATION_CACHE_DIR) is kept."""
   import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_compilation_cache_dir:
+    return
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
