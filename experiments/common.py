@@ -21,6 +21,9 @@ import time
 from lit_navit import config as config_lib
 from lit_navit import fs
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'configs', 'demo.py')
+
 # 12 images per held-out pair on average; chance is 1/64 (every class).
 DEFAULT_EVAL_EXAMPLES = 144
 
@@ -56,47 +59,28 @@ def parse_args(description, argv=None, *, steps, seeds=3):
 
 def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
                 source_max_side=256, max_aspect=2.0, lr=1e-2):
-  """A demo-sized SigLIP config ('mu' towers) on the synthetic source.
+  """configs/demo.py's SigLIP model ('mu' towers, synthetic source), set up
+  for one study arm.
 
   Images are drawn up to `source_max_side` pixels and trained with their
   longer side uniform on [min_side, max_side] pixels, in patches of
   `patch_size`. Only the final step is checkpointed; nothing is evaluated
   during training.
   """
-  c = config_lib.default_config()
-  c.seed = seed
-  c.total_steps = steps
-  c.batch_size = 16
-  c.input.source.kind = 'synthetic'
-  c.input.source.size = 200_000
-  c.input.source.split = 'train'
-  c.input.source.min_side = 32
-  c.input.source.max_side = source_max_side
-  c.input.source.max_aspect = max_aspect
-  c.input.tokens_per_row = 128
-  c.input.images_per_row = 12
-  c.input.text_len = 16
+  c = config_lib.load_config_file(
+      f'{DEMO_CONFIG}:steps={steps},seed={seed},batch=16')
+  c.input.source.update(max_side=source_max_side, max_aspect=max_aspect)
+  c.input.captions_per_row = None
   c.input.patch_sizes = (patch_size,)
-  c.input.resolution.mode = 'side'
-  c.input.resolution.dist = 'uniform'
-  c.input.resolution.min = min_side
-  c.input.resolution.max = max_side
+  c.input.resolution.update(min=min_side, max=max_side)
   c.input.pack_buffer = 256
   c.input.workers = 1
   c.model.image.variant = f'mu/{patch_size}'
-  c.model.image.max_grid = 16
-  c.model.text.variant = 'mu'
-  c.model.text.vocab_size = 512
-  c.model.text.max_len = 16
-  c.model.embed_dim = 64
-  c.model.loss = 'sigmoid'
   c.optim.lr = lr
-  c.optim.wd = 1e-4
   c.optim.schedule = [('.*', dict(decay_type='cosine',
                                   warmup_steps=min(50, max(1, steps // 10))))]
-  c.checkpoint.every = steps
-  c.checkpoint.keep = 1
-  c.checkpoint.async_save = False
+  c.evals = config_lib.default_config().evals
+  c.checkpoint.update(every=steps, keep=1, async_save=False)
   c.log_every = max(1, steps // 4)
   return c
 
