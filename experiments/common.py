@@ -57,19 +57,33 @@ def parse_args(description, argv=None, *, steps, seeds=3):
   return args
 
 
+def select_arms(args, arms: dict) -> dict:
+  """The arms `--arms` names (all by default), in the study's order."""
+  if not args.arms:
+    return dict(arms)
+  names = args.arms.split(',')
+  unknown = [n for n in names if n not in arms]
+  if unknown:
+    raise SystemExit(f'--arms: unknown {unknown}; expected some of {list(arms)}')
+  return {n: arms[n] for n in names}
+
+
 def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
-                source_max_side=256, max_aspect=2.0, lr=1e-2):
+                source_max_side=256, max_aspect=2.0, object_scale=1.0,
+                lr=1e-2, checkpoints=1):
   """configs/demo.py's SigLIP model ('mu' towers, synthetic source), set up
   for one study arm.
 
-  Images are drawn up to `source_max_side` pixels and trained with their
-  longer side uniform on [min_side, max_side] pixels, in patches of
-  `patch_size`. Only the final step is checkpointed; nothing is evaluated
+  Images are drawn up to `source_max_side` pixels (objects `object_scale`
+  times the usual size) and trained with their longer side uniform on
+  [min_side, max_side] pixels, in patches of `patch_size`. `checkpoints`
+  evenly spaced steps are saved, the last one final; nothing is evaluated
   during training.
   """
   c = config_lib.load_config_file(
       f'{DEMO_CONFIG}:steps={steps},seed={seed},batch=16')
-  c.input.source.update(max_side=source_max_side, max_aspect=max_aspect)
+  c.input.source.update(max_side=source_max_side, max_aspect=max_aspect,
+                        object_scale=object_scale)
   c.input.captions_per_row = None
   c.input.patch_sizes = (patch_size,)
   c.input.resolution.update(min=min_side, max=max_side)
@@ -80,7 +94,8 @@ def tiny_config(*, steps, seed, patch_size=16, min_side=32, max_side=128,
   c.optim.schedule = [('.*', dict(decay_type='cosine',
                                   warmup_steps=min(50, max(1, steps // 10))))]
   c.evals = config_lib.default_config().evals
-  c.checkpoint.update(every=steps, keep=1, async_save=False)
+  c.checkpoint.update(every=max(1, math.ceil(steps / checkpoints)),
+                      keep=checkpoints + 1, async_save=False)
   c.log_every = max(1, steps // 4)
   return c
 
@@ -95,13 +110,44 @@ def use_compilation_cache(folder):
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def train_arm(config, workdir):
-  """Trains `config` in `workdir`; returns (trained config, params, info)."""
+def step_flops(config) -> float:
+  """Training FLOPs of one step of `config` on one device (both towers,
+  `models/flops.py`), averaged over its patch sizes."""
+  from lit_navit.data import pipeline  # pylint: disable=g-import-not-at-top
+  from lit_navit.models import flops  # pylint: disable=g-import-not-at-top
+  sizes = tuple(config.input.patch_sizes)
+  return sum(flops.training_flops(config.model, pipeline.batch_spec(
+      config.input, rows=config.batch_size, groups=1, patch_size=p))
+             for p in sizes) / len(sizes)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps saved under `workdir`, ascending."""
   from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
+  root = fs.join(workdir, checkpoint.CHECKPOINT_DIR)
+  return sorted(int(d) for d in fs.listdir(root) if d.isdigit())
+
+
+def load_step(workdir, step):
+  """(config, params) of one saved step, as the eval scripts read it."""
+  from lit_navit import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load_for_inference(
+      fs.join(workdir, checkpoint.CHECKPOINT_DIR, str(step)))
+
+
+def train_arm(config, workdir):
+  """Trains `config` in `workdir`; returns (trained config, params, info).
+
+  A workdir that already holds the final step (a kept `--workdir`, e.g. one
+  study reading another's models) is read back, not trained again.
+  """
   from lit_navit import train  # pylint: disable=g-import-not-at-top
+  if fs.isdir(workdir) and config.total_steps in checkpoint_steps(workdir):
+    trained_config, params = load_step(workdir, config.total_steps)
+    return trained_config, params, {'reused': workdir}
   start = time.perf_counter()
   result = train.train(config, workdir)
-  trained_config, params = checkpoint.load_for_inference(workdir)
+  trained_config, params = load_step(workdir, config.total_steps)
   info = {'train_seconds': round(time.perf_counter() - start, 1),
           'final_loss': result.final_metrics.get('loss')}
   return trained_config, params, info
@@ -112,13 +158,16 @@ def heldout_source(config, num_examples):
   return zero_shot.synthetic_heldout_source(config.input.source, num_examples)
 
 
-def zero_shot_top1(config, params, source, max_tokens, batch_rows=8):
+def zero_shot_top1(config, params, source, max_tokens, batch_rows=8,
+                   resize='fit', patch_size=None):
   """Zero-shot top-1 over every shape x colour class on `source` (held-out
-  pairs), each image resized to fill `max_tokens` patches ('fit', NaFlex)."""
+  pairs), each image resized to `max_tokens` patches of `patch_size`
+  ('fit': NaFlex, aspect kept; 'square': a plain ViT's stretched square)."""
   from lit_navit.evaluate import embed  # pylint: disable=g-import-not-at-top
   from lit_navit.evaluate import zero_shot  # pylint: disable=g-import-not-at-top
-  embedder = embed.Embedder.from_config(config, params, batch_rows, resize='fit',
-                                        max_tokens=max_tokens)
+  embedder = embed.Embedder.from_config(config, params, batch_rows, resize=resize,
+                                        max_tokens=max_tokens,
+                                        patch_size=patch_size)
   metrics = zero_shot.synthetic_zero_shot(embedder, source)
   return metrics['top1'], metrics['chance']
 
@@ -131,14 +180,14 @@ def spread(values):
 
 def run_seeds(arm_config, args, arm_name, evaluate):
   """Trains `arm_config(seed)` for each seed and calls evaluate(config,
-  params) -> {point: value}; returns {'seeds': [...], 'points': {point:
-  spread}}."""
+  params, workdir) -> {point: value}; returns {'seeds': [...], 'points':
+  {point: spread}}."""
   seeds = []
   for seed in range(args.seeds):
     workdir = os.path.join(args.workdir, arm_name, f'seed{seed}')
     config, params, info = train_arm(arm_config(seed), workdir)
     start = time.perf_counter()
-    info['points'] = evaluate(config, params)
+    info['points'] = evaluate(config, params, workdir)
     info['eval_seconds'] = round(time.perf_counter() - start, 1)
     info['seed'] = seed
     print(f'{arm_name} seed {seed}: {info}', flush=True)

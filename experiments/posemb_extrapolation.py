@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lit_navit import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NAME = 'posemb_extrapolation'
 PATCH = 16
@@ -49,7 +50,7 @@ def arm_config(kind, steps):
 
 
 def evaluator(eval_examples, sides):
-  def evaluate(config, params):
+  def evaluate(config, params, workdir):  # pylint: disable=unused-argument
     source = common.heldout_source(config, eval_examples)
     return {str(side): common.zero_shot_top1(
         config, params, source, common.tokens_for_side(side, PATCH))[0]
@@ -77,13 +78,7 @@ def plot(summary, path):
 def main(argv=None):
   args = common.parse_args(__doc__.split('\n')[0], argv, steps=DEFAULT_STEPS)
   sides = EVAL_SIDES if args.eval_sides is None else args.eval_sides
-  arms = ARMS
-  if args.arms:
-    names = args.arms.split(',')
-    unknown = [n for n in names if n not in ARMS]
-    if unknown:
-      raise SystemExit(f'--arms: unknown {unknown}; expected some of {list(ARMS)}')
-    arms = {n: ARMS[n] for n in names}
+  arms = common.select_arms(args, ARMS)
   start = time.perf_counter()
   evaluate = evaluator(args.eval_examples, sides)
   results = {name: {'posemb': kind, **common.run_seeds(
@@ -115,4 +110,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_tuned_malloc()
   main()

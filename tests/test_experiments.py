@@ -1,13 +1,17 @@
 """The experiments' code path end to end at a tiny setting."""
 
 import json
+import math
 import os
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from experiments import equal_compute  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import flexivit  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import posemb_extrapolation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import resolution_generalisation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.slow
@@ -33,3 +37,64 @@ def test_posemb_extrapolation_writes_every_arm_and_point(tmp_path):
   table = posemb_extrapolation.common.markdown_table(results['arms'], sides)
   assert all(name in table for name in arms)
   assert os.path.getsize(tmp_path / 'posemb_extrapolation.png') > 1000
+
+
+def read_json(path):
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_equal_compute_gives_every_arm_the_same_flops_and_resolution_reads_them(tmp_path):
+  """Two arms at a few steps: each arm's steps x step FLOPs meet the
+  reference arm's budget within one step, every curve and token point is
+  there, and resolution_generalisation reads the same models back from the
+  kept --workdir instead of training them again."""
+  arms = ['ViT (padded square)', 'NaViT']
+  workdir = tmp_path / 'arms'
+  common_flags = ['--seeds', '1', '--steps', '4', '--eval_examples', '12',
+                  '--arms', ','.join(arms), '--workdir', str(workdir)]
+  equal_compute.main(['--out', str(tmp_path), '--eval_sides', '64,128',
+                      *common_flags])
+  results = read_json(tmp_path / 'equal_compute.json')
+  budget = 4 * results['arms']['NaViT']['step_flops']
+  for name in arms:
+    arm = results['arms'][name]
+    assert abs(arm['train_flops'] - budget) <= arm['step_flops'] / 2
+    # The curve's points are the saved steps, evenly spaced, the last final.
+    every = math.ceil(arm['steps'] / equal_compute.CURVE_POINTS)
+    saved = sorted(set(range(every, arm['steps'] + 1, every)) | {arm['steps']})
+    curve = equal_compute.curve(arm, 'flops/')
+    assert curve['x'] == pytest.approx([s * arm['step_flops'] for s in saved],
+                                       rel=1e-3)
+    assert {k for k in arm['points'] if k.startswith('tokens/')} == {
+        'tokens/16', 'tokens/64'}
+    for point in arm['points'].values():
+      assert 0 <= point['min'] <= point['mean'] <= point['max'] <= 1
+  vit = results['arms']['ViT (padded square)']
+  assert vit['eval_resize'] == 'square' and vit['steps'] > 4  # cheaper steps
+  assert os.path.getsize(tmp_path / 'equal_compute.png') > 1000
+  assert os.path.getsize(tmp_path / 'equal_compute_tokens.png') > 1000
+
+  resolution_generalisation.main(['--out', str(tmp_path), '--eval_sides',
+                                  '32,256', *common_flags])
+  results = read_json(tmp_path / 'resolution_generalisation.json')
+  for name in arms:
+    seed = results['arms'][name]['seeds'][0]
+    assert seed['reused'] == str(workdir / name / 'seed0')
+    assert sorted(results['arms'][name]['points']) == ['256', '32']
+  assert os.path.getsize(tmp_path / 'resolution_generalisation.png') > 1000
+
+
+@pytest.mark.slow
+def test_flexivit_evaluates_every_arm_at_every_patch_size(tmp_path):
+  arms = ['FlexiViT (8-24)', 'ViT-24']
+  flexivit.main(['--out', str(tmp_path), '--seeds', '1', '--steps', '2',
+                 '--eval_examples', '12', '--arms', ','.join(arms)])
+  results = read_json(tmp_path / 'flexivit.json')
+  assert results['setting']['eval_tokens'] == [144, 64, 36, 16]
+  for name in arms:
+    arm = results['arms'][name]
+    assert arm['patch_sizes'] == list(flexivit.ARMS[name])
+    assert sorted(arm['points'], key=int) == ['8', '12', '16', '24']
+  assert os.path.getsize(tmp_path / 'flexivit.png') > 1000

@@ -42,7 +42,8 @@ def test_grid_keeps_aspect_and_budget(height, width, patch, mode, dist,
   rows, cols = grid
   assert rows >= 1 and cols >= 1
   assert rows * cols <= max_tokens
-  assert_aspect_within_one_patch(height, width, grid)
+  if mode != 'square':
+    assert_aspect_within_one_patch(height, width, grid)
 
 
 @settings(max_examples=200, deadline=None)
@@ -194,3 +195,14 @@ def test_unknown_mode_or_distribution_is_an_error(bad):
   cfg = config(**bad)
   with pytest.raises(ValueError, match='resolution'):
     resolution.sample_grid(np.random.default_rng(0), 100, 100, 16, cfg, 256)
+
+
+@settings(max_examples=100, deadline=None)
+@given(height=sides, width=sides, patch=patch_sizes,
+       max_tokens=st.integers(1, 4096))
+def test_square_mode_is_the_largest_square_whatever_the_image(
+    height, width, patch, max_tokens):
+  rows, cols = resolution.sample_grid(None, height, width, patch,
+                                      config('square'), max_tokens)
+  assert rows == cols
+  assert rows * cols <= max_tokens < (rows + 1) ** 2

@@ -57,6 +57,20 @@ def test_attributes_match_the_rendered_example():
   assert checked >= 20
 
 
+def test_object_scale_shrinks_only_the_object():
+  """object_scale multiplies the object's radius; the caption, image size
+  and everything else drawn stay the same, and the object stays inside."""
+  full = SyntheticSource(size=30, seed=2, **SMALL)
+  small = SyntheticSource(size=30, seed=2, object_scale=0.4, **SMALL)
+  for i in range(30):
+    a, b = full.attributes(i), small.attributes(i)
+    assert b['radius'] == pytest.approx(0.4 * a['radius'])
+    assert (b['caption'], b['width'], b['height'], b['tilt']) == (
+        a['caption'], a['width'], a['height'], a['tilt'])
+    (cx, cy), r = b['centre'], b['radius']
+    assert r <= cx <= b['width'] - r and r <= cy <= b['height'] - r
+
+
 def test_train_never_shows_a_held_out_pair_but_shows_every_shape_and_colour():
   """'train' draws only the 52 pairs outside HELD_OUT, and all of them, so
   every shape and every colour is seen in training."""
@@ -162,6 +176,9 @@ def test_bad_arguments_and_indices_are_errors():
     SyntheticSource(size=1, min_side=64, max_side=32)
   with pytest.raises(ValueError, match='max_aspect'):
     SyntheticSource(size=1, max_aspect=0.5)
+  for scale in (0, -1, 1.5):
+    with pytest.raises(ValueError, match='object_scale'):
+      SyntheticSource(size=1, object_scale=scale)
   source = SyntheticSource(size=3, **SMALL)
   assert len(source) == 3
   for index in (3, -1, 100):

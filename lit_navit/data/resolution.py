@@ -2,9 +2,9 @@
 
 Every function here returns an image's size as a patch grid (rows, cols): the
 image is later resized to exactly (rows * p, cols * p) pixels. Grids are at
-least 1x1, keep the aspect ratio to within one patch, and never hold more
-than `max_tokens` patches: an image too large for the budget is scaled down
-as a whole, never cropped.
+least 1x1, keep the aspect ratio to within one patch (all but 'square'), and
+never hold more than `max_tokens` patches: an image too large for the budget
+is scaled down as a whole, never cropped.
 
 Modes:
   'side'    a length is drawn and used as the image's LONGER side, in pixels.
@@ -16,9 +16,12 @@ Modes:
             patch, when that grid fits `max_tokens`; else exactly 'fit'.
             That is NaFlex's grid at scale min(1, s_fit): never scaled up
             beyond the rounding, so a small image costs few tokens.
+  'square'  no draw: the largest square grid within `max_tokens`, whatever
+            the image's shape (a plain ViT's fixed input, aspect not kept):
+            the padded baseline that packing is measured against.
 
-'fit' and 'native' are the evaluation modes (EVAL_MODES); in eval the
-sampling modes fall back to 'fit'.
+'fit', 'native' and 'square' are the evaluation modes (EVAL_MODES); in eval
+the sampling modes fall back to 'fit'.
 
 The length is drawn 'uniform' on [min, max], or 'truncated_normal': x from
 N(mean, std) truncated to [-1, 1], mapped linearly onto [min, max] (NaViT's
@@ -30,8 +33,8 @@ import statistics
 
 import numpy as np
 
-MODES = ('side', 'area', 'fit', 'native')
-EVAL_MODES = ('fit', 'native')  # No draw: a function of the image alone.
+MODES = ('side', 'area', 'fit', 'native', 'square')
+EVAL_MODES = ('fit', 'native', 'square')  # No draw: a function of the image alone.
 DISTRIBUTIONS = ('uniform', 'truncated_normal')
 
 _STANDARD_NORMAL = statistics.NormalDist()
@@ -129,12 +132,20 @@ def grid_for_native(height: int, width: int, patch_size: int,
   return grid_for_budget(height, width, max_tokens)
 
 
+def grid_for_square(max_tokens: int) -> tuple[int, int]:
+  """The largest g x g grid with at most `max_tokens` patches."""
+  if max_tokens < 1:
+    raise ValueError(f'resolution.max_tokens must be >= 1, got {max_tokens}')
+  side = math.isqrt(max_tokens)
+  return side, side
+
+
 def sample_grid(rng: np.random.Generator, height: int, width: int,
                 patch_size: int, config, max_tokens: int) -> tuple[int, int]:
   """The grid for one image under the `resolution` config.
 
   Args:
-    rng: keyed generator for this draw (unused in 'fit' and 'native').
+    rng: keyed generator for this draw (unused in EVAL_MODES).
     height, width: the decoded image's size in pixels.
     patch_size: p.
     config: has mode, dist, min, max, mean, std (see module docstring).
@@ -146,6 +157,8 @@ def sample_grid(rng: np.random.Generator, height: int, width: int,
     return grid_for_budget(height, width, max_tokens)
   if config.mode == 'native':
     return grid_for_native(height, width, patch_size, max_tokens)
+  if config.mode == 'square':
+    return grid_for_square(max_tokens)
   length = sample_length(rng, config.dist, config.min, config.max,
                          config.mean, config.std)
   if config.mode == 'side':

@@ -490,6 +490,7 @@ def default_source_config() -> ml_collections.ConfigDict:
   config.min_side = 32
   config.max_side = 512
   config.max_aspect = 4.0
+  config.object_scale = 1.0  # < 1: small objects, resolution matters
   # tfrecord: tf.train.Example feature names (img2dataset's defaults).
   config.image_key = 'jpg'
   config.caption_key = 'txt'
@@ -515,7 +516,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
     return synthetic.SyntheticSource(
         size=config.size, seed=config.seed, split=config.split,
         image_format=config.image_format, min_side=config.min_side,
-        max_side=config.max_side, max_aspect=config.max_aspect)
+        max_side=config.max_side, max_aspect=config.max_aspect,
+        object_scale=config.object_scale)
   if kind not in SOURCE_KINDS:
     raise ValueError(f'unknown data source kind {kind!r} (config key '
                      f'"kind"); expected one of {SOURCE_KINDS}')

@@ -106,11 +106,15 @@ class SyntheticSource:
     image_format: 'jpeg', 'png' or 'webp'.
     min_side, max_side: bounds on image width and height in pixels.
     max_aspect: the longer side is at most this many times the shorter.
+    object_scale: multiplies the object's diameter (30-70% of the short
+      side at 1). Below 1 objects get small, so telling shapes apart needs
+      pixels: a task where resolution matters (experiments/).
   """
 
   def __init__(self, size: int, seed: int = 0, split: str = 'train',
                image_format: str = 'jpeg', min_side: int = 32,
-               max_side: int = 512, max_aspect: float = 4.0):
+               max_side: int = 512, max_aspect: float = 4.0,
+               object_scale: float = 1.0):
     if split not in SPLITS:
       raise ValueError(f'unknown synthetic split {split!r}; expected one of {SPLITS}')
     if image_format not in IMAGE_FORMATS:
@@ -123,9 +127,14 @@ class SyntheticSource:
                        f'{min_side}, max_side={max_side}')
     if max_aspect < 1:
       raise ValueError(f'max_aspect must be >= 1, got {max_aspect}')
+    if not 0 < object_scale <= 1 / _SIZE_RANGE['large'][1]:
+      raise ValueError('object_scale must be in (0, '
+                       f"{1 / _SIZE_RANGE['large'][1]:.2f}] so objects fit "
+                       f'the image, got {object_scale}')
     self.size, self.seed, self.split = size, seed, split
     self.image_format = image_format
     self.min_side, self.max_side, self.max_aspect = min_side, max_side, max_aspect
+    self.object_scale = object_scale
     self._pairs = _pairs(split)
     self._split_id = SPLITS.index(split)
 
@@ -148,7 +157,7 @@ class SyntheticSource:
     position = POSITIONS[rng.integers(len(POSITIONS))]
     width, height = self._draw_image_size(rng)
     short = min(width, height)
-    radius = short * rng.uniform(*_SIZE_RANGE[size]) / 2
+    radius = short * self.object_scale * rng.uniform(*_SIZE_RANGE[size]) / 2
     fx, fy = _POSITION_CENTRE[position] + rng.uniform(-0.05, 0.05, 2)
     centre = (float(np.clip(fx * width, radius, width - radius)),
               float(np.clip(fy * height, radius, height - radius)))

@@ -33,7 +33,8 @@ def add_model_flags(parser, max_tokens_help='token budget per image',
                       help="how an image meets the budget: 'fit' scales it up "
                       'or down to fill the budget (SigLIP 2 NaFlex; one image '
                       "a row); 'native' keeps its own size, scaled down only "
-                      'to fit, and packs small images several a row (default: '
+                      "to fit, and packs small images several a row; 'square' "
+                      'stretches it to a square, as a plain ViT sees it (default: '
                       f'{resize_default})')
   parser.add_argument('--patch_size', type=int, default=None,
                       help='patch size (default: the first of the training '
@@ -80,8 +81,11 @@ def is_writer():
 
 
 def run(main):
-  """Runs a script's main(argv) on sys.argv: a user error is one line."""
+  """Runs a script's main(argv) on sys.argv, with glibc's malloc tuned
+  (`host_memory`): a user error is one line."""
+  from lit_navit import host_memory  # pylint: disable=g-import-not-at-top
   from lit_navit import train  # pylint: disable=g-import-not-at-top
+  host_memory.restart_with_tuned_malloc()
   from lit_navit import user_errors  # pylint: disable=g-import-not-at-top
   train.setup_logging()
   argv = sys.argv[1:]

@@ -9,6 +9,8 @@ nothing dropped. Two ways to size an image (`resize`, see `resolution`):
   'native'  its own size in whole patches, scaled down only when that
             exceeds the budget: small images cost few tokens, so several
             share a packed row.
+  'square'  stretched to the largest square in the budget, aspect not kept:
+            how a plain ViT trained on square inputs sees images.
 
 Outputs are scattered back to source order by each slot's `index`, so
 packing never shows. On a multi-process run each process embeds its own
@@ -56,7 +58,7 @@ def eval_input_config(input_config, *, resize='fit', max_tokens=None,
 
   Args:
     input_config: a pipeline config (e.g. the training config's `input`).
-    resize: 'fit' or 'native' (see the module doc).
+    resize: 'fit', 'native' or 'square' (see the module doc).
     max_tokens: token budget of one image; default: `default_budget`.
     patch_size: default: the first of the config's `patch_sizes`.
     tokens_per_row: L; default: `default_rows`.
@@ -83,7 +85,8 @@ def default_rows(resize, budget):
 
   Rows are one budget long in both modes: attention costs grow with L, and
   longer rows save little padding. 'fit' fills every image's budget, so a
-  row holds one image (NaFlex-style) and wastes only aspect rounding.
+  row holds one image (NaFlex-style) and wastes only aspect rounding;
+  'square' holds one image too.
   'native' images are mostly below the budget, and best-fit over the
   pending buffer packs them into rows of one budget to 2-4% padding (0.7-
   2.4% in rows of four budgets, at far more attention).

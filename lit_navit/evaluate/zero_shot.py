@@ -128,7 +128,8 @@ def synthetic_heldout_source(source_config, num_images: int):
       size=num_images, seed=source_config.seed, split='heldout',
       image_format=source_config.image_format,
       min_side=source_config.min_side, max_side=source_config.max_side,
-      max_aspect=source_config.max_aspect)
+      max_aspect=source_config.max_aspect,
+      object_scale=source_config.object_scale)
 
 
 def synthetic_zero_shot(embedder, source, templates=SYNTHETIC_TEMPLATES,

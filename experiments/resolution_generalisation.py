@@ -1,0 +1,97 @@
+"""Resolution generalisation (NaViT Fig. 6/7), in miniature.
+
+The arms of experiments/equal_compute.py (a ViT trained on 128 px squares,
+NaViT trained at native aspect with its longer side on [32, 128] px, with
+and without token dropping), evaluated zero-shot on the held-out
+shape-colour pairs at resolutions below, inside and above their training
+range: 32 to 256 px, square-equivalent (a token budget of (S/16)^2; the ViT
+sees stretched squares, NaViT the aspect ratio, as each was trained).
+
+  python experiments/resolution_generalisation.py   # trains the arms: ~20 min
+  python experiments/equal_compute.py --workdir /tmp/arms
+  python experiments/resolution_generalisation.py --workdir /tmp/arms  # reads them
+
+Writes OUT/resolution_generalisation.json and .png.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lit_navit import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import equal_compute  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NAME = 'resolution_generalisation'
+PATCH = equal_compute.PATCH
+EVAL_SIDES = (32, 64, 96, 128, 160, 192, 256)
+
+
+def evaluator(resize, eval_examples, sides):
+  def evaluate(config, params, workdir):  # pylint: disable=unused-argument
+    source = common.heldout_source(config, eval_examples)
+    return {str(side): common.zero_shot_top1(
+        config, params, source, common.tokens_for_side(side, PATCH),
+        resize=resize)[0] for side in sides}
+  return evaluate
+
+
+def plot(summary, path):
+  sides = summary['setting']['eval_sides']
+  lines = {name: {'x': sides,
+                  **{stat: [arm['points'][str(s)][stat] for s in sides]
+                     for stat in ('mean', 'min', 'max')}}
+           for name, arm in summary['arms'].items()}
+  setting = summary['setting']
+  common.plot_lines(
+      path, lines,
+      xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
+      ylabel='zero-shot top-1, held-out pairs',
+      title=f'Trained at <= {equal_compute.TRAIN_SIDE[1]} px, equal FLOPs\n'
+            f'{setting["seeds"]} seeds: mean, min-max band',
+      chance=summary['chance'], vline=equal_compute.TRAIN_SIDE[1],
+      vline_label='training max')
+
+
+def main(argv=None):
+  args = common.parse_args(__doc__.split('\n')[0], argv,
+                           steps=equal_compute.DEFAULT_STEPS)
+  sides = EVAL_SIDES if args.eval_sides is None else args.eval_sides
+  steps, _ = equal_compute.arm_steps(args.steps)
+  start = time.perf_counter()
+  results = {}
+  for name in common.select_arms(args, equal_compute.ARMS):
+    resize = equal_compute.ARMS[name][1]
+    results[name] = {
+        'steps': steps[name], 'eval_resize': resize,
+        **common.run_seeds(equal_compute.arm_config(name, steps[name]), args,
+                           name, evaluator(resize, args.eval_examples, sides))}
+  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
+  summary = {
+      'study': NAME,
+      'machine': common.machine(),
+      'setting': {
+          'reference_steps': args.steps, 'seeds': args.seeds,
+          'scale': args.scale, 'eval_examples': args.eval_examples,
+          'patch_size': PATCH, 'train_side': list(equal_compute.TRAIN_SIDE),
+          'object_scale': equal_compute.OBJECT_SCALE,
+          'eval_sides': list(sides),
+          'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides],
+      },
+      'chance': 1 / len(synthetic.class_names()),
+      'seconds': round(time.perf_counter() - start, 1),
+      'arms': results,
+  }
+  json_path = os.path.join(args.out, f'{NAME}.json')
+  common.write_json(json_path, summary)
+  plot(summary, os.path.join(args.out, f'{NAME}.png'))
+  print(f'wrote {json_path} in {summary["seconds"]} s')
+  print(common.markdown_table(results, sides))
+  return summary
+
+
+if __name__ == '__main__':
+  host_memory.restart_with_tuned_malloc()
+  main()
