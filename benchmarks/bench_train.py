@@ -148,11 +148,14 @@ def parse_args():
   parser.add_argument('--rounds', type=int, default=4, help='--peers: rounds')
   parser.add_argument('--our-env', action='append',
                       help="--peers: one of our arms per use, under these "
-                      "'VAR=value ...' environment variables ('' = as is)")
+                      "'VAR=value ...' environment variables ('' = as is); "
+                      "'config.KEY=value' items override our config instead")
   parser.add_argument('--no-open-clip', action='store_true',
                       help='--peers: only our arms (and the ceiling), to compare settings')
   parser.add_argument('--worker', choices=('lit_navit', 'ceiling'),
                       help=argparse.SUPPRESS)  # --peers starts its arms so.
+  parser.add_argument('--override', action='append', default=[],
+                      help=argparse.SUPPRESS)  # An arm's 'KEY=value' for its config.
   args = parser.parse_args()
   args.workloads = args.workloads.split(',')
   unknown = set(args.workloads) - set(WORKLOADS)
@@ -584,11 +587,14 @@ def planned_runs(args):
 
 # --- side by side with open_clip (--peers) ---------------------------------
 
-def lit_navit_setup(name: str, scan: bool, warmup: int, workdir: str, trainers: list):
-  """(step, info) for interleave.serve: our compiled train step of W1 or W2."""
+def lit_navit_setup(name: str, scan: bool, warmup: int, workdir: str,
+                    trainers: list, overrides=()):
+  """(step, info) for interleave.serve: our compiled train step of W1 or W2,
+  with `overrides` ('KEY=value') applied to its config."""
   workload = peer_workload(name)
   config = workload.config.copy_and_resolve_references()
   config.model.image.scan = config.model.text.scan = scan
+  config_lib.apply_overrides(config, [o.split('=', 1) for o in overrides])
   trainer = make_trainer(config, workdir)
   trainers.append(trainer)
   batch, = device_batches(trainer, workload.batches)
@@ -631,7 +637,7 @@ def serve_worker(args) -> None:
   with tempfile.TemporaryDirectory() as workdir:
     try:
       interleave.serve(lambda: lit_navit_setup(name, args.scan[0], warmup, workdir,
-                                               trainers))
+                                               trainers, args.override))
     finally:
       for trainer in trainers:
         trainer.checkpointer.close()
@@ -650,10 +656,16 @@ def start_peer_workers(args, name: str) -> list:
   here = os.path.dirname(os.path.abspath(__file__))
   script = [sys.executable, os.path.abspath(__file__)]
   warmup = ['--warmup', str(DEFAULT_STEPS[name][0] if args.warmup is None else args.warmup)]
-  arms = [(our_arm_name(scan, env),
-           script + ['--worker', 'lit_navit', '--workloads', name,
-                     '--scan', 'on' if scan else 'off'] + warmup, env)
-          for scan in args.scan for env in args.our_env]
+  arms = []
+  for scan in args.scan:
+    for assignments in args.our_env:
+      env = {k: v for k, v in assignments.items() if not k.startswith('config.')}
+      overrides = [f'--override={k[len("config."):]}={v}'
+                   for k, v in assignments.items() if k.startswith('config.')]
+      arms.append((our_arm_name(scan, assignments),
+                   script + ['--worker', 'lit_navit', '--workloads', name,
+                             '--scan', 'on' if scan else 'off'] + warmup + overrides,
+                   env))
   if not args.no_open_clip:
     arms.append(('open_clip', [sys.executable, os.path.join(here, 'open_clip_peer.py'),
                                name] + warmup, {}))

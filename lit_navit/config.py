@@ -21,6 +21,7 @@ import ml_collections
 from lit_navit import fs
 from lit_navit import optim
 from lit_navit import sharding
+from lit_navit import xla_options
 from lit_navit.data import pipeline
 from lit_navit.data import sources
 from lit_navit.models import two_towers
@@ -49,6 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
       async_save=True,
   ))
   c.log_every = 1  # steps between metrics.jsonl / TensorBoard records
+  # XLA options ('--name=value ...') for the train step when it runs on CPU.
+  c.cpu_compiler_options = xla_options.DEFAULT_CPU_OPTIONS
   c.evals = ml_collections.ConfigDict(dict(
       every=0,  # steps between in-training evaluations; 0: only after the last step
       # Held-out loss on batches drawn like the training ones from this source
@@ -163,6 +166,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_against(config, default_config(), prefix='')
   if config.batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+  xla_options.parse(config.cpu_compiler_options)
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:

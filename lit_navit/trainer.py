@@ -25,6 +25,7 @@ from lit_navit import metrics as metrics_lib
 from lit_navit import optim
 from lit_navit import rules
 from lit_navit import sharding
+from lit_navit import xla_options
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import prefetch
@@ -238,7 +239,9 @@ class Trainer:
                        out_shardings=(self.state_sharding, self.replicated))
       flops = flops_lib.training_flops(self.config.model, batch_lib.spec_of(batch),
                                        frozen=self.frozen_towers)
-      self._compiled[p] = (jitted.lower(state, batch).compile(), float(flops))
+      compiled = xla_options.compile_step(jitted.lower(state, batch),
+                                          self.config.get('cpu_compiler_options', ''))
+      self._compiled[p] = (compiled, float(flops))
     return self._compiled[p]
 
   # --- the loop ------------------------------------------------------------
