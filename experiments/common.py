@@ -28,8 +28,9 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 DEFAULT_EVAL_EXAMPLES = 144
 
 
-def parse_args(description, argv=None, *, steps, seeds=3):
-  """The flags every study takes; `steps` is the study's default."""
+def parse_args(description, argv=None, *, steps, seeds=3,
+               eval_examples=DEFAULT_EVAL_EXAMPLES):
+  """The flags every study takes, with the study's defaults."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--out', default='experiments/results',
                       help='folder for NAME.json and NAME.png')
@@ -39,8 +40,8 @@ def parse_args(description, argv=None, *, steps, seeds=3):
   parser.add_argument('--steps', type=int, default=steps, help='training steps per arm')
   parser.add_argument('--scale', type=float, default=1.0,
                       help='multiplies steps and eval examples (a bigger machine)')
-  parser.add_argument('--eval_examples', type=int, default=DEFAULT_EVAL_EXAMPLES,
-                      help='held-out images per eval point')
+  parser.add_argument('--eval_examples', type=int, default=eval_examples,
+                      help='images per eval set and point')
   parser.add_argument('--eval_sides', default=None,
                       type=lambda text: [int(v) for v in text.split(',')],
                       help='comma-separated eval resolutions in px (default: the study\'s)')
@@ -158,18 +159,42 @@ def heldout_source(config, num_examples):
   return zero_shot.synthetic_heldout_source(config.input.source, num_examples)
 
 
-def zero_shot_top1(config, params, source, max_tokens, batch_rows=8,
+# The eval sets of `eval_sources`, as plots and tables name them.
+EVAL_METRICS = {'seen': 'seen pairs, new images', 'heldout': 'held-out pairs'}
+
+
+def eval_sources(config, num_examples):
+  """The two eval sets of studies 1, 2 and 4, `num_examples` images each:
+
+    'seen'     new images (another data seed) of the 52 shape-colour pairs
+               training captions name: what the model learned;
+    'heldout'  images of the 12 pairs no caption names: whether it composes.
+
+  Both are classified over all 64 pairs at the training image sizes.
+  """
+  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
+  train = config.input.source
+  seen = synthetic.SyntheticSource(
+      size=num_examples, seed=train.seed + 1, split='train',
+      image_format=train.image_format, min_side=train.min_side,
+      max_side=train.max_side, max_aspect=train.max_aspect,
+      object_scale=train.object_scale)
+  return {'seen': seen, 'heldout': heldout_source(config, num_examples)}
+
+
+def zero_shot_top1(config, params, sources, max_tokens, batch_rows=8,
                    resize='fit', patch_size=None):
-  """Zero-shot top-1 over every shape x colour class on `source` (held-out
-  pairs), each image resized to `max_tokens` patches of `patch_size`
-  ('fit': NaFlex, aspect kept; 'square': a plain ViT's stretched square)."""
+  """{name: zero-shot top-1 over every shape x colour class} for each of
+  `sources`, each image resized to `max_tokens` patches of `patch_size`
+  ('fit': NaFlex, aspect kept; 'square': a plain ViT's stretched square).
+  """
   from lit_navit.evaluate import embed  # pylint: disable=g-import-not-at-top
   from lit_navit.evaluate import zero_shot  # pylint: disable=g-import-not-at-top
   embedder = embed.Embedder.from_config(config, params, batch_rows, resize=resize,
                                         max_tokens=max_tokens,
                                         patch_size=patch_size)
-  metrics = zero_shot.synthetic_zero_shot(embedder, source)
-  return metrics['top1'], metrics['chance']
+  return {name: zero_shot.synthetic_zero_shot(embedder, source)['top1']
+          for name, source in sources.items()}
 
 
 def spread(values):

@@ -51,9 +51,9 @@ def arm_config(kind, steps):
 
 def evaluator(eval_examples, sides):
   def evaluate(config, params, workdir):  # pylint: disable=unused-argument
-    source = common.heldout_source(config, eval_examples)
+    sources = {'heldout': common.heldout_source(config, eval_examples)}
     return {str(side): common.zero_shot_top1(
-        config, params, source, common.tokens_for_side(side, PATCH))[0]
+        config, params, sources, common.tokens_for_side(side, PATCH))['heldout']
             for side in sides}
   return evaluate
 

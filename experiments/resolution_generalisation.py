@@ -31,33 +31,40 @@ EVAL_SIDES = (32, 64, 96, 128, 160, 192, 256)
 
 def evaluator(resize, eval_examples, sides):
   def evaluate(config, params, workdir):  # pylint: disable=unused-argument
-    source = common.heldout_source(config, eval_examples)
-    return {str(side): common.zero_shot_top1(
-        config, params, source, common.tokens_for_side(side, PATCH),
-        resize=resize)[0] for side in sides}
+    sources = common.eval_sources(config, eval_examples)
+    points = {}
+    for side in sides:
+      top1 = common.zero_shot_top1(config, params, sources,
+                                   common.tokens_for_side(side, PATCH), resize=resize)
+      points.update({f'{metric}/{side}': v for metric, v in top1.items()})
+    return points
   return evaluate
 
 
-def plot(summary, path):
+def plot(summary, out):
+  """NAME.png (seen pairs) and NAME_heldout.png: accuracy against eval
+  resolution, one line per arm."""
   sides = summary['setting']['eval_sides']
-  lines = {name: {'x': sides,
-                  **{stat: [arm['points'][str(s)][stat] for s in sides]
-                     for stat in ('mean', 'min', 'max')}}
-           for name, arm in summary['arms'].items()}
   setting = summary['setting']
-  common.plot_lines(
-      path, lines,
-      xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
-      ylabel='zero-shot top-1, held-out pairs',
-      title=f'Trained at <= {equal_compute.TRAIN_SIDE[1]} px, equal FLOPs\n'
-            f'{setting["seeds"]} seeds: mean, min-max band',
-      chance=summary['chance'], vline=equal_compute.TRAIN_SIDE[1],
-      vline_label='training max')
+  for metric, suffix in (('seen', ''), ('heldout', '_heldout')):
+    lines = {name: {'x': sides,
+                    **{stat: [arm['points'][f'{metric}/{s}'][stat] for s in sides]
+                       for stat in ('mean', 'min', 'max')}}
+             for name, arm in summary['arms'].items()}
+    common.plot_lines(
+        os.path.join(out, f'{NAME}{suffix}.png'), lines,
+        xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
+        ylabel=f'zero-shot top-1, {common.EVAL_METRICS[metric]}',
+        title=f'Trained at <= {equal_compute.TRAIN_SIDE[1]} px, equal FLOPs\n'
+              f'{setting["seeds"]} seeds: mean, min-max band',
+        chance=summary['chance'], vline=equal_compute.TRAIN_SIDE[1],
+        vline_label='training max')
 
 
 def main(argv=None):
   args = common.parse_args(__doc__.split('\n')[0], argv,
-                           steps=equal_compute.DEFAULT_STEPS)
+                           steps=equal_compute.DEFAULT_STEPS,
+                           eval_examples=equal_compute.EVAL_EXAMPLES)
   sides = EVAL_SIDES if args.eval_sides is None else args.eval_sides
   steps, _ = equal_compute.arm_steps(args.steps)
   start = time.perf_counter()
@@ -86,9 +93,10 @@ def main(argv=None):
   }
   json_path = os.path.join(args.out, f'{NAME}.json')
   common.write_json(json_path, summary)
-  plot(summary, os.path.join(args.out, f'{NAME}.png'))
+  plot(summary, args.out)
   print(f'wrote {json_path} in {summary["seconds"]} s')
-  print(common.markdown_table(results, sides))
+  for metric in common.EVAL_METRICS:
+    print(common.markdown_table(results, [f'{metric}/{s}' for s in sides]))
   return summary
 
 

@@ -64,17 +64,19 @@ def test_equal_compute_gives_every_arm_the_same_flops_and_resolution_reads_them(
     # The curve's points are the saved steps, evenly spaced, the last final.
     every = math.ceil(arm['steps'] / equal_compute.CURVE_POINTS)
     saved = sorted(set(range(every, arm['steps'] + 1, every)) | {arm['steps']})
-    curve = equal_compute.curve(arm, 'flops/')
+    curve = equal_compute.curve(arm, 'seen/flops/')
+    assert equal_compute.curve(arm, 'heldout/flops/')['x'] == curve['x']
     assert curve['x'] == pytest.approx([s * arm['step_flops'] for s in saved],
                                        rel=1e-3)
-    assert {k for k in arm['points'] if k.startswith('tokens/')} == {
-        'tokens/16', 'tokens/64'}
+    assert {k for k in arm['points'] if '/tokens/' in k} == {
+        'seen/tokens/16', 'seen/tokens/64', 'heldout/tokens/16', 'heldout/tokens/64'}
     for point in arm['points'].values():
       assert 0 <= point['min'] <= point['mean'] <= point['max'] <= 1
   vit = results['arms']['ViT (padded square)']
   assert vit['eval_resize'] == 'square' and vit['steps'] > 4  # cheaper steps
   assert os.path.getsize(tmp_path / 'equal_compute.png') > 1000
-  assert os.path.getsize(tmp_path / 'equal_compute_tokens.png') > 1000
+  for png in ('equal_compute_tokens.png', 'equal_compute_heldout.png'):
+    assert os.path.getsize(tmp_path / png) > 1000
 
   resolution_generalisation.main(['--out', str(tmp_path), '--eval_sides',
                                   '32,256', *common_flags])
@@ -82,8 +84,10 @@ def test_equal_compute_gives_every_arm_the_same_flops_and_resolution_reads_them(
   for name in arms:
     seed = results['arms'][name]['seeds'][0]
     assert seed['reused'] == str(workdir / name / 'seed0')
-    assert sorted(results['arms'][name]['points']) == ['256', '32']
+    assert sorted(results['arms'][name]['points']) == [
+        'heldout/256', 'heldout/32', 'seen/256', 'seen/32']
   assert os.path.getsize(tmp_path / 'resolution_generalisation.png') > 1000
+  assert os.path.getsize(tmp_path / 'resolution_generalisation_heldout.png') > 1000
 
 
 @pytest.mark.slow
@@ -96,5 +100,7 @@ def test_flexivit_evaluates_every_arm_at_every_patch_size(tmp_path):
   for name in arms:
     arm = results['arms'][name]
     assert arm['patch_sizes'] == list(flexivit.ARMS[name])
-    assert sorted(arm['points'], key=int) == ['8', '12', '16', '24']
+    assert set(arm['points']) == {f'{metric}/{p}' for metric in ('seen', 'heldout')
+                                  for p in (8, 12, 16, 24)}
   assert os.path.getsize(tmp_path / 'flexivit.png') > 1000
+  assert os.path.getsize(tmp_path / 'flexivit_heldout.png') > 1000
