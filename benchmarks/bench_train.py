@@ -648,6 +648,21 @@ def our_arm_name(scan: bool, env: dict) -> str:
                    *(f'{k}={v}' for k, v in env.items())])
 
 
+def our_arms(scans, our_env, name: str) -> list:
+  """(arm name, worker argv, environment) of each of our arms: one per scan
+  setting and --our-env, whose 'config.KEY' items become config overrides."""
+  arms = []
+  for scan in scans:
+    for assignments in our_env:
+      env = {k: v for k, v in assignments.items() if not k.startswith('config.')}
+      overrides = [f'--override={k[len("config."):]}={v}'
+                   for k, v in assignments.items() if k.startswith('config.')]
+      arms.append((our_arm_name(scan, assignments),
+                   ['--worker', 'lit_navit', '--workloads', name,
+                    '--scan', 'on' if scan else 'off'] + overrides, env))
+  return arms
+
+
 def start_peer_workers(args, name: str) -> list:
   """The arms of workload `name`, each set up and warm, one after another.
 
@@ -656,16 +671,8 @@ def start_peer_workers(args, name: str) -> list:
   here = os.path.dirname(os.path.abspath(__file__))
   script = [sys.executable, os.path.abspath(__file__)]
   warmup = ['--warmup', str(DEFAULT_STEPS[name][0] if args.warmup is None else args.warmup)]
-  arms = []
-  for scan in args.scan:
-    for assignments in args.our_env:
-      env = {k: v for k, v in assignments.items() if not k.startswith('config.')}
-      overrides = [f'--override={k[len("config."):]}={v}'
-                   for k, v in assignments.items() if k.startswith('config.')]
-      arms.append((our_arm_name(scan, assignments),
-                   script + ['--worker', 'lit_navit', '--workloads', name,
-                             '--scan', 'on' if scan else 'off'] + warmup + overrides,
-                   env))
+  arms = [(arm, script + argv + warmup, env)
+          for arm, argv, env in our_arms(args.scan, args.our_env, name)]
   if not args.no_open_clip:
     arms.append(('open_clip', [sys.executable, os.path.join(here, 'open_clip_peer.py'),
                                name] + warmup, {}))

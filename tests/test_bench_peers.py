@@ -42,3 +42,16 @@ def test_ratios_are_taken_within_rounds():
   assert ours['images_per_s']['max'] == pytest.approx(8 / 4.0)
   assert summary['arms']['open_clip']['gflops_per_s']['median'] == pytest.approx(
       np.median([1e12 / 5.0 / 1e9, 1e12 / 10.0 / 1e9]))
+
+
+def test_our_env_splits_into_environment_and_config_overrides():
+  our_env = [{}, {'GLIBC_TUNABLES': 'x=1', 'config.cpu_compiler_options': ''}]
+  arms = bench_train.our_arms([False], our_env, 'w1')
+  assert [env for _, _, env in arms] == [{}, {'GLIBC_TUNABLES': 'x=1'}]
+  plain, tuned = (argv for _, argv, _ in arms)
+  assert not any(a.startswith('--override') for a in plain)
+  assert tuned[-1] == '--override=cpu_compiler_options='
+  # The worker applies it to the config it builds.
+  config = bench_train.peer_config('B/16', 'B')
+  bench_train.config_lib.apply_overrides(config, [tuned[-1].split('=', 2)[1:]])
+  assert config.cpu_compiler_options == ''
