@@ -4,10 +4,10 @@ One model trained with a patch size drawn per step from {8, 12, 16, 24}
 (its patch embedding PI-resized from 16, its learned 2-D position embedding
 resized to each grid) against the same model trained at one patch size
 each. Every arm trains on the synthetic source, images' longer side at
-96 px, and is then evaluated zero-shot on new images of the seen
-shape-colour pairs and on the held-out pairs at every patch size, images
-at 96 px square-equivalent ('fit' to (96/p)^2 tokens: 144 at p=8 down to
-16 at p=24).
+96 px, one image a row (32 a step, whatever the patch size), and is then
+evaluated zero-shot on new images of the seen shape-colour pairs and on
+the held-out pairs at every patch size, images at 96 px square-equivalent
+('fit' to (96/p)^2 tokens: 144 at p=8 down to 16 at p=24).
 
   python experiments/flexivit.py            # 4 arms x 3 seeds
   python experiments/flexivit.py --scale 4  # a bigger machine
@@ -37,6 +37,7 @@ ARMS = {
     'ViT-24': (24,),
 }
 DEFAULT_STEPS = 250
+IMAGES_PER_STEP = 32
 # Per eval set (seen, held-out): accuracies near 0.1 have a standard error
 # of ~0.02 on one seed.
 EVAL_EXAMPLES = 192
@@ -48,10 +49,12 @@ def arm_config(patch_sizes, steps):
                                 min_side=SIDE, max_side=SIDE,
                                 object_scale=OBJECT_SCALE)
     config.input.patch_sizes = tuple(patch_sizes)
-    # A row holds one image at p=8 ((96/8)^2 = 144 tokens) and up to ~10 at
-    # p=24; 6 caption rows a row bound the text tower's work at every size.
+    # One image a row, as FlexiViT trains: every step sees 32 images at any
+    # patch size. (Packed rows would hold 1 image at p=8 and 6 at p=24, and
+    # the batch size would then follow the patch size: EXPERIMENTS.md.)
+    config.batch_size = IMAGES_PER_STEP
     config.input.update(tokens_per_row=(SIDE // min(PATCH_SIZES)) ** 2,
-                        images_per_row=16, captions_per_row=6.0)
+                        images_per_row=1, captions_per_row=None)
     config.model.image.posemb = 'learn_2d_resized'
     return config
   return make
