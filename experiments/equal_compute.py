@@ -33,7 +33,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lit_navit import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NAME = 'equal_compute'
 PATCH = 16
@@ -217,5 +216,4 @@ def final_key(arm, metric):
 
 
 if __name__ == '__main__':
-  host_memory.restart_with_tuned_malloc()
   main()

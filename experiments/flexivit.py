@@ -22,7 +22,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lit_navit import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NAME = 'flexivit'
 SIDE = 96
@@ -125,5 +124,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  host_memory.restart_with_tuned_malloc()
   main()

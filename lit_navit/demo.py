@@ -15,8 +15,6 @@ import json
 import os
 import time
 
-from lit_navit import host_memory
-
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'configs', 'demo.py')
 
@@ -87,5 +85,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  host_memory.restart_with_tuned_malloc()
   main()

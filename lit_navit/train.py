@@ -19,7 +19,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lit_navit import fs
-from lit_navit import host_memory
 from lit_navit import user_errors
 
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.')
@@ -143,5 +142,4 @@ def split_overrides(argv):
 
 
 if __name__ == '__main__':
-  host_memory.restart_with_tuned_malloc()
   main()

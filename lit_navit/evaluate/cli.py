@@ -81,11 +81,8 @@ def is_writer():
 
 
 def run(main):
-  """Runs a script's main(argv) on sys.argv, with glibc's malloc tuned
-  (`host_memory`): a user error is one line."""
-  from lit_navit import host_memory  # pylint: disable=g-import-not-at-top
+  """Runs a script's main(argv) on sys.argv: a user error is one line."""
   from lit_navit import train  # pylint: disable=g-import-not-at-top
-  host_memory.restart_with_tuned_malloc()
   from lit_navit import user_errors  # pylint: disable=g-import-not-at-top
   train.setup_logging()
   argv = sys.argv[1:]
