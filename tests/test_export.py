@@ -96,7 +96,7 @@ def test_export_layout_failures_and_resume(tmp_path, images):
                   key_column='image_path', progress=False)
 
 
-@pytest.mark.parametrize('resize', ['fit', 'native'])
+@pytest.mark.parametrize('resize', ['fit', 'native', 'square'])
 def test_query_finds_each_image_by_its_own_embedding(tmp_path, images, resize):
   out = str(tmp_path / 'export')
   embedder = tiny_embedder(resize=resize)
