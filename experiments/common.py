@@ -172,14 +172,11 @@ def eval_sources(config, num_examples):
 
   Both are classified over all 64 pairs at the training image sizes.
   """
-  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
-  train = config.input.source
-  seen = synthetic.SyntheticSource(
-      size=num_examples, seed=train.seed + 1, split='train',
-      image_format=train.image_format, min_side=train.min_side,
-      max_side=train.max_side, max_aspect=train.max_aspect,
-      object_scale=train.object_scale)
-  return {'seen': seen, 'heldout': heldout_source(config, num_examples)}
+  from lit_navit.data import sources  # pylint: disable=g-import-not-at-top
+  seen = config.input.source.copy_and_resolve_references()
+  seen.update(size=num_examples, seed=seen.seed + 1, split='train')
+  return {'seen': sources.make_source(seen),
+          'heldout': heldout_source(config, num_examples)}
 
 
 def zero_shot_top1(config, params, sources, max_tokens, batch_rows=8,
@@ -195,6 +192,12 @@ def zero_shot_top1(config, params, sources, max_tokens, batch_rows=8,
                                         patch_size=patch_size)
   return {name: zero_shot.synthetic_zero_shot(embedder, source)['top1']
           for name, source in sources.items()}
+
+
+def zero_shot_points(config, params, sources, point, max_tokens, **kwargs):
+  """`zero_shot_top1` as study points: {'SOURCE/POINT': top-1}."""
+  top1 = zero_shot_top1(config, params, sources, max_tokens, **kwargs)
+  return {f'{name}/{point}': value for name, value in top1.items()}
 
 
 def spread(values):
@@ -251,10 +254,32 @@ def machine():
   return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}'
 
 
+def summary(name, args, start, setting, arms):
+  """A study's results: its name, this machine, its setting (with the shared
+  flags), chance, seconds since `start` and the arms."""
+  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
+  return {
+      'study': name,
+      'machine': machine(),
+      'setting': {'seeds': args.seeds, 'scale': args.scale,
+                  'eval_examples': args.eval_examples, **setting},
+      'chance': 1 / len(synthetic.class_names()),
+      'seconds': round(time.perf_counter() - start, 1),
+      'arms': arms,
+  }
+
+
 def write_json(path, results):
   fs.makedirs(os.path.dirname(path) or '.')
   with fs.atomic_write(path, 'w') as f:
     json.dump(results, f, indent=2)
+
+
+def line(arm, keys, xs):
+  """One plot line: `xs` against the seeds' mean, min and max of the arm's
+  points `keys`."""
+  return {'x': list(xs), **{stat: [arm['points'][k][stat] for k in keys]
+                            for stat in ('mean', 'min', 'max')}}
 
 
 def plot_lines(path, arms, *, xlabel, ylabel, title, chance=None, vline=None,

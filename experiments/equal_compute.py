@@ -123,14 +123,13 @@ def evaluator(resize, step_flops, eval_examples, sides):
     points = {}
     for step in common.checkpoint_steps(workdir):
       step_config, step_params = common.load_step(workdir, step)
-      top1 = common.zero_shot_top1(step_config, step_params, sources,
-                                   train_budget, resize=resize)
-      points.update({f'{m}/flops/{step * step_flops:.4g}': v
-                     for m, v in top1.items()})
+      points.update(common.zero_shot_points(
+          step_config, step_params, sources, f'flops/{step * step_flops:.4g}',
+          train_budget, resize=resize))
     for side in sides:
       tokens = common.tokens_for_side(side, PATCH)
-      top1 = common.zero_shot_top1(config, params, sources, tokens, resize=resize)
-      points.update({f'{m}/tokens/{tokens}': v for m, v in top1.items()})
+      points.update(common.zero_shot_points(
+          config, params, sources, f'tokens/{tokens}', tokens, resize=resize))
     return points
   return evaluate
 
@@ -140,9 +139,7 @@ def curve(arm, prefix):
   'seen/flops/'."""
   keys = sorted((k for k in arm['points'] if k.startswith(prefix)),
                 key=lambda k: float(k.rsplit('/', 1)[1]))
-  return {'x': [float(k.rsplit('/', 1)[1]) for k in keys],
-          **{stat: [arm['points'][k][stat] for k in keys]
-             for stat in ('mean', 'min', 'max')}}
+  return common.line(arm, keys, [float(k.rsplit('/', 1)[1]) for k in keys])
 
 
 def plot(summary, out):
@@ -166,6 +163,14 @@ def plot(summary, out):
         chance=summary['chance'])
 
 
+def setting(args, sides):
+  """The setting of this study's arms (studies 1 and 2 share them)."""
+  return {'reference_steps': args.steps, 'patch_size': PATCH,
+          'train_side': list(TRAIN_SIDE), 'object_scale': OBJECT_SCALE,
+          'eval_sides': list(sides),
+          'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides]}
+
+
 def main(argv=None):
   args = common.parse_args(__doc__.split('\n')[0], argv, steps=DEFAULT_STEPS,
                            eval_examples=EVAL_EXAMPLES)
@@ -181,21 +186,7 @@ def main(argv=None):
         **common.run_seeds(arm_config(name, steps[name]), args, name,
                            evaluator(resize, flops[name], args.eval_examples,
                                      sides))}
-  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
-  summary = {
-      'study': NAME,
-      'machine': common.machine(),
-      'setting': {
-          'reference_steps': args.steps, 'seeds': args.seeds,
-          'scale': args.scale, 'eval_examples': args.eval_examples,
-          'patch_size': PATCH, 'train_side': list(TRAIN_SIDE),
-          'object_scale': OBJECT_SCALE, 'eval_sides': list(sides),
-          'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides],
-      },
-      'chance': 1 / len(synthetic.class_names()),
-      'seconds': round(time.perf_counter() - start, 1),
-      'arms': results,
-  }
+  summary = common.summary(NAME, args, start, setting(args, sides), results)
   common.write_json(os.path.join(args.out, f'{NAME}.json'), summary)
   plot(summary, args.out)
   print(f'wrote {args.out}/{NAME}.json in {summary["seconds"]} s')

@@ -64,9 +64,8 @@ def evaluator(eval_examples, patch_sizes):
     sources = common.eval_sources(config, eval_examples)
     points = {}
     for p in patch_sizes:
-      top1 = common.zero_shot_top1(config, params, sources,
-                                   common.tokens_for_side(SIDE, p), patch_size=p)
-      points.update({f'{metric}/{p}': v for metric, v in top1.items()})
+      points.update(common.zero_shot_points(
+          config, params, sources, p, common.tokens_for_side(SIDE, p), patch_size=p))
     return points
   return evaluate
 
@@ -77,9 +76,7 @@ def plot(summary, out):
   sizes = summary['setting']['eval_patch_sizes']
   setting = summary['setting']
   for metric, suffix in (('seen', ''), ('heldout', '_heldout')):
-    lines = {name: {'x': sizes,
-                    **{stat: [arm['points'][f'{metric}/{p}'][stat] for p in sizes]
-                       for stat in ('mean', 'min', 'max')}}
+    lines = {name: common.line(arm, [f'{metric}/{p}' for p in sizes], sizes)
              for name, arm in summary['arms'].items()}
     common.plot_lines(
         os.path.join(out, f'{NAME}{suffix}.png'), lines,
@@ -99,21 +96,12 @@ def main(argv=None):
   results = {name: {'patch_sizes': list(sizes), **common.run_seeds(
       arm_config(sizes, args.steps), args, name, evaluate)}
              for name, sizes in arms.items()}
-  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
-  summary = {
-      'study': NAME,
-      'machine': common.machine(),
-      'setting': {
-          'steps': args.steps, 'seeds': args.seeds, 'scale': args.scale,
-          'eval_examples': args.eval_examples, 'side': SIDE,
-          'base_patch_size': BASE_PATCH, 'object_scale': OBJECT_SCALE,
-          'eval_patch_sizes': list(PATCH_SIZES),
-          'eval_tokens': [common.tokens_for_side(SIDE, p) for p in PATCH_SIZES],
-      },
-      'chance': 1 / len(synthetic.class_names()),
-      'seconds': round(time.perf_counter() - start, 1),
-      'arms': results,
-  }
+  summary = common.summary(NAME, args, start, {
+      'steps': args.steps, 'side': SIDE,
+      'base_patch_size': BASE_PATCH, 'object_scale': OBJECT_SCALE,
+      'eval_patch_sizes': list(PATCH_SIZES),
+      'eval_tokens': [common.tokens_for_side(SIDE, p) for p in PATCH_SIZES],
+  }, results)
   json_path = os.path.join(args.out, f'{NAME}.json')
   common.write_json(json_path, summary)
   plot(summary, args.out)

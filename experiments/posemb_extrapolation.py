@@ -60,9 +60,7 @@ def evaluator(eval_examples, sides):
 def plot(summary, path):
   """Accuracy against eval resolution, one line per arm, from the JSON."""
   sides = summary['setting']['eval_sides']
-  lines = {name: {'x': sides,
-                  **{stat: [arm['points'][str(s)][stat] for s in sides]
-                     for stat in ('mean', 'min', 'max')}}
+  lines = {name: common.line(arm, [str(s) for s in sides], sides)
            for name, arm in summary['arms'].items()}
   setting = summary['setting']
   common.plot_lines(
@@ -83,23 +81,13 @@ def main(argv=None):
   results = {name: {'posemb': kind, **common.run_seeds(
       arm_config(kind, args.steps), args, name, evaluate)}
              for name, kind in arms.items()}
-  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
-  chance = 1 / len(synthetic.class_names())
-  summary = {
-      'study': NAME,
-      'machine': common.machine(),
-      'setting': {
-          'steps': args.steps, 'seeds': args.seeds, 'scale': args.scale,
-          'eval_examples': args.eval_examples, 'patch_size': PATCH,
-          'train_side': [32, TRAIN_MAX_SIDE],
-          'eval_sides': list(sides),
-          'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides],
-          'eval_resize': 'fit',
-      },
-      'chance': chance,
-      'seconds': round(time.perf_counter() - start, 1),
-      'arms': results,
-  }
+  summary = common.summary(NAME, args, start, {
+      'steps': args.steps, 'patch_size': PATCH,
+      'train_side': [32, TRAIN_MAX_SIDE],
+      'eval_sides': list(sides),
+      'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides],
+      'eval_resize': 'fit',
+  }, results)
   json_path = os.path.join(args.out, f'{NAME}.json')
   common.write_json(json_path, summary)
   plot(summary, os.path.join(args.out, f'{NAME}.png'))

@@ -33,9 +33,9 @@ def evaluator(resize, eval_examples, sides):
     sources = common.eval_sources(config, eval_examples)
     points = {}
     for side in sides:
-      top1 = common.zero_shot_top1(config, params, sources,
-                                   common.tokens_for_side(side, PATCH), resize=resize)
-      points.update({f'{metric}/{side}': v for metric, v in top1.items()})
+      points.update(common.zero_shot_points(
+          config, params, sources, side, common.tokens_for_side(side, PATCH),
+          resize=resize))
     return points
   return evaluate
 
@@ -46,9 +46,7 @@ def plot(summary, out):
   sides = summary['setting']['eval_sides']
   setting = summary['setting']
   for metric, suffix in (('seen', ''), ('heldout', '_heldout')):
-    lines = {name: {'x': sides,
-                    **{stat: [arm['points'][f'{metric}/{s}'][stat] for s in sides]
-                       for stat in ('mean', 'min', 'max')}}
+    lines = {name: common.line(arm, [f'{metric}/{s}' for s in sides], sides)
              for name, arm in summary['arms'].items()}
     common.plot_lines(
         os.path.join(out, f'{NAME}{suffix}.png'), lines,
@@ -74,22 +72,8 @@ def main(argv=None):
         'steps': steps[name], 'eval_resize': resize,
         **common.run_seeds(equal_compute.arm_config(name, steps[name]), args,
                            name, evaluator(resize, args.eval_examples, sides))}
-  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
-  summary = {
-      'study': NAME,
-      'machine': common.machine(),
-      'setting': {
-          'reference_steps': args.steps, 'seeds': args.seeds,
-          'scale': args.scale, 'eval_examples': args.eval_examples,
-          'patch_size': PATCH, 'train_side': list(equal_compute.TRAIN_SIDE),
-          'object_scale': equal_compute.OBJECT_SCALE,
-          'eval_sides': list(sides),
-          'eval_tokens': [common.tokens_for_side(s, PATCH) for s in sides],
-      },
-      'chance': 1 / len(synthetic.class_names()),
-      'seconds': round(time.perf_counter() - start, 1),
-      'arms': results,
-  }
+  summary = common.summary(NAME, args, start,
+                           equal_compute.setting(args, sides), results)
   json_path = os.path.join(args.out, f'{NAME}.json')
   common.write_json(json_path, summary)
   plot(summary, args.out)

@@ -240,7 +240,7 @@ class Trainer:
       flops = flops_lib.training_flops(self.config.model, batch_lib.spec_of(batch),
                                        frozen=self.frozen_towers)
       compiled = xla_options.compile_step(jitted.lower(state, batch),
-                                          self.config.get('cpu_compiler_options', ''))
+                                          self.config.cpu_compiler_options)
       self._compiled[p] = (compiled, float(flops))
     return self._compiled[p]
 

@@ -7,6 +7,7 @@ The ImageNet script, the in-training eval hook and the demo all go through
 
 import numpy as np
 
+from lit_navit.data import sources
 from lit_navit.data import synthetic
 from lit_navit.evaluate import retrieval
 
@@ -124,12 +125,9 @@ def evaluate_classification(embedder, source, labels, classnames, templates,
 def synthetic_heldout_source(source_config, num_images: int):
   """The 'heldout' split of a synthetic training source: the shape-colour
   pairs no training caption names, drawn at the training image sizes."""
-  return synthetic.SyntheticSource(
-      size=num_images, seed=source_config.seed, split='heldout',
-      image_format=source_config.image_format,
-      min_side=source_config.min_side, max_side=source_config.max_side,
-      max_aspect=source_config.max_aspect,
-      object_scale=source_config.object_scale)
+  config = source_config.copy_and_resolve_references()
+  config.update(kind='synthetic', size=num_images, split='heldout')
+  return sources.make_source(config)
 
 
 def synthetic_zero_shot(embedder, source, templates=SYNTHETIC_TEMPLATES,
