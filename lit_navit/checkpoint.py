@@ -5,7 +5,9 @@ Layout (one directory per step, written atomically by orbax):
   WORKDIR/checkpoints/<step>/state   params, optimizer state, step, rng
   WORKDIR/checkpoints/<step>/data    the input pipeline's iterator state (JSON)
   WORKDIR/checkpoints/<step>/config  the training config (JSON), so a step
-                                     directory alone is enough for evaluation
+                                     directory alone is enough for evaluation;
+                                     read over today's defaults, so a step
+                                     saved before a key existed still loads
 
 The trainer and the eval scripts restore the same way (`newest_readable`):
 newest step first, and a step that fails to read is reported and the one
@@ -23,6 +25,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lit_navit import config as config_lib
 from lit_navit import fs
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -142,6 +145,21 @@ class UnreadableCheckpoint(ValueError):
   """No checkpoint could be read (or not the one asked for)."""
 
 
+def over_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved training config, with today's default for each key it lacks.
+
+  Keys are added with defaults that keep the old behaviour, so a checkpoint
+  saved before a key existed reads as it was trained. Saved values win, and
+  keys today's schema lacks are kept as saved.
+  """
+  def overlay(default, saved):
+    if not (isinstance(default, dict) and isinstance(saved, dict)):
+      return saved
+    return {**default, **{k: overlay(default.get(k), v) for k, v in saved.items()}}
+
+  return ml_collections.ConfigDict(overlay(config_to_json(config_lib.default_config()), saved))
+
+
 def newest_readable(steps, restore, where: str):
   """Tries restore(step) newest step first until one works.
 
@@ -231,7 +249,7 @@ def _read_step(step_dir: str):
   config_path = fs.join(step_dir, 'config', 'metadata')
   with fs.open(config_path, 'r', encoding='utf-8') as f:
     try:
-      config = ml_collections.ConfigDict(json.load(f))
+      config = over_defaults(json.load(f))
     except json.JSONDecodeError as e:
       raise ValueError(f'{config_path} line {e.lineno}: invalid JSON ({e.msg})') from e
   state_dir = fs.join(step_dir, 'state')

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lit_navit import checkpoint
+from lit_navit import config as config_lib
 from lit_navit.evaluate import cli
 from lit_navit.evaluate import datasets
 from lit_navit.evaluate import export
@@ -262,3 +263,47 @@ def test_scripts_report_user_errors_in_one_line(two_steps, tmp_path):
                      '--folder', str(tmp_path / 'data'), '--no_progress')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert f'checkpoint {step_dir} is unreadable' in proc.stderr
+
+
+def _without_defaults(saved, default):
+  """`saved` less every key whose value is today's default: a config
+  written before those keys existed."""
+  kept = {}
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(default.get(key), dict):
+      value = _without_defaults(value, default[key])
+      if value:
+        kept[key] = value
+    elif key not in default or value != default[key]:
+      kept[key] = value
+  return kept
+
+
+def test_a_checkpoint_saved_before_todays_keys_loads_and_exports(two_steps, tmp_path):
+  workdir, params = two_steps
+  copy, step_dir = _copy(workdir, tmp_path)
+  config_path = os.path.join(step_dir, 'config', 'metadata')
+  with open(config_path, encoding='utf-8') as f:
+    saved = json.load(f)
+  default = checkpoint.config_to_json(config_lib.default_config())
+  old = _without_defaults(saved, default)
+  assert 'cpu_compiler_options' not in old and 'object_scale' not in old['input']['source']
+  assert 'evals' not in old and 'mode' not in old['input']['resolution']  # groups too
+  with open(config_path, 'w', encoding='utf-8') as f:
+    json.dump(old, f)
+  config, loaded = checkpoint.load_for_inference(step_dir)
+  assert checkpoint.config_to_json(config) == saved
+  _assert_equal(loaded, params[2])
+  # The export script reads it as it reads today's checkpoints.
+  write_images(str(tmp_path / 'photos'), SIZES[:3])
+  outputs = {}
+  for name, path in (('today', os.path.join(workdir, 'checkpoints', '2')), ('old', step_dir)):
+    outputs[name] = str(tmp_path / name)
+    _script('export_embeddings').main([
+        '--checkpoint', path, '--images', str(tmp_path / 'photos'),
+        '--output_dir', outputs[name], '--no_progress'])
+  embeddings = {name: np.concatenate([np.load(os.path.join(out, 'img_emb', n))
+                                      for n in sorted(os.listdir(os.path.join(out, 'img_emb')))])
+                for name, out in outputs.items()}
+  assert embeddings['today'].shape[0] == 3
+  np.testing.assert_array_equal(embeddings['old'], embeddings['today'])
