@@ -167,12 +167,12 @@ def newest_readable(steps, restore, where: str):
   failure is logged. Raises UnreadableCheckpoint listing every step and its
   reason when none works.
   """
+  _quiet_late_tensorstore_callbacks()
   failed = []
   for step in sorted(steps, reverse=True):
     try:
       return step, restore(step), failed
     except Exception as e:  # pylint: disable=broad-except
-      _quiet_late_tensorstore_callbacks()
       # Whatever fails to read (missing file, bad bytes, bad JSON), the step
       # is unusable: try the one before it.
       failed.append((step, _reason(e)))
@@ -184,9 +184,12 @@ def newest_readable(steps, restore, where: str):
 
 
 def _quiet_late_tensorstore_callbacks():
-  """After a failed restore, tensorstore reads still in flight complete into
+  """When a restore fails, tensorstore reads still in flight complete into
   orbax's event loop, which is closed by then; each would print a stray
-  'Event loop is closed' traceback. Those (and only those) are dropped."""
+  'Event loop is closed' traceback. Those (and only those) are dropped.
+
+  Installed before the first read: they can land before the failure has
+  even reached our except clause."""
   previous = sys.unraisablehook
   if getattr(previous, 'lit_navit_quiet', False):
     return
@@ -229,10 +232,10 @@ def load_for_inference(path: str):
   if not fs.isdir(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist')
   if fs.isdir(fs.join(path, 'state')) or re.fullmatch(r'\d+', fs.basename(path)):
+    _quiet_late_tensorstore_callbacks()
     try:
       return _read_step(path)
     except Exception as e:  # pylint: disable=broad-except
-      _quiet_late_tensorstore_callbacks()
       raise UnreadableCheckpoint(
           f'checkpoint {path} is unreadable ({_reason(e)})') from e
   step_dirs = _step_dirs(path)
@@ -253,7 +256,10 @@ def _read_step(step_dir: str):
     except json.JSONDecodeError as e:
       raise ValueError(f'{config_path} line {e.lineno}: invalid JSON ({e.msg})') from e
   state_dir = fs.join(step_dir, 'state')
-  saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+  metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+  if metadata is None:
+    raise ValueError(f'{state_dir} has no readable metadata (files missing or damaged)')
+  saved = metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {'params': jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

@@ -263,6 +263,7 @@ def test_scripts_report_user_errors_in_one_line(two_steps, tmp_path):
                      '--folder', str(tmp_path / 'data'), '--no_progress')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert f'checkpoint {step_dir} is unreadable' in proc.stderr
+  assert 'has no readable metadata' in proc.stderr
 
 
 def _without_defaults(saved, default):
