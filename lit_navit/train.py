@@ -12,6 +12,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 import logging
 import os
 import sys
+import uuid
 
 from absl import app
 from absl import flags
@@ -41,7 +42,8 @@ def check_workdir(workdir: str) -> None:
   bucket = fs.missing_bucket(workdir)
   if bucket:
     raise FileNotFoundError(f'workdir {workdir!r}: bucket {bucket} does not exist')
-  probe = fs.join(workdir, '.write_probe')
+  # One name per process: the hosts of a run probe the same workdir at once.
+  probe = fs.join(workdir, f'.write_probe-{uuid.uuid4().hex}')
   try:
     fs.makedirs(workdir)
     with fs.atomic_write(probe, 'w', encoding='utf-8') as f:

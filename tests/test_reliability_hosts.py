@@ -1,8 +1,10 @@
 """A dying host: one of two JAX processes is SIGKILLed mid-training; the other
 stops with an error within the configured heartbeat timeout instead of
 hanging. Two processes resume from their checkpoint exactly, each from its
-own input pipeline position; another number of processes is refused."""
+own input pipeline position; another number of processes is refused. Hosts
+starting together all find their shared workdir writable."""
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from lit_navit import checkpoint
+from lit_navit import train
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +112,27 @@ def test_two_processes_resume_exactly_and_refuse_one(tmp_path):
       capture_output=True, text=True, timeout=400)
   assert one.returncode == 2, one.stderr[-2000:]
   assert 'written by 2 processes and this run has 1' in one.stderr
+
+
+def _check_workdir_repeatedly(workdir, start, times):
+  start.wait()
+  for _ in range(times):
+    train.check_workdir(workdir)
+
+
+def test_hosts_checking_one_workdir_at_once_all_pass(tmp_path):
+  """Every host of a run probes the shared workdir as it starts; one host
+  must not delete another's probe (CI once lost a two-process run that way:
+  the survivor waited out jax's topology timeout)."""
+  workdir = str(tmp_path / 'shared')
+  context = multiprocessing.get_context('fork')
+  start = context.Event()
+  hosts = [context.Process(target=_check_workdir_repeatedly, args=(workdir, start, 300))
+           for _ in range(4)]
+  for host in hosts:
+    host.start()
+  start.set()
+  for host in hosts:
+    host.join(timeout=120)
+  assert [host.exitcode for host in hosts] == [0] * len(hosts)
+  assert os.listdir(workdir) == []
