@@ -1,6 +1,6 @@
 """A dying host: one of two JAX processes is SIGKILLed mid-training; the other
 stops with an error within the configured heartbeat timeout instead of
-hanging. Two processes resume from their checkpoint exactly, each from its
+hanging. Two processes resume exactly, past a damaged newest step, each from its
 own input pipeline position; another number of processes is refused. Hosts
 starting together all find their shared workdir writable."""
 
@@ -94,12 +94,17 @@ def _run_both(workdir, steps):
 
 def test_two_processes_resume_exactly_and_refuse_one(tmp_path):
   resumed, straight = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
-  for steps in (2, 4):
-    _run_both(resumed, steps)
+  _run_both(resumed, 4)
+  assert _checkpoints(resumed) == [2, 4]
+  # The newest step is damaged: both hosts pass over it to step 2, process 0
+  # sets it aside, and the run trains steps 3 and 4 again.
+  os.remove(os.path.join(resumed, 'checkpoints', '4', 'state', 'manifest.ocdbt'))
+  _run_both(resumed, 4)
+  assert os.path.isdir(os.path.join(resumed, 'checkpoints', '4.corrupt-0'))
   _run_both(straight, 4)
   assert _checkpoints(resumed)[-1] == _checkpoints(straight)[-1] == 4
-  # Both hosts' pipelines resumed where they were: the same parameters, bit
-  # for bit, as the run that was never stopped.
+  # Both hosts' pipelines resumed where they were at step 2: the same
+  # parameters, bit for bit, as the run that was never stopped.
   jax.tree.map(np.testing.assert_array_equal, *(
       jax.tree.map(np.asarray, checkpoint.load_for_inference(w)[1])
       for w in (resumed, straight)))
