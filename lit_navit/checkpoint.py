@@ -123,6 +123,8 @@ class Checkpointer:
       while fs.exists(f'{src}.corrupt-{n}'):
         n += 1
       fs.rename(src, f'{src}.corrupt-{n}')
+    # Reopening passes orbax's all-process barrier before listing the steps,
+    # so no process lists the moved step (and refuses to save it again).
     self._manager.close()
     self._manager = self._open()
 
