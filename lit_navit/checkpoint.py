@@ -18,8 +18,11 @@ trainer stops and lists them, unless told to start over.
 
 import json
 import logging
+import os
 import re
 import sys
+import traceback
+import types
 
 import jax
 import ml_collections
@@ -169,7 +172,7 @@ def newest_readable(steps, restore, where: str):
   failure is logged. Raises UnreadableCheckpoint listing every step and its
   reason when none works.
   """
-  _quiet_late_tensorstore_callbacks()
+  _quiet_abandoned_reads()
   failed = []
   for step in sorted(steps, reverse=True):
     try:
@@ -185,24 +188,53 @@ def newest_readable(steps, restore, where: str):
       '; '.join(f'step {step}: {reason}' for step, reason in failed))
 
 
-def _quiet_late_tensorstore_callbacks():
-  """When a restore fails, tensorstore reads still in flight complete into
-  orbax's event loop, which is closed by then; each would print a stray
-  'Event loop is closed' traceback. Those (and only those) are dropped.
+def _quiet_abandoned_reads():
+  """When a restore fails, the reads it started and no longer waits for end
+  later, each printing a stray traceback on stderr: a tensorstore callback
+  into orbax's closed event loop ('Event loop is closed'), a read coroutine
+  closed by the garbage collector (whose error handler then raises), or a
+  read task or future whose error nobody retrieved (asyncio logs it).
+  Those, and only those, are dropped: the failure itself is reported once,
+  by the caller.
 
   Installed before the first read: they can land before the failure has
   even reached our except clause."""
   previous = sys.unraisablehook
-  if getattr(previous, 'lit_navit_quiet', False):
-    return
+  if not getattr(previous, 'lit_navit_quiet', False):
+    def hook(unraisable):
+      error = unraisable.exc_value
+      late_callback = (isinstance(error, RuntimeError)
+                       and str(error) == 'Event loop is closed')
+      closed_read = (isinstance(unraisable.object, types.CoroutineType)
+                     and isinstance(error.__cause__, GeneratorExit))
+      if not (late_callback or closed_read):
+        previous(unraisable)
 
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
-      previous(unraisable)
+    hook.lit_navit_quiet = True
+    sys.unraisablehook = hook
+  asyncio_log = logging.getLogger('asyncio')
+  if _UnretrievedOrbaxRead not in map(type, asyncio_log.filters):
+    asyncio_log.addFilter(_UnretrievedOrbaxRead())
 
-  hook.lit_navit_quiet = True
-  sys.unraisablehook = hook
+
+class _UnretrievedOrbaxRead(logging.Filter):
+  """Drops asyncio's '<Task or future> exception was never retrieved' for
+  the reads of orbax and tensorstore."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    first_line = record.getMessage().split('\n', 1)[0]
+    return not (first_line.endswith(' exception was never retrieved')
+                and error is not None and _read_error(error))
+
+
+def _read_error(error: BaseException) -> bool:
+  """Raised in orbax's code, or set by tensorstore (no Python frames, and
+  its status code first: 'OUT_OF_RANGE: Error reading ...')."""
+  if error.__traceback__ is None:
+    return re.match(r'[A-Z_]+: ', str(error)) is not None
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
 
 
 def _reason(error: Exception) -> str:
@@ -234,7 +266,7 @@ def load_for_inference(path: str):
   if not fs.isdir(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist')
   if fs.isdir(fs.join(path, 'state')) or re.fullmatch(r'\d+', fs.basename(path)):
-    _quiet_late_tensorstore_callbacks()
+    _quiet_abandoned_reads()
     try:
       return _read_step(path)
     except Exception as e:  # pylint: disable=broad-except

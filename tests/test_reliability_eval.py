@@ -266,6 +266,44 @@ def test_scripts_report_user_errors_in_one_line(two_steps, tmp_path):
   assert 'has no readable metadata' in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_script_passing_over_a_truncated_step_prints_no_tracebacks(two_steps, tmp_path):
+  """The reads a failed restore abandons end later, each once printing a
+  traceback (a closed event loop, a collected coroutine, an unretrieved
+  task or future); which of them and how many varies from run to run."""
+  copy, step_dir = _copy(two_steps[0], tmp_path)
+  _truncate_data(step_dir)
+  (tmp_path / 'data' / 'a').mkdir(parents=True)
+  write_images(str(tmp_path / 'data' / 'a'), SIZES[:2])
+  for _ in range(3):
+    proc = _run_script('zero_shot_imagenet', '--checkpoint', copy,
+                       '--folder', str(tmp_path / 'data'), '--no_progress',
+                       '--output', str(tmp_path / 'out.json'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert 'step 2' in lines[0] and 'unreadable' in lines[0]
+    assert 'using checkpoint step 1' in lines[1]
+
+
+def test_only_abandoned_read_errors_are_dropped_from_asyncio_logs():
+  keep = checkpoint._UnretrievedOrbaxRead().filter  # pylint: disable=protected-access
+
+  def record(message, error):
+    return logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, (),
+                             (type(error), error, error.__traceback__))
+
+  tensorstore_error = ValueError('OUT_OF_RANGE: Error reading "a/0.0" in OCDBT database')
+  assert not keep(record('Future exception was never retrieved\nfuture: <Future>',
+                         tensorstore_error))
+  try:
+    raise ValueError('a mistake of our own')
+  except ValueError as e:
+    ours = e
+  assert keep(record('Task exception was never retrieved\nfuture: <Task>', ours))
+  assert keep(record('Exception in callback', tensorstore_error))
+
+
 def _without_defaults(saved, default):
   """`saved` less every key whose value is today's default: a config
   written before those keys existed."""
