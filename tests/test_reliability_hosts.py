@@ -4,7 +4,6 @@ hanging. Two processes resume exactly, past a damaged newest step, each from its
 own input pipeline position; another number of processes is refused. Hosts
 starting together all find their shared workdir writable."""
 
-import multiprocessing
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 
 from lit_navit import checkpoint
-from lit_navit import train
 
 pytestmark = pytest.mark.slow
 
@@ -119,25 +117,28 @@ def test_two_processes_resume_exactly_and_refuse_one(tmp_path):
   assert 'written by 2 processes and this run has 1' in one.stderr
 
 
-def _check_workdir_repeatedly(workdir, start, times):
-  start.wait()
-  for _ in range(times):
-    train.check_workdir(workdir)
+# A host: waits for the start file, then checks the workdir 300 times.
+_HOST = """
+import os, sys, time
+from lit_navit import train
+workdir, start = sys.argv[1:]
+while not os.path.exists(start):
+  time.sleep(0.01)
+for _ in range(300):
+  train.check_workdir(workdir)
+"""
 
 
 def test_hosts_checking_one_workdir_at_once_all_pass(tmp_path):
   """Every host of a run probes the shared workdir as it starts; one host
   must not delete another's probe (CI once lost a two-process run that way:
   the survivor waited out jax's topology timeout)."""
-  workdir = str(tmp_path / 'shared')
-  context = multiprocessing.get_context('fork')
-  start = context.Event()
-  hosts = [context.Process(target=_check_workdir_repeatedly, args=(workdir, start, 300))
+  workdir, start = str(tmp_path / 'shared'), tmp_path / 'start'
+  hosts = [subprocess.Popen([sys.executable, '-c', _HOST, workdir, str(start)],
+                            env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)),
+                            stderr=subprocess.PIPE, text=True)
            for _ in range(4)]
-  for host in hosts:
-    host.start()
-  start.set()
-  for host in hosts:
-    host.join(timeout=120)
-  assert [host.exitcode for host in hosts] == [0] * len(hosts)
+  start.touch()
+  errors = [host.communicate(timeout=120)[1] for host in hosts]
+  assert [host.returncode for host in hosts] == [0] * len(hosts), '\n'.join(errors)
   assert os.listdir(workdir) == []
