@@ -226,7 +226,11 @@ class Trainer:
         images=jnp.sum(valid), tokens=real_tokens,
         padding_fraction=1.0 - real_tokens / batch['image/segment'].size,
         images_per_row=jnp.sum(valid) / batch['valid'].shape[0],
-        empty_caption_fraction=1.0 - jnp.mean(batch['text/valid']))
+        empty_caption_fraction=1.0 - jnp.mean(batch['text/valid']),
+        # The text tower's share of pad tokens: what shorter captions
+        # (a smaller text_len) would save.
+        text_padding_fraction=jnp.mean(
+            batch['text/tokens'] == self.config.model.text.pad_id))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 

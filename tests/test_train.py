@@ -17,6 +17,7 @@ import pytest
 from lit_navit import checkpoint
 from lit_navit import config as config_lib
 from lit_navit import rules
+from lit_navit import sharding
 from lit_navit import train
 from lit_navit import trainer as trainer_lib
 
@@ -80,13 +81,32 @@ def test_metrics_and_summaries_are_written(reference):
   records = _metrics(reference)
   assert [r['step'] for r in records] == list(range(1, 13))
   for key in ('loss', 'lr', 't', 'b', 'grad_norm', 'images_per_s', 'tokens_per_s',
-              'padding_fraction', 'images_per_row', 'mfu', 'eta_seconds'):
+              'padding_fraction', 'text_padding_fraction', 'images_per_row', 'mfu',
+              'eta_seconds'):
     assert all(np.isfinite(r[key]) for r in records), key
   assert all(0 <= r['padding_fraction'] < 1 for r in records)
+  assert all(0 < r['text_padding_fraction'] < 1 for r in records)
   assert records[-1]['eta_seconds'] == 0
   events = os.listdir(os.path.join(reference, 'tensorboard'))
   assert any(name.startswith('events.out.tfevents') for name in events)
   assert _steps(reference) == [4, 8, 12]
+
+
+def test_step_reports_the_share_of_pad_tokens_the_text_tower_encodes(tmp_path):
+  config = config_lib.load_config_file(TINY + ':steps=1,every=1')
+  trainer = trainer_lib.Trainer(config, str(tmp_path))
+  try:
+    state = trainer.restore_or_init()
+    local = next(trainer.pipeline)
+    batch = sharding.make_global_batch(
+        {k: local[k] for k in trainer_lib.MODEL_KEYS}, trainer.mesh)
+    _, metrics = trainer.compiled_step(state, batch)[0](state, batch)
+  finally:
+    trainer.pipeline.close()
+  pads = np.asarray(local['text/tokens']) == config.model.text.pad_id
+  assert 0 < pads.mean() < 1
+  np.testing.assert_allclose(float(metrics['text_padding_fraction']), pads.mean(),
+                             rtol=1e-6)
 
 
 def test_rerunning_a_finished_run_trains_nothing(reference, tmp_path):
