@@ -517,8 +517,7 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         size=config.size, seed=config.seed, split=config.split,
         image_format=config.image_format, min_side=config.min_side,
         max_side=config.max_side, max_aspect=config.max_aspect,
-        # Configs saved in checkpoints before the key existed lack it.
-        object_scale=config.get('object_scale', 1.0))
+        object_scale=config.object_scale)
   if kind not in SOURCE_KINDS:
     raise ValueError(f'unknown data source kind {kind!r} (config key '
                      f'"kind"); expected one of {SOURCE_KINDS}')
