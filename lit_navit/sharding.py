@@ -27,8 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lit_navit import rules
+from lit_navit.models.partitioning import BATCH_AXES
 
-BATCH_AXES = ('data', 'fsdp')
 FSDP = 'fsdp'
 SHARDING_RULES = ('replicate', 'fsdp')
 
@@ -56,6 +56,17 @@ def make_mesh(config, devices=None) -> Mesh:
                      f'{len(devices)} devices: sizes must multiply to it.')
   return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
+
+
+def process_count(mesh: Mesh) -> int:
+  """The hosts holding the mesh's devices: from the devices, so that a plan
+  for a topology without hardware counts its hosts, not this one process."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices."""
+  return mesh.devices.flat[0].platform
 
 
 def _fsdp_spec(shape, fsdp_size):

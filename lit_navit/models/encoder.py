@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lit_navit.models import attention as attention_lib
+from lit_navit.models import partitioning
 
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
@@ -79,6 +80,8 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask):
+    # Rows stay split over the batch axes: fsdp gathers weights, not these.
+    x = partitioning.constrain_batch(x)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y = MultiHeadAttention(
         self.num_heads, self.qk_norm, self.use_bias, self.attention, self.dtype,
@@ -86,7 +89,7 @@ class EncoderBlock(nn.Module):
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_1')(x)
     y = MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name='MlpBlock_0')(y)
-    return x + y, None
+    return partitioning.constrain_batch(x + y), None
 
 
 def _remat_policy(name: str):
