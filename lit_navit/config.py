@@ -105,7 +105,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
-  """Sets each (dotted key, text) in `config` (`train.split_overrides`)."""
+  """Sets each (dotted key, text) in `config` (`command_line.split_overrides`)."""
   for key, text in overrides:
     parent, leaf = _parent_of(config, key)
     value = _parse_value(key, text, parent.get_type(leaf), parent[leaf])

@@ -111,6 +111,11 @@ class NaViT(nn.Module):
       raise ValueError(f'unknown image pool {self.pool!r}; expected one of {pooling.POOLS}')
     segment, grid = jnp.asarray(segment), jnp.asarray(grid)
     batch, _, _ = patches.shape
+    if patches.dtype == jnp.uint8:
+      # Normalised here so that a quarter of float32's bytes cross to the
+      # device; padding keeps the host path's zeros.
+      pixels = patches.astype(jnp.float32) / 127.5 - 1
+      patches = jnp.where(segment[..., None] != 0, pixels, 0.0)
     slots = grid.shape[1]
     x = PatchEmbedding(self.width, self.base_patch_size, self.use_bias,
                        self.resize_fn, self.dtype, self.stem,
@@ -125,7 +130,7 @@ class NaViT(nn.Module):
     x = encoder.Encoder(
         self.depth, self.mlp_dim, self.num_heads, self.qk_norm, self.use_bias,
         self.attention, self.scan, self.remat_policy, self.dtype,
-        name='Transformer')(x, attention_lib.segment_mask(segment, segment))
+        name='Transformer')(x, attention_lib.Segments(segment, segment))
 
     slot_mask = segment[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
     if self.pool == 'map':
