@@ -36,6 +36,7 @@ from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
 from lit_navit.models import flops as flops_lib
+from lit_navit.models import precision
 from lit_navit.models import two_towers
 
 log = logging.getLogger('lit_navit')
@@ -235,7 +236,8 @@ class Trainer:
   def _train_step(self, state, batch):
     valid = batch['valid'].reshape(-1)
     # The model pins its activations to this mesh's batch axes (partitioning.py).
-    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+        precision.f32_grads(self.config.model.f32_grads):
       (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
           state['params'], batch)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
