@@ -145,12 +145,12 @@ def plan(config, devices, cost_model: bool = True) -> dict:
     return result
 
   start = time.perf_counter()
-  costs = {}
-  for depths in cost_lib.DEPTHS:
-    shallow = trainer_lib.Trainer(_with_depths(config, *depths), None, devices=devices)
-    costs[depths] = cost_lib.cost_of(shallow.compile_step(patch_size))
   depth_img = variants.tower_size(config.model.image, 'image')['depth']
   depth_txt = variants.tower_size(config.model.text, 'text')['depth']
+  costs = {}
+  for depths in cost_lib.depths_to_compile(depth_img, depth_txt):
+    shallow = trainer_lib.Trainer(_with_depths(config, *depths), None, devices=devices)
+    costs[depths] = cost_lib.cost_of(shallow.compile_step(patch_size))
   cost = cost_lib.extrapolate(costs, depth_img, depth_txt)
   pallas = 0.0
   for tower, tokens, rows in (('image', spec.tokens_per_row, spec.rows),

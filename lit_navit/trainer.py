@@ -96,6 +96,15 @@ def check_divisibility(config, mesh) -> None:
                      f'over the {hosts} processes of the mesh')
 
 
+def check_kernels(config, mesh) -> None:
+  """Rejects an attention kernel the mesh's devices cannot run."""
+  platform = sharding.platform(mesh)
+  for tower in ('image', 'text'):
+    if config.model[tower].attention == 'splash' and platform != 'tpu':
+      raise ValueError(f"config key model.{tower}.attention='splash' is a TPU "
+                       f'kernel; the mesh\'s devices are {platform}')
+
+
 class Trainer:
   """Trains a two-tower model from a checked config into `workdir`.
 
@@ -113,6 +122,7 @@ class Trainer:
     self.start_over = start_over  # when no checkpoint is readable
     self.mesh = sharding.make_mesh(config, devices)
     check_divisibility(config, self.mesh)
+    check_kernels(config, self.mesh)
     self.process_count = sharding.process_count(self.mesh)
     self.local_rows = config.batch_size // self.process_count
     self.local_groups = caption_groups(self.mesh) // self.process_count

@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       use_bias=True,
       scan=True,
       remat_policy='none',
-      attention='dense',          # 'dense' | 'xla' | 'cudnn'.
+      attention='dense',          # 'dense' | 'xla' | 'cudnn' | 'splash' (TPU).
   ))
   c.text = ml_collections.ConfigDict(dict(
       variant='B',

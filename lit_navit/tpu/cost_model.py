@@ -11,7 +11,9 @@ inside Pallas kernels. So:
    (2, 1) and (1, 2): no layer loop is left, and the per-layer cost of each
    tower is a difference of two compiles. The step's cost is then
    base + depth_img * image_layer + depth_txt * text_layer, for FLOPs, HBM
-   bytes and optimal seconds alike. Remat's recompute is in these programs,
+   bytes and optimal seconds alike. Towers of equal depth D need only
+   (1, 1) and (2, 2): cost(1, 1) + (D - 1) * (cost(2, 2) - cost(1, 1)).
+   Checked against a full unrolled compile in tests/test_plan.py. Remat's recompute is in these programs,
    so hardware FLOPs exceed the analytic model FLOPs by about its share.
 2. Pallas attention kernels (splash) are charged analytically: the q.k and
    weights.v matmuls of every layer, forward, backward (2x) and remat's
@@ -24,7 +26,8 @@ inside Pallas kernels. So:
 
 import dataclasses
 
-DEPTHS = ((1, 1), (2, 1), (1, 2))
+def depths_to_compile(depth_img: int, depth_txt: int) -> tuple:
+  return ((1, 1), (2, 2)) if depth_img == depth_txt else ((1, 1), (2, 1), (1, 2))
 KEYS = ('flops', 'bytes accessed', 'optimal_seconds')
 
 
@@ -51,10 +54,14 @@ def cost_of(compiled) -> dict:
 
 
 def extrapolate(costs: dict, depth_img: int, depth_txt: int) -> dict:
-  """costs: {(d_img, d_txt): cost} at DEPTHS -> the cost at the real depths."""
+  """costs: {(d_img, d_txt): cost} at `depths_to_compile` -> the cost at
+  the real depths."""
   out = {}
   for key in KEYS:
     base = costs[(1, 1)][key]
+    if (2, 2) in costs:
+      out[key] = base + (depth_img - 1) * (costs[(2, 2)][key] - base)
+      continue
     img = costs[(2, 1)][key] - base
     txt = costs[(1, 2)][key] - base
     out[key] = base + (depth_img - 1) * img + (depth_txt - 1) * txt
