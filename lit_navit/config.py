@@ -148,9 +148,11 @@ def _parse_value(key, text, kind, current):
       return kind(text)
     except ValueError:
       raise bad(f'a number ({kind.__name__})') from None
+  # literal_eval raises TypeError on '{[]: 1}' (an unhashable key), and
+  # RecursionError or MemoryError on deep nesting.
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
     if current is None:  # a key without a default: take the text
       return text
     raise bad(f'a Python literal like {current!r}') from None
