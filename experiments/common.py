@@ -145,13 +145,46 @@ def train_arm(config, workdir):
   from lit_navit import train  # pylint: disable=g-import-not-at-top
   if fs.isdir(workdir) and config.total_steps in checkpoint_steps(workdir):
     trained_config, params = load_step(workdir, config.total_steps)
-    return trained_config, params, {'reused': workdir}
+    return trained_config, params, {'reused': workdir, **logged_stats(workdir)}
   start = time.perf_counter()
   result = train.train(config, workdir)
   trained_config, params = load_step(workdir, config.total_steps)
+  # Wall-clock of the whole training call (compilation, input pipeline and
+  # checkpoints included), so that equal FLOPs can be read beside it.
   info = {'train_seconds': round(time.perf_counter() - start, 1),
-          'final_loss': result.final_metrics.get('loss')}
+          'final_loss': result.final_metrics.get('loss'),
+          **logged_stats(workdir)}
   return trained_config, params, info
+
+
+def logged_stats(workdir) -> dict:
+  """What the run logged to metrics.jsonl (every `log_every` steps and the
+  last), so that the write-ups' images seen, padding and empty caption rows
+  can be checked against the results JSON:
+
+    logged_steps            the steps logged
+    images_per_step         mean images a step over those steps
+    images_seen_estimate    the final step times images_per_step
+    padding_fraction        mean share of padding tokens in the packed rows
+    empty_caption_fraction  mean share of caption rows left empty
+
+  Empty when the workdir has no metrics.jsonl.
+  """
+  from lit_navit import metrics  # pylint: disable=g-import-not-at-top
+  path = fs.join(workdir, metrics.JSONL)
+  if not fs.isfile(path):
+    return {}
+  records = [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
+  records = [r for r in records if 'images' in r]
+  if not records:
+    return {}
+  def mean(key):
+    return sum(r[key] for r in records) / len(records)
+  return {'logged_steps': [r['step'] for r in records],
+          'images_per_step': mean('images'),
+          'images_seen_estimate': round(records[-1]['step'] * mean('images')),
+          'padding_fraction': mean('padding_fraction'),
+          'empty_caption_fraction': mean('empty_caption_fraction')}
 
 
 def heldout_source(config, num_examples):
