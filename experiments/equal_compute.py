@@ -147,7 +147,7 @@ def plot(summary, out):
   against inference tokens; NAME_heldout.png: held-out pairs against FLOPs."""
   setting = summary['setting']
   title = (f'{setting["reference_steps"]} NaViT steps of FLOPs each, '
-           f'{setting["seeds"]} seeds: mean, min-max band')
+           f'{setting["seeds"]} seeds: mean, min-max band, a dot per seed')
   arms = summary['arms']
   for suffix, metric, axis in (('', 'seen', 'flops'), ('_tokens', 'seen', 'tokens'),
                                ('_heldout', 'heldout', 'flops')):
