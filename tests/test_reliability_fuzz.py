@@ -340,7 +340,8 @@ def test_mutated_batches(valid_batch, data):
 KEYS = st.one_of(st.sampled_from(['mesh', 'input.patch_sizes', 'model.t_init',
                                   'checkpoint.every', 'optim.schedule', 'input',
                                   'input.resolution.max_tokens', 'seed',
-                                  'batch_size', 'optim.lr', 'input.shuffle']),
+                                  'batch_size', 'optim.lr', 'input.shuffle',
+                                  'model.image.posemb_grid']),
                  st.text(max_size=20))
 # XLA options: '--name=value' items are well formed; the others are not.
 GOOD_OPTION = st.from_regex(r'--[a-z_]{1,12}=[a-z0-9]{0,4}', fullmatch=True)
@@ -361,28 +362,30 @@ def overrides(draw):
 
 
 def _leaf(config, key):
-  """The value at a dotted key; KeyError when the key is unknown or a group."""
-  node = config
+  """(value, declared type) at a dotted key; KeyError when the key is
+  unknown or a group."""
+  node, parent, leaf = config, None, None
   for part in key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise KeyError(key)
-    node = node[part]
+    node, parent, leaf = node[part], node, part
   if isinstance(node, ml_collections.ConfigDict):
     raise KeyError(key)
-  return node
+  return node, parent.get_type(leaf)
 
 
 def _valid_override(config, key, text):
   """Whether `--config.key=text` is valid, as the schema documents: a known
-  key, text that parses as its type, and a positive batch_size."""
+  key, text that parses as its type (an unset key takes 'None', and one of
+  no declared type any text), and a positive batch_size."""
   try:
-    current = _leaf(config, key)
+    current, kind = _leaf(config, key)
   except KeyError:
     return False
-  if current is None:
-    return True  # an unset typed key takes a literal or the text as it is
+  if current is None and (text == 'None' or kind is type(None)):
+    return True
   parse = {bool: lambda t: t.lower() in ('true', 'false', '1', '0', 'yes', 'no'),
-           int: int, float: float, str: str}.get(type(current), ast.literal_eval)
+           int: int, float: float, str: str}.get(kind, ast.literal_eval)
   try:
     parsed = parse(text)
   except Exception:  # pylint: disable=broad-except
@@ -393,6 +396,8 @@ def _valid_override(config, key, text):
 @FUZZ
 @given(override=overrides())
 @example(override=('mesh', '{[]: 1}', False))  # literal_eval raises TypeError
+@example(override=('model.t_init', '', None))  # unset, but typed float
+@example(override=('model.image.posemb_grid', 'abc', False))  # unset, typed tuple
 def test_arbitrary_config_overrides(override):
   key, text, valid = override
   config = config_lib.load_config_file(TINY)
@@ -406,5 +411,6 @@ def test_arbitrary_config_overrides(override):
     return
   config_lib.apply_overrides(config, [(key, text)])
   config_lib.check_config(config)
-  if type(_leaf(config, key)) in (int, str):
-    assert _leaf(config, key) == type(_leaf(config, key))(text)
+  value, kind = _leaf(config, key)
+  if kind in (int, str) and text != 'None':
+    assert value == kind(text)
