@@ -182,6 +182,13 @@ def plan(config, devices, cost_model: bool = True) -> dict:
 GiB = 2 ** 30
 
 
+def _size(n: float) -> str:
+  for unit, scale in (('GiB', GiB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if n >= scale:
+      return f'{n / scale:.2f} {unit}'
+  return f'{n:.0f} B'
+
+
 def format_table(result: dict) -> str:
   t, b = result['topology'], result['batch']
   rows = [('topology', f"{t['chips']} x {t['chip']} ({t['devices']} devices, "
@@ -194,20 +201,20 @@ def format_table(result: dict) -> str:
     m = result['hbm_breakdown_bytes']
     rows += [
         ('compile', f"{result['compile_s']:.1f} s"),
-        ('HBM per chip', f"{result['hbm_per_chip_bytes'] / GiB:.2f} GiB of "
-                         f"{result['hbm_capacity_bytes'] / GiB:.2f} "
+        ('HBM per chip', f"{_size(result['hbm_per_chip_bytes'])} of "
+                         f"{_size(result['hbm_capacity_bytes'])} "
                          f"({100 * result['hbm_headroom']:.0f}% headroom): arguments "
-                         f"{m['arguments'] / GiB:.2f}, temporaries {m['temporaries'] / GiB:.2f}"),
+                         f"{_size(m['arguments'])}, temporaries {_size(m['temporaries'])}"),
         ('collectives per chip', ', '.join(
-            f'{k} {v / GiB:.3f}' for k, v in result['collective_bytes_per_chip'].items()
-            if v) + ' GiB per step'),
-        ('model FLOPs per step', f"{result['model_flops_per_step'] / 1e12:.1f} TFLOP")]
+            f'{k} {_size(v)}' for k, v in result['collective_bytes_per_chip'].items()
+            if v) + ' per step'),
+        ('model FLOPs per step', f"{result['model_flops_per_step'] / 1e12:.4g} TFLOP")]
   if 'projected_step_s' in result:
     rows += [
-        ('projected step', f"{result['projected_step_s'] * 1e3:.0f} ms (compute "
-                           f"{result['compute_s'] * 1e3:.0f} + collectives "
-                           f"{result['collectives_s'] * 1e3:.0f}; "
-                           f"{result['projected_step_s_overlapped'] * 1e3:.0f} if overlapped)"),
+        ('projected step', f"{result['projected_step_s'] * 1e3:.4g} ms (compute "
+                           f"{result['compute_s'] * 1e3:.4g} + collectives "
+                           f"{result['collectives_s'] * 1e3:.4g}; "
+                           f"{result['projected_step_s_overlapped'] * 1e3:.4g} if overlapped)"),
         ('projected MFU', f"{100 * result['projected_mfu']:.1f}% "
                           f"({100 * result['projected_mfu_overlapped']:.1f}% if overlapped)"),
         ('images/s per chip', f"{result['images_per_s_per_chip']:.1f}"),

@@ -118,3 +118,17 @@ def test_depth_extrapolation_matches_a_full_unrolled_compile(v5e_2x2):
   assert extrapolated['flops'] == pytest.approx(full['flops'], rel=0.02)
   assert extrapolated['optimal_seconds'] == pytest.approx(full['optimal_seconds'],
                                                           rel=0.2)
+
+
+def test_multi_slice_meshes_put_the_data_axis_across_slices():
+  from lit_navit import sharding  # pylint: disable=import-outside-toplevel
+  devices = plan.topology_devices('v5e:2x2', num_slices=2)
+  config = tiny_config.get_config()
+  config.mesh = [('data', 4), ('fsdp', 2)]
+  mesh = sharding.make_mesh(config, devices)
+  slice_of = [[d.slice_index for d in row] for row in mesh.devices]
+  # Each fsdp group stays in one slice (ICI); data crosses slices (DCN).
+  assert slice_of == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  config.mesh = [('data', 1), ('fsdp', 8)]
+  with pytest.raises(ValueError, match='must divide over the 2 slices'):
+    sharding.make_mesh(config, devices)
