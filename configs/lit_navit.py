@@ -17,7 +17,7 @@ workdir, step directory or big_vision .npz whose params initialise the model).
 
 import os
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit import config as config_lib
 
 
