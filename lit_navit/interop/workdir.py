@@ -3,9 +3,8 @@ around the imported model), the tokenizer copied beside it, and a JSON
 record of where it came from. The eval scripts, LiT `init` and the exports
 read it like any training workdir.
 
-Recipes (tokenization as big_vision's pp does it, which transformers'
-SigLIP tokenizers reproduce; both lowercase captions and keep EOS as the
-last token of a cut caption):
+Recipes (tokenization as big_vision's pp does it; both lowercase captions and
+keep EOS as the last token of a cut caption):
   siglip   c4_en (or mc4) sentencepiece, EOS appended, padded with 1 (EOS).
   siglip2  Gemma sentencepiece, EOS appended, padded with 0 (Gemma's pad).
 """
@@ -43,13 +42,15 @@ def default_max_tokens(model_config) -> int:
   return NAFLEX_TOKENS
 
 
-def training_config(model_config, tokenizer: str, recipe: str, max_tokens: int):
-  """A full lit_navit config around an imported model, as a checkpoint holds it."""
+def training_config(model_config, tokenizer: str, recipe: str, max_tokens: int,
+                    tokenization: dict | None = None):
+  """A full lit_navit config around an imported model, as a checkpoint holds
+  it; `tokenization` (pad_id, sticky_eos, lowercase) overrides the recipe's."""
   c = config_lib.default_config()
   c.model = model_config
   c.input.tokenizer = tokenizer
   c.input.text_len = model_config.text.max_len
-  c.input.update(RECIPES[recipe])
+  c.input.update(tokenization or RECIPES[recipe])
   c.model.text.pad_id = c.input.pad_id
   patch = model_config.image.base_patch_size
   c.input.patch_sizes = (patch,)
@@ -72,7 +73,8 @@ def check_tokenizer(path: str, model_config) -> None:
 
 
 def write(workdir: str, model_config, params, tokenizer: str, *, recipe: str | None,
-          max_tokens: int | None, record_name: str, record: dict):
+          max_tokens: int | None, record_name: str, record: dict,
+          tokenization: dict | None = None):
   """Writes WORKDIR/checkpoints/0, WORKDIR/tokenizer.model and
   WORKDIR/`record_name` (JSON: `record` plus the recipe); returns the config."""
   check_tokenizer(tokenizer, model_config)
@@ -83,12 +85,13 @@ def write(workdir: str, model_config, params, tokenizer: str, *, recipe: str | N
     with fs.atomic_write(copied) as f:
       f.write(fs.read_bytes(tokenizer))
   config = training_config(model_config, copied, recipe,
-                           max_tokens or default_max_tokens(model_config))
+                           max_tokens or default_max_tokens(model_config), tokenization)
   saver = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
   saver.save(0, {'params': params}, {}, config)
   saver.close()
   with fs.atomic_write(fs.join(workdir, record_name), 'w', encoding='utf-8') as f:
-    json.dump(dict(record, tokenizer=fs.absolute(tokenizer), recipe=recipe), f, indent=2)
+    json.dump(dict(record, tokenizer=fs.absolute(tokenizer), recipe=recipe,
+                   tokenization=tokenization), f, indent=2)
   return config
 
 

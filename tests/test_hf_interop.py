@@ -1,0 +1,304 @@
+"""transformers' SiglipModel / Siglip2Model in and out, against transformers' own code.
+
+Tiny random models from transformers' config classes (nothing from a hub).
+The bar: our embeddings equal get_image_features / get_text_features and the
+logits match to 1e-5 (float32, CPU), both directions, for SigLIP (a conv
+stem at a fixed size) and SigLIP 2 NaFlex, whose patches, spatial_shapes
+and pixel_attention_mask come from transformers' Siglip2ImageProcessor.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import torch
+import transformers
+from safetensors import numpy as safetensors_numpy
+
+from lit_navit import checkpoint
+from lit_navit.data import decode
+from lit_navit.data import patches as patches_lib
+from lit_navit.data import resolution
+from lit_navit.data import text as text_lib
+from lit_navit.interop import hf
+from lit_navit.interop import hf_export
+from lit_navit.interop import hf_import
+from lit_navit.models import two_towers
+
+TOL = 1e-5
+PATCH, GRID, TEXT_LEN = 8, 4, 16
+KINDS = ('siglip', 'siglip2')
+
+
+def _hf_config(kind):
+  vocab = text_lib.Tokenizer(text_lib.default_tokenizer_path(), 1).vocab_size
+  size = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4)
+  text = dict(size, vocab_size=vocab, max_position_embeddings=TEXT_LEN,
+              projection_size=32)
+  vision = dict(size, patch_size=PATCH)
+  if kind == 'siglip2':
+    return transformers.Siglip2Config(text_config=text,
+                                      vision_config=dict(vision, num_patches=GRID * GRID))
+  return transformers.SiglipConfig(text_config=text,
+                                   vision_config=dict(vision, image_size=GRID * PATCH))
+
+
+def _random_hf_model(kind, seed=0):
+  torch.manual_seed(seed)
+  config = _hf_config(kind)
+  model = (transformers.Siglip2Model if kind == 'siglip2' else transformers.SiglipModel)(config)
+  with torch.no_grad():  # Every tensor random, LayerNorms and biases included.
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  return model.eval()
+
+
+@pytest.fixture(scope='module')
+def hf_folders(tmp_path_factory):
+  """{kind: a saved random transformers model's folder}."""
+  folders = {}
+  for kind in KINDS:
+    folder = str(tmp_path_factory.mktemp(kind))
+    _random_hf_model(kind).save_pretrained(folder)
+    folders[kind] = folder
+  return folders
+
+
+@pytest.fixture(scope='module')
+def imported(hf_folders, tmp_path_factory):
+  """{kind: workdir} of each folder imported with the repo's tokenizer."""
+  out = {}
+  for kind, folder in hf_folders.items():
+    workdir = str(tmp_path_factory.mktemp(f'{kind}_workdir'))
+    hf_import.import_folder(folder, workdir, tokenizer=text_lib.default_tokenizer_path())
+    out[kind] = workdir
+  return out
+
+
+def _images(kind, rng):
+  """(our batch, transformers' image kwargs) of the same images."""
+  if kind == 'siglip':
+    images = rng.uniform(-1, 1, size=(3, GRID * PATCH, GRID * PATCH, 3)).astype(np.float32)
+    from lit_navit.interop import big_vision  # pylint: disable=g-import-not-at-top
+    return (big_vision.image_batch(images, PATCH),
+            dict(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())))
+  sizes = [(40, 24), (17, 61), (32, 32)]  # (height, width): grids of different shapes.
+  images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+  processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=GRID * GRID)
+  inputs = processor(images=images, return_tensors='pt')
+  return _our_naflex_batch(inputs), dict(inputs)
+
+
+def _our_naflex_batch(inputs):
+  """Our packed batch (one image a row) of Siglip2ImageProcessor outputs."""
+  shapes = inputs['spatial_shapes'].numpy()
+  mask = inputs['pixel_attention_mask'].numpy().astype(np.int32)
+  length = mask.shape[1]
+  yx = np.zeros((len(shapes), length, 2), np.int32)
+  for i, (rows, cols) in enumerate(shapes):
+    yy, xx = np.divmod(np.arange(rows * cols), cols)
+    yx[i, :rows * cols] = np.stack([yy, xx], -1)
+  return {'image/patches': inputs['pixel_values'].numpy().astype(np.float32),
+          'image/yx': yx, 'image/segment': mask,
+          'image/grid': shapes[:, None].astype(np.int32)}
+
+
+def _ours(config, params, batch, tokens):
+  """(unnormalised image embeddings, text embeddings, logits) from our model."""
+  model = two_towers.TwoTowers(config)
+  variables = {'params': params}
+  img = np.asarray(model.apply(variables, batch,
+                               method=lambda m, b: m._slot_embeddings(b)))[:, 0]
+  txt = np.asarray(model.apply(variables, tokens, method=lambda m, t: m.txt(t)))
+  norm = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
+  logits = norm(img) @ norm(txt).T * np.exp(params['t'][0]) + params['b'][0]
+  return img, txt, logits
+
+
+def _theirs(model, image_inputs, tokens):
+  with torch.no_grad():
+    img = model.get_image_features(**image_inputs).pooler_output.numpy()
+    txt = model.get_text_features(input_ids=torch.from_numpy(tokens).long()).pooler_output.numpy()
+    out = model(input_ids=torch.from_numpy(tokens).long(), **image_inputs)
+  return img, txt, out.logits_per_image.numpy()
+
+
+def _tokens(config):
+  tokenizer = text_lib.Tokenizer.from_config(config.input)
+  return tokenizer.encode(['a red circle', 'two blue squares on a green field',
+                           'a big yellow triangle ' * 6])
+
+
+def _assert_close(ours, theirs):
+  for name, a, b in zip(('image', 'text', 'logits'), ours, theirs):
+    assert a.shape == b.shape, name
+    assert np.abs(a - b).max() <= TOL, (name, np.abs(a - b).max())
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_imported_model_gives_transformers_embeddings_and_logits(kind, hf_folders, imported):
+  config, params = checkpoint.load_for_inference(imported[kind])
+  model = transformers.AutoModel.from_pretrained(hf_folders[kind])
+  assert type(model).__name__ == hf.ARCHITECTURES[kind]
+  batch, image_inputs = _images(kind, np.random.default_rng(0))
+  tokens = _tokens(config)
+  _assert_close(_ours(config.model, params, batch, tokens),
+                _theirs(model, image_inputs, tokens))
+
+
+def _random_params(config, seed):
+  """Fresh random params of `config` (LayerNorms and biases too)."""
+  shapes = two_towers.param_shapes(config)['params']
+  leaves, tree = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [(rng.normal(size=s.shape) * 0.2).astype(np.float32)
+                                   for s in leaves])
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_exported_model_gives_our_embeddings_and_logits_in_transformers(
+    kind, imported, tmp_path):
+  config, _ = checkpoint.load_for_inference(imported[kind])
+  params = _random_params(config.model, seed=1)
+  saver = checkpoint.Checkpointer(str(tmp_path / 'ours'), keep=1, async_save=False)
+  saver.save(0, {'params': params}, {}, config)
+  saver.close()
+  folder = str(tmp_path / 'hf')
+  hf_export.export_checkpoint(str(tmp_path / 'ours'), folder)
+  model = transformers.AutoModel.from_pretrained(folder)
+  # Every tensor transformers expects, and nothing else.
+  written = safetensors_numpy.load_file(os.path.join(folder, 'model.safetensors'))
+  assert sorted(written) == sorted(model.state_dict())
+  batch, image_inputs = _images(kind, np.random.default_rng(1))
+  tokens = _tokens(config)
+  _assert_close(_ours(config.model, params, batch, tokens),
+                _theirs(model, image_inputs, tokens))
+  processor = transformers.AutoImageProcessor.from_pretrained(folder)
+  assert type(processor).__name__.startswith(
+      'Siglip2ImageProcessor' if kind == 'siglip2' else 'SiglipImageProcessor')
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_hf_to_ours_to_hf_gives_identical_tensors(kind, hf_folders, imported, tmp_path):
+  folder = str(tmp_path / 'again')
+  hf_export.export_checkpoint(imported[kind], folder)
+  before = safetensors_numpy.load_file(os.path.join(hf_folders[kind], 'model.safetensors'))
+  after = safetensors_numpy.load_file(os.path.join(folder, 'model.safetensors'))
+  assert sorted(before) == sorted(after)
+  for key in before:
+    assert after[key].dtype == before[key].dtype, key
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  config = json.load(open(os.path.join(folder, 'config.json'), encoding='utf-8'))
+  original = json.load(open(os.path.join(hf_folders[kind], 'config.json'), encoding='utf-8'))
+  for tower in ('text_config', 'vision_config'):
+    for key, value in config[tower].items():
+      if key in original[tower] and key not in ('pad_token_id', 'eos_token_id',
+                                                'bos_token_id'):
+        assert original[tower][key] == value, (tower, key)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_exported_tokenizer_tokenizes_as_we_do(kind, imported, tmp_path):
+  config, _ = checkpoint.load_for_inference(imported[kind])
+  folder = str(tmp_path / 'hf')
+  hf_export.export_checkpoint(imported[kind], folder)
+  # AutoTokenizer makes every siglip2 folder a Gemma Siglip2Tokenizer (it
+  # needs a tokenizer.json); there, SiglipTokenizer reads our files.
+  load = (transformers.SiglipTokenizer if kind == 'siglip2'
+          else transformers.AutoTokenizer).from_pretrained
+  theirs = load(folder)
+  assert type(theirs).__name__ == 'SiglipTokenizer'
+  # Lowercased, EOS appended, padded with our pad (1 for siglip, 0 for
+  # siglip2), a cut caption keeps EOS.
+  captions = ['A Red circle', 'two blue squares on a green field',
+              'a big yellow triangle ' * 6, '']
+  ours = text_lib.Tokenizer.from_config(config.input).encode(captions)
+  got = theirs(captions, padding='max_length', truncation=True,
+               max_length=config.input.text_len)['input_ids']
+  np.testing.assert_array_equal(np.asarray(got), ours)
+
+
+def _png(rng, height, width):
+  """A smooth random photo-like image, as PNG bytes."""
+  small = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+  image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+  out = io.BytesIO()
+  image.save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_an_image_file_embeds_alike_through_our_resize_and_transformers(imported, tmp_path):
+  """NaFlex: our sizing and PIL resize vs Siglip2ImageProcessor's."""
+  config, params = checkpoint.load_for_inference(imported['siglip2'])
+  folder = str(tmp_path / 'hf')
+  hf_export.export_checkpoint(imported['siglip2'], folder)
+  processor = transformers.AutoImageProcessor.from_pretrained(folder)
+  model = transformers.AutoModel.from_pretrained(folder)
+  rng = np.random.default_rng(0)
+  assert processor.max_num_patches == config.input.resolution.max_tokens
+  for height, width in ((120, 72), (50, 50), (33, 100), (300, 200)):
+    image = decode.decode_image(_png(rng, height, width))
+    grid = resolution.grid_for_budget(height, width, processor.max_num_patches)
+    resized = patches_lib.resize_image(image, (grid[0] * PATCH, grid[1] * PATCH))
+    p = patches_lib.patchify(resized, PATCH)
+    batch = {'image/patches': p.pixels[None], 'image/yx': p.yx[None],
+             'image/segment': np.ones((1, len(p)), np.int32),
+             'image/grid': np.array([[grid]], np.int32)}
+    inputs = processor(images=[image], return_tensors='pt')
+    assert tuple(inputs['spatial_shapes'][0].tolist()) == grid
+    ours = _ours(config.model, params, batch, _tokens(config)[:1])[0]
+    with torch.no_grad():
+      theirs = model.get_image_features(**inputs).pooler_output.numpy()
+    norm = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
+    assert np.abs(norm(ours) - norm(theirs)).max() <= 1e-4, (height, width)
+
+
+def test_what_transformers_lacks_is_refused_naming_the_option(imported):
+  config, _ = checkpoint.load_for_inference(imported['siglip'])
+  model = config.model
+  model.image.head = True
+  model.image.qk_norm = True
+  model.text.pool = 'mean'
+  with pytest.raises(hf.Unsupported, match=r"image.head=True .*text.pool 'mean'.*image.qk_norm"):
+    hf.check_exportable(model)
+  model = config.model
+  model.image.head, model.image.qk_norm, model.text.pool = False, False, 'last'
+  model.image.posemb = 'learn_factorized'
+  with pytest.raises(hf.Unsupported, match='image.posemb'):
+    hf.check_exportable(model)
+
+
+def _cli(module, *args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, '-m', module, *args], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('module,args,message', [
+    ('lit_navit.interop.big_vision_import', ['--text_pool', 'tok'], "text_pool 'tok'"),
+    ('lit_navit.interop.hf_import', ['--recipe', 'nope'], 'argument --recipe'),
+    ('lit_navit.interop.hf_import', [], 'model_type'),
+    ('lit_navit.interop.hf_export', [], 'does not exist'),
+])
+def test_interop_user_errors_are_one_line_with_exit_status_2(module, args, message, tmp_path):
+  import bv_fixtures  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_text('{"model_type": "clip"}')
+  (tmp_path / 'model.safetensors').write_bytes(b'')
+  paths = {'lit_navit.interop.big_vision_import': [
+               '--npz', bv_fixtures.path('siglip_vit', 'params'), '--tokenizer',
+               text_lib.default_tokenizer_path(), '--workdir', str(tmp_path / 'w')],
+           'lit_navit.interop.hf_import': ['--model', str(tmp_path), '--workdir',
+                                           str(tmp_path / 'w')],
+           'lit_navit.interop.hf_export': ['--checkpoint', str(tmp_path / 'none'),
+                                           '--out', str(tmp_path / 'out')]}
+  proc = _cli(module, *paths[module], *args)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], proc.stderr
