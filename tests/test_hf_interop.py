@@ -302,3 +302,80 @@ def test_interop_user_errors_are_one_line_with_exit_status_2(module, args, messa
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', KINDS)
+def test_export_script_on_an_hf_import_gives_transformers_embeddings_of_image_files(
+    kind, hf_folders, imported, tmp_path):
+  """The eval script's decode, sizing and resize vs transformers' processor,
+  on image files: NaFlex with --resize fit, SigLIP with --resize square
+  (both squash to the trained square)."""
+  from eval_helpers import load_script  # pylint: disable=g-import-not-at-top
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  rng = np.random.default_rng(0)
+  sizes = [(120, 72), (33, 100), (300, 200)] if kind == 'siglip2' else [(50, 50), (20, 20), (60, 24)]
+  for n, (height, width) in enumerate(sizes):
+    (photos / f'{n}.png').write_bytes(_png(rng, height, width))
+  out = str(tmp_path / 'export')
+  load_script('export_embeddings').main([
+      '--checkpoint', imported[kind], '--images', str(photos), '--output_dir', out,
+      '--dtype', 'float32', '--no_text', '--no_progress']
+      + (['--resize', 'fit'] if kind == 'siglip2' else
+         ['--resize', 'square', '--max_tokens', str(GRID * GRID)]))
+  zimg = np.load(os.path.join(out, 'img_emb', 'img_emb_0.npy'))
+  names = pq_names(os.path.join(out, 'metadata', 'metadata_0.parquet'))
+  if kind == 'siglip2':
+    processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=256)
+  else:
+    processor = transformers.SiglipImageProcessor(
+        size=dict(height=GRID * PATCH, width=GRID * PATCH), resample=2)
+  model = transformers.AutoModel.from_pretrained(hf_folders[kind])
+  images = [decode.decode_image(open(p, 'rb').read()) for p in names]
+  with torch.no_grad():
+    theirs = model.get_image_features(**processor(images=images, return_tensors='pt')
+                                      ).pooler_output.numpy()
+  theirs /= np.linalg.norm(theirs, axis=-1, keepdims=True)
+  assert np.abs(zimg - theirs).max() <= 1e-4
+
+
+def pq_names(path):
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  return pq.read_table(path).to_pydict()['image_path']
+
+
+@pytest.mark.slow
+def test_lit_from_an_hf_import_keeps_its_image_tower(imported, tmp_path):
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  from lit_navit import train  # pylint: disable=g-import-not-at-top
+  workdir = imported['siglip2']
+  source, params = checkpoint.load_for_inference(workdir)
+  config = tiny_config.get_config('steps=2,every=1')
+  config.model.image = source.model.image
+  config.model.embed_dim = source.model.embed_dim
+  config.init_from = workdir
+  config.init_params = 'img/.*'
+  config.optim.schedule = [('img/.*', None), ('.*', dict(decay_type='cosine', warmup_steps=1))]
+  out = str(tmp_path / 'lit')
+  train.train(config, out)
+  _, trained = checkpoint.load_for_inference(out)
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
+                       for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  ours, theirs = flat(trained['img']), flat(params['img'])
+  assert sorted(ours) == sorted(theirs)
+  for key in ours:
+    np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_a_folder_that_does_not_fit_is_refused_naming_the_tensor(hf_folders, tmp_path):
+  state = safetensors_numpy.load_file(os.path.join(hf_folders['siglip'], 'model.safetensors'))
+  config = json.load(open(os.path.join(hf_folders['siglip'], 'config.json'), encoding='utf-8'))
+  extra = dict(state, **{'classifier.weight': np.ones((3, 32), np.float32)})
+  with pytest.raises(ValueError, match="lacks: classifier.weight"):
+    hf.from_hf(extra, config)
+  missing = {k: v for k, v in state.items() if k != 'text_model.head.bias'}
+  with pytest.raises(ValueError, match="no 'text_model.head.bias'"):
+    hf.from_hf(missing, config)
+  with pytest.raises(hf.Unsupported, match='hidden_act'):
+    hf.from_hf(state, dict(config, text_config=dict(config['text_config'], hidden_act='relu')))

@@ -180,6 +180,22 @@ def to_hf(arrays: dict, model_config) -> dict:
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
+class _Tracked(dict):
+  """A state dict that remembers which tensors were read."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.read = set()
+
+  def __getitem__(self, name):
+    self.read.add(name)
+    return super().__getitem__(name)
+
+
+# Buffers older transformers versions saved; not weights.
+_IGNORED = re.compile(r'.*\.position_ids$')
+
+
 def _get(state, name):
   if name not in state:
     raise big_vision.CheckpointMismatch(f'transformers checkpoint has no {name!r}')
@@ -229,7 +245,7 @@ def from_hf(state: dict, config: dict) -> dict:
   """big_vision per-layer arrays of a transformers SigLIP state dict, for
   big_vision.model_config / to_params (which check every shape)."""
   kind = check_importable(config)
-  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  state = _Tracked({k: np.asarray(v, np.float32) for k, v in state.items()})
   out = {}
   for tower, (hf_tower, encoder, final_norm) in _TOWERS.items():
     heads = int(config[f'{"vision" if tower == "img" else "text"}_config']
@@ -287,4 +303,9 @@ def from_hf(state: dict, config: dict) -> dict:
   _dense_from_hf(out, 'txt/head', state, 'text_model.head')
   out['t'] = _get(state, 'logit_scale').reshape(1)
   out['b'] = _get(state, 'logit_bias').reshape(1)
+  unread = sorted(k for k in set(state) - state.read if not _IGNORED.match(k))
+  if unread:
+    raise big_vision.CheckpointMismatch(
+        f'transformers checkpoint has tensors a {ARCHITECTURES[kind]} lacks: '
+        + ', '.join(unread[:5]) + (f' and {len(unread) - 5} more' if len(unread) > 5 else ''))
   return out
