@@ -286,6 +286,7 @@ def _cli(module, *args):
     ('lit_navit.interop.hf_import', ['--recipe', 'nope'], 'argument --recipe'),
     ('lit_navit.interop.hf_import', [], 'model_type'),
     ('lit_navit.interop.hf_export', [], 'does not exist'),
+    ('lit_navit.interop.big_vision_export', ['--scan', 'sideways'], 'argument --scan'),
 ])
 def test_interop_user_errors_are_one_line_with_exit_status_2(module, args, message, tmp_path):
   import bv_fixtures  # pylint: disable=g-import-not-at-top
@@ -297,7 +298,9 @@ def test_interop_user_errors_are_one_line_with_exit_status_2(module, args, messa
            'lit_navit.interop.hf_import': ['--model', str(tmp_path), '--workdir',
                                            str(tmp_path / 'w')],
            'lit_navit.interop.hf_export': ['--checkpoint', str(tmp_path / 'none'),
-                                           '--out', str(tmp_path / 'out')]}
+                                           '--out', str(tmp_path / 'out')],
+           'lit_navit.interop.big_vision_export': ['--checkpoint', str(tmp_path / 'none'),
+                                                   '--npz', str(tmp_path / 'out.npz')]}
   proc = _cli(module, *paths[module], *args)
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()

@@ -64,6 +64,10 @@ def export_checkpoint(path: str, out: str) -> dict:
   if config.model.text.get('mask_padding', True):
     log.warning('the text tower masks padding; transformers attends to it, so '
                 'captions with padding embed differently there')
+  if hf.model_type(config.model) == 'siglip2':
+    log.warning('load the tokenizer with SiglipTokenizer.from_pretrained: '
+                "AutoTokenizer gives a siglip2 folder Gemma's Siglip2Tokenizer, "
+                'which needs a tokenizer.json')
   if config.model.loss != 'sigmoid':
     log.warning('a %s-loss model has no logit bias: logit_bias is 0', config.model.loss)
   sp = spm.SentencePieceProcessor(model_file=config.input.tokenizer)
