@@ -14,12 +14,12 @@ express are refused, naming the option (interop/hf.py).
 
 import json
 import logging
-import shutil
 
 import sentencepiece as spm
 
 from lit_navit import checkpoint
 from lit_navit import fs
+from lit_navit.data import text as text_lib
 from lit_navit.interop import big_vision
 from lit_navit.interop import cli
 from lit_navit.interop import hf
@@ -43,17 +43,16 @@ def image_processor_config(config) -> dict:
               size=dict(height=side, width=side))
 
 
-def tokenizer_config(config, sp) -> dict:
-  """tokenizer_config.json: a SiglipTokenizer that tokenizes as we do (it also
-  drops punctuation, which ours keeps)."""
-  pieces = lambda i: sp.id_to_piece(int(i))
-  inp = config.input
-  if not inp.get('sticky_eos', False):
+def tokenizer_config(ours: text_lib.Tokenizer, sp) -> dict:
+  """tokenizer_config.json: a SiglipTokenizer that tokenizes as `ours` does
+  (it also drops punctuation, which ours keeps)."""
+  if not ours.sticky_eos:
     log.warning('input.sticky_eos=False: transformers keeps EOS on a cut caption')
-  return dict(tokenizer_class='SiglipTokenizer', model_max_length=int(inp.text_len),
-              do_lower_case=bool(inp.get('lowercase', False)),
-              eos_token=pieces(sp.eos_id()), pad_token=pieces(inp.pad_id),
-              unk_token=pieces(sp.unk_id()), padding_side='right')
+  piece = lambda i: sp.id_to_piece(int(i))
+  return dict(tokenizer_class='SiglipTokenizer', model_max_length=int(ours.length),
+              do_lower_case=ours.lowercase, eos_token=piece(ours.eos_id),
+              pad_token=piece(ours.pad_id), unk_token=piece(sp.unk_id()),
+              padding_side='right')
 
 
 def export_checkpoint(path: str, out: str) -> dict:
@@ -70,20 +69,23 @@ def export_checkpoint(path: str, out: str) -> dict:
                 'which needs a tokenizer.json')
   if config.model.loss != 'sigmoid':
     log.warning('a %s-loss model has no logit bias: logit_bias is 0', config.model.loss)
-  sp = spm.SentencePieceProcessor(model_file=config.input.tokenizer)
+  tokenizer = text_lib.Tokenizer.from_config(config.input)
+  spm_bytes = fs.read_bytes(config.input.tokenizer)
+  sp = spm.SentencePieceProcessor(model_proto=spm_bytes)
   arrays = big_vision.from_params(params, config.model, scan=False)
   state = hf.to_hf(arrays, config.model)
   fs.makedirs(out)
   safetensors_numpy.save_file(state, fs.join(out, 'model.safetensors'),
                               metadata={'format': 'pt'})
-  files = {'config.json': hf.hf_config(config.model, pad_id=config.input.pad_id,
-                                       eos_id=sp.eos_id()),
+  files = {'config.json': hf.hf_config(config.model, pad_id=tokenizer.pad_id,
+                                       eos_id=tokenizer.eos_id),
            'preprocessor_config.json': image_processor_config(config),
-           'tokenizer_config.json': tokenizer_config(config, sp)}
+           'tokenizer_config.json': tokenizer_config(tokenizer, sp)}
   for name, content in files.items():
     with fs.atomic_write(fs.join(out, name), 'w', encoding='utf-8') as f:
       json.dump(content, f, indent=2)
-  shutil.copyfile(config.input.tokenizer, fs.join(out, 'spiece.model'))
+  with fs.atomic_write(fs.join(out, 'spiece.model')) as f:
+    f.write(spm_bytes)
   return state
 
 
