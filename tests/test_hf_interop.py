@@ -195,6 +195,14 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(kind, hf_folders, imported, tm
   for key in before:
     assert after[key].dtype == before[key].dtype, key
     np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  # Our export imports back with its own tokenizer files and settings.
+  hf_import.import_folder(folder, str(tmp_path / 'back'))
+  first, params = checkpoint.load_for_inference(imported[kind])
+  back, again = checkpoint.load_for_inference(str(tmp_path / 'back'))
+  assert back.input.tokenizer == str(tmp_path / 'back' / 'tokenizer.model')
+  for key in ('pad_id', 'lowercase', 'sticky_eos', 'text_len'):
+    assert back.input[key] == first.input[key], key
+  jax.tree.map(np.testing.assert_array_equal, again, params)
   config = json.load(open(os.path.join(folder, 'config.json'), encoding='utf-8'))
   original = json.load(open(os.path.join(hf_folders[kind], 'config.json'), encoding='utf-8'))
   for tower in ('text_config', 'vision_config'):
@@ -382,3 +390,20 @@ def test_a_folder_that_does_not_fit_is_refused_naming_the_tensor(hf_folders, tmp
     hf.from_hf(missing, config)
   with pytest.raises(hf.Unsupported, match='hidden_act'):
     hf.from_hf(state, dict(config, text_config=dict(config['text_config'], hidden_act='relu')))
+
+
+def test_import_takes_pad_and_case_from_the_folders_tokenizer_config(hf_folders, tmp_path):
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  for name in ('config.json', 'model.safetensors'):
+    (folder / name).write_bytes(open(os.path.join(hf_folders['siglip'], name), 'rb').read())
+  (folder / 'spiece.model').write_bytes(open(text_lib.default_tokenizer_path(), 'rb').read())
+  # The siglip recipe would pad with 1 and lowercase.
+  (folder / 'tokenizer_config.json').write_text(json.dumps(
+      {'pad_token': {'content': '<pad>'}, 'do_lower_case': False}))
+  config, _ = hf_import.import_folder(str(folder), str(tmp_path / 'w'))
+  assert config.input.pad_id == 0 and config.model.text.pad_id == 0
+  assert not config.input.lowercase
+  (folder / 'tokenizer_config.json').write_text(json.dumps({'pad_token': '<nope>'}))
+  config, _ = hf_import.import_folder(str(folder), str(tmp_path / 'w2'))
+  assert config.input.pad_id == 1 and config.input.lowercase

@@ -56,8 +56,9 @@ def tokenization(folder: str, tokenizer: str) -> dict | None:
   sp = spm.SentencePieceProcessor(model_file=tokenizer)
   pad = settings.get('pad_token')
   pad = pad.get('content') if isinstance(pad, dict) else pad
-  if pad is None or sp.piece_to_id(pad) == sp.unk_id() != 0:
-    return None
+  if pad is None or (sp.piece_to_id(pad) == sp.unk_id()
+                     and pad != sp.id_to_piece(sp.unk_id())):
+    return None  # Not a piece of this model: the recipe decides.
   return dict(pad_id=int(sp.piece_to_id(pad)), sticky_eos=True,
               lowercase=bool(settings.get('do_lower_case', True)))
 
