@@ -26,6 +26,8 @@ from lit_navit.data import decode
 from lit_navit.data import patches as patches_lib
 from lit_navit.data import resolution
 from lit_navit.data import text as text_lib
+from lit_navit.interop import big_vision
+from lit_navit.interop import big_vision_export
 from lit_navit.interop import hf
 from lit_navit.interop import hf_export
 from lit_navit.interop import hf_import
@@ -86,7 +88,6 @@ def _images(kind, rng):
   """(our batch, transformers' image kwargs) of the same images."""
   if kind == 'siglip':
     images = rng.uniform(-1, 1, size=(3, GRID * PATCH, GRID * PATCH, 3)).astype(np.float32)
-    from lit_navit.interop import big_vision  # pylint: disable=g-import-not-at-top
     return (big_vision.image_batch(images, PATCH),
             dict(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())))
   sizes = [(40, 24), (17, 61), (32, 32)]  # (height, width): grids of different shapes.
@@ -203,6 +204,12 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(kind, hf_folders, imported, tm
   for key in ('pad_id', 'lowercase', 'sticky_eos', 'text_len'):
     assert back.input[key] == first.input[key], key
   jax.tree.map(np.testing.assert_array_equal, again, params)
+  # And big_vision's layout holds it too.
+  npz = str(tmp_path / 'bv.npz')
+  big_vision_export.export_checkpoint(imported[kind], npz)
+  arrays = big_vision.load_npz(npz)
+  jax.tree.map(np.testing.assert_array_equal,
+               big_vision.to_params(arrays, big_vision.model_config(arrays)), params)
   config = json.load(open(os.path.join(folder, 'config.json'), encoding='utf-8'))
   original = json.load(open(os.path.join(hf_folders[kind], 'config.json'), encoding='utf-8'))
   for tower in ('text_config', 'vision_config'):
