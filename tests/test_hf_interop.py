@@ -22,6 +22,7 @@ import transformers
 from safetensors import numpy as safetensors_numpy
 
 from lit_navit import checkpoint
+from lit_navit import config as config_lib
 from lit_navit.data import decode
 from lit_navit.data import patches as patches_lib
 from lit_navit.data import resolution
@@ -31,6 +32,7 @@ from lit_navit.interop import big_vision_export
 from lit_navit.interop import hf
 from lit_navit.interop import hf_export
 from lit_navit.interop import hf_import
+from lit_navit.interop import workdir as workdir_lib
 from lit_navit.models import two_towers
 
 TOL = 1e-5
@@ -369,9 +371,15 @@ def test_lit_from_an_hf_import_keeps_its_image_tower(imported, tmp_path):
   from lit_navit import train  # pylint: disable=g-import-not-at-top
   workdir = imported['siglip2']
   source, params = checkpoint.load_for_inference(workdir)
+  # configs/lit_navit.py:init=WORKDIR adopts the locked tower's config.
+  lit = config_lib.load_config_file(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+      'lit_navit.py') + f':init={workdir},source=synthetic')
+  config_lib.check_config(lit)
+  assert lit.model.image == source.model.image
+  assert lit.model.embed_dim == 32 and lit.input.patch_sizes == (PATCH,)
   config = tiny_config.get_config('steps=2,every=1')
-  config.model.image = source.model.image
-  config.model.embed_dim = source.model.embed_dim
+  workdir_lib.adopt_tower(config, workdir, 'img')
   config.init_from = workdir
   config.init_params = 'img/.*'
   config.optim.schedule = [('img/.*', None), ('.*', dict(decay_type='cosine', warmup_steps=1))]

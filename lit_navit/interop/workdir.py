@@ -95,6 +95,28 @@ def write(workdir: str, model_config, params, tokenizer: str, *, recipe: str | N
   return config
 
 
+def adopt_tower(config, path: str, tower: str) -> None:
+  """Makes training `config`'s `tower` ('img' or 'txt') the one of the
+  checkpoint at `path` (a workdir, e.g. an import, or a step directory).
+
+  For LiT: the tower's model config comes from the checkpoint's, with the
+  input settings it was used with (patch sizes; tokenizer and caption
+  settings), and embed_dim becomes its output width. The other tower keeps
+  its config and gets a head to embed_dim.
+  """
+  saved = checkpoint.load_config(path)
+  if tower == 'img':
+    config.model.image = saved.model.image
+    config.input.patch_sizes = saved.input.patch_sizes
+  elif tower == 'txt':
+    config.model.text = saved.model.text
+    for key in ('tokenizer', 'text_len', 'pad_id', 'sticky_eos', 'lowercase'):
+      config.input[key] = saved.input[key]
+  else:
+    raise ValueError(f'tower {tower!r}: expected img or txt')
+  config.model.embed_dim = saved.model.embed_dim
+
+
 def summary(config) -> str:
   """One line describing an imported model."""
   m = config.model
