@@ -260,7 +260,7 @@ def test_an_image_file_embeds_alike_through_our_resize_and_transformers(imported
   model = transformers.AutoModel.from_pretrained(folder)
   rng = np.random.default_rng(0)
   assert processor.max_num_patches == config.input.resolution.max_tokens
-  for height, width in ((120, 72), (50, 50), (33, 100), (300, 200)):
+  for height, width in ((120, 72), (33, 100)):
     image = decode.decode_image(_png(rng, height, width))
     grid = resolution.grid_for_budget(height, width, processor.max_num_patches)
     resized = patches_lib.resize_image(image, (grid[0] * PATCH, grid[1] * PATCH))
@@ -302,12 +302,17 @@ def _cli(module, *args):
     ('lit_navit.interop.big_vision_import', ['--text_pool', 'tok'], "text_pool 'tok'"),
     ('lit_navit.interop.hf_import', ['--recipe', 'nope'], 'argument --recipe'),
     ('lit_navit.interop.hf_import', [], 'model_type'),
+    ('lit_navit.interop.hf_import', ['siglip'], 'not a readable safetensors file'),
     ('lit_navit.interop.hf_export', [], 'does not exist'),
     ('lit_navit.interop.big_vision_export', ['--scan', 'sideways'], 'argument --scan'),
 ])
 def test_interop_user_errors_are_one_line_with_exit_status_2(module, args, message, tmp_path):
   import bv_fixtures  # pylint: disable=g-import-not-at-top
-  (tmp_path / 'config.json').write_text('{"model_type": "clip"}')
+  # The folder hf_import reads: a CLIP config, or (args ['siglip']) a SigLIP
+  # one whose weights are junk.
+  model_type = 'siglip' if args == ['siglip'] else 'clip'
+  args = [] if args == ['siglip'] else args
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': model_type}))
   (tmp_path / 'model.safetensors').write_bytes(b'')
   paths = {'lit_navit.interop.big_vision_import': [
                '--npz', bv_fixtures.path('siglip_vit', 'params'), '--tokenizer',

@@ -35,6 +35,7 @@ def _read_json(path: str) -> dict:
 
 def load(folder: str, scan: bool | None = None):
   """(model config, params, config.json) of a transformers folder."""
+  import safetensors  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   config = _read_json(os.path.join(folder, 'config.json'))
   hf.check_importable(config)
@@ -42,7 +43,11 @@ def load(folder: str, scan: bool | None = None):
   if not os.path.exists(weights):
     raise FileNotFoundError(f'{folder} has no model.safetensors (sharded and .bin '
                             'checkpoints are not read)')
-  arrays = hf.from_hf(safetensors_numpy.load_file(weights), config)
+  try:
+    state = safetensors_numpy.load_file(weights)
+  except safetensors.SafetensorError as e:  # Not a ValueError: say it in one line too.
+    raise ValueError(f'{weights}: not a readable safetensors file ({e})') from e
+  arrays = hf.from_hf(state, config)
   model_config = big_vision.model_config(arrays, big_vision.Options(scan=scan))
   return model_config, big_vision.to_params(arrays, model_config), config
 
