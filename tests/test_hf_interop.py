@@ -117,9 +117,11 @@ def _ours(config, params, batch, tokens):
   """(unnormalised image embeddings, text embeddings, logits) from our model."""
   model = two_towers.TwoTowers(config)
   variables = {'params': params}
-  img = np.asarray(model.apply(variables, batch,
-                               method=lambda m, b: m._slot_embeddings(b)))[:, 0]
-  txt = np.asarray(model.apply(variables, tokens, method=lambda m, t: m.txt(t)))
+  # Jitted: eager flax takes seconds per call even on this tiny model.
+  img = np.asarray(jax.jit(lambda v, b: model.apply(
+      v, b, method=lambda m, b: m._slot_embeddings(b)))(variables, batch))[:, 0]
+  txt = np.asarray(jax.jit(lambda v, t: model.apply(
+      v, t, method=lambda m, t: m.txt(t)))(variables, tokens))
   norm = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
   logits = norm(img) @ norm(txt).T * np.exp(params['t'][0]) + params['b'][0]
   return img, txt, logits
