@@ -429,3 +429,17 @@ def test_import_takes_pad_and_case_from_the_folders_tokenizer_config(hf_folders,
   (folder / 'tokenizer_config.json').write_text(json.dumps({'pad_token': '<nope>'}))
   config, _ = hf_import.import_folder(str(folder), str(tmp_path / 'w2'))
   assert config.input.pad_id == 1 and config.input.lowercase
+
+
+def test_a_sharded_folder_imports_as_the_single_file(hf_folders, imported, tmp_path):
+  folder = tmp_path / 'sharded'
+  folder.mkdir()
+  (folder / 'config.json').write_bytes(
+      open(os.path.join(hf_folders['siglip2'], 'config.json'), 'rb').read())
+  transformers.AutoModel.from_pretrained(hf_folders['siglip2']).save_pretrained(
+      str(folder), max_shard_size='20KB')
+  assert not (folder / 'model.safetensors').exists()
+  assert len(list(folder.glob('model-*.safetensors'))) > 1
+  _, params, _ = hf_import.load(str(folder))
+  _, expected = checkpoint.load_for_inference(imported['siglip2'])
+  jax.tree.map(np.testing.assert_array_equal, params, expected)

@@ -33,20 +33,31 @@ def _read_json(path: str) -> dict:
     raise ValueError(f'{path}: not JSON ({e})') from e
 
 
+def _weight_files(folder: str) -> list:
+  """model.safetensors, or the shards its index names (large hub models)."""
+  single = os.path.join(folder, 'model.safetensors')
+  if os.path.exists(single):
+    return [single]
+  index = os.path.join(folder, 'model.safetensors.index.json')
+  if os.path.exists(index):
+    shards = sorted(set(_read_json(index).get('weight_map', {}).values()))
+    return [os.path.join(folder, shard) for shard in shards]
+  raise FileNotFoundError(f'{folder} has no model.safetensors nor '
+                          'model.safetensors.index.json (.bin files are not read)')
+
+
 def load(folder: str, scan: bool | None = None):
   """(model config, params, config.json) of a transformers folder."""
   import safetensors  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   config = _read_json(os.path.join(folder, 'config.json'))
   hf.check_importable(config)
-  weights = os.path.join(folder, 'model.safetensors')
-  if not os.path.exists(weights):
-    raise FileNotFoundError(f'{folder} has no model.safetensors (sharded and .bin '
-                            'checkpoints are not read)')
-  try:
-    state = safetensors_numpy.load_file(weights)
-  except safetensors.SafetensorError as e:  # Not a ValueError: say it in one line too.
-    raise ValueError(f'{weights}: not a readable safetensors file ({e})') from e
+  state = {}
+  for weights in _weight_files(folder):
+    try:
+      state.update(safetensors_numpy.load_file(weights))
+    except safetensors.SafetensorError as e:  # Not a ValueError: say it in one line too.
+      raise ValueError(f'{weights}: not a readable safetensors file ({e})') from e
   arrays = hf.from_hf(state, config)
   model_config = big_vision.model_config(arrays, big_vision.Options(scan=scan))
   return model_config, big_vision.to_params(arrays, model_config), config
