@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit import checkpoint
 from lit_navit import losses
 from lit_navit import metrics as metrics_lib
