@@ -132,3 +132,16 @@ def test_multi_slice_meshes_put_the_data_axis_across_slices():
   config.mesh = [('data', 1), ('fsdp', 8)]
   with pytest.raises(ValueError, match='must divide over the 2 slices'):
     sharding.make_mesh(config, devices)
+
+
+def test_a_step_that_does_not_fit_names_what_to_change(v5e_2x2):
+  from lit_navit import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'demo.py'))
+  config.batch_size = 131072  # ~120 GiB of temporaries on a 16 GiB chip
+  result = plan.plan(config, v5e_2x2, cost_model=False)
+  assert not result['fits']
+  assert 'HBM' in result['compile_error']
+  assert any('remat_policy' in a for a in result['advice'])
+  assert any('splash' in a for a in result['advice'])
+  assert any('131072' in a for a in result['advice'])
+  assert 'NO: ' in plan.format_table(result)
