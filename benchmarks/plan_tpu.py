@@ -37,6 +37,16 @@ ARMS = {
                              ("--config.mesh=[('data', 4), ('fsdp', 16)]",) + SPLASH),
     'so400m_v6e256_splash': (SO400M, 'v6e:16x16', FSDP16 + SPLASH),
 }
+# Dense against splash attention as rows grow: B/16 on v5e:2x2 with the same
+# tokens per chip (4096) at L = 256, 1024 and 4096.
+for _length, _rows in ((256, 64), (1024, 16), (4096, 4)):
+  for _kernel in ('dense', 'splash'):
+    ARMS[f'b16_L{_length}_v5e4_{_kernel}'] = (
+        f'{SIGLIP}:variant=B/16,batch={_rows}', 'v5e:2x2',
+        (f'--config.input.tokens_per_row={_length}',
+         f'--config.input.images_per_row={16 * _length // 256}',
+         f'--config.input.captions_per_row={2.85 * _length / 256}',
+         f'--config.model.image.attention={_kernel}'))
 
 
 def run_arm(name, results_dir):
