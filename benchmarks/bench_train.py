@@ -351,7 +351,7 @@ def make_trainer(config, workdir: str):
 
 def device_batches(trainer, batches):
   """Host batches as the trainer's global arrays (model keys only)."""
-  return [sharding.make_global_batch({k: b[k] for k in trainer_lib.MODEL_KEYS},
+  return [sharding.make_global_batch(trainer_lib.model_inputs(b),
                                      trainer.mesh) for b in batches]
 
 

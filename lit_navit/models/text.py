@@ -6,7 +6,14 @@ follows it. With `mask_padding=False` the tower is big_vision's
 text_transformer exactly: every token attends to every token, padding
 included, and 'last' pools position T-1 whatever token sits there (the EOS
 under SigLIP's pad-with-EOS tokenization, a pad token under SigLIP 2's).
+
+Packed text rows (batch.py, text packing) hold several captions each: given
+a `Packed`, tokens attend within their caption only (the image tower's
+segment mask), positions restart at each caption, and every pool works per
+caption, so a caption embeds as it would alone in its own row.
 """
+
+import dataclasses
 
 from typing import Any
 
@@ -18,6 +25,19 @@ from lit_navit.models import encoder
 from lit_navit.models import pooling
 
 POOLS = ('last', 'first') + pooling.POOLS
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """Where the captions lie in packed text rows [N, T] (see batch.py).
+
+  segment, position: int [N, T]; row, row_segment: int [K], caption k's
+  text row (into N) and its segment there (0 for no caption).
+  """
+  segment: Any
+  position: Any
+  row: Any
+  row_segment: Any
 
 
 class TextTransformer(nn.Module):
@@ -55,23 +75,31 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, packed: Packed | None = None):
+    """tokens [..., T], one caption a row -> [..., D]; with `packed`, text
+    rows [N, T] -> one vector per caption [K, D]."""
     if self.pool not in POOLS:
       raise ValueError(f'unknown text pool {self.pool!r}; expected one of {POOLS}')
     *leading, length = tokens.shape
     if length > self.max_len:
       raise ValueError(f'text length {length} exceeds max_len {self.max_len}')
+    if packed is not None and not self.mask_padding:
+      raise ValueError('packed text rows need mask_padding=True')
     tokens = jnp.asarray(tokens).reshape(-1, length)
 
     x = nn.Embed(self.vocab_size, self.width, name='Embed_0')(tokens)
     pos = self.param('pos_embedding', nn.initializers.normal(self.width ** -0.5),
                      (1, self.max_len, self.width))
-    x = x + pos[:, :length]
+    x = x + (pos[:, :length] if packed is None else pos[0, packed.position])
 
     real = tokens != self.pad_id
     if not self.mask_padding:
       real = jnp.ones_like(real)
-    mask = attention_lib.segment_mask(real, real) if self.mask_padding else None
+    mask = None
+    if self.mask_padding:
+      # Unpacked, a row is one caption: its real tokens are segment 1.
+      caption = (jnp.int32(1) if packed is None else packed.segment) * real
+      mask = attention_lib.segment_mask(caption, caption)
     if self.causal:
       causal = jnp.tril(jnp.ones((length, length), bool))
       mask = causal if mask is None else mask & causal
@@ -80,21 +108,31 @@ class TextTransformer(nn.Module):
         self.attention, self.scan, self.remat_policy, self.dtype,
         name='Encoder_0')(x, mask)
 
-    if self.pool == 'last':
-      last = length - 1 - jnp.argmax(real[:, ::-1], axis=-1)
-      pooled = x[jnp.arange(x.shape[0]), last]
-    elif self.pool == 'first':
-      pooled = x[:, 0]
-    elif self.pool == 'map':
-      pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
-                               self.use_bias, self.dtype,
-                               name='MAPHead_0')(x, real[:, None, :])[:, 0]
-    elif self.pool == 'max':
-      pooled = pooling.masked_max(x, real[:, None, :])[:, 0]
+    if packed is None:
+      rows, first = jnp.arange(x.shape[0]), jnp.zeros(x.shape[0], jnp.int32)
     else:
-      pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
+      # Each caption's tokens, found in its own row: [K, T].
+      rows = packed.row
+      mine = packed.segment[rows] == packed.row_segment[:, None]
+      real = mine & real[rows]
+      first = jnp.argmax(mine, axis=-1)
+    if self.pool in ('last', 'first'):
+      at = length - 1 - jnp.argmax(real[:, ::-1], axis=-1) if self.pool == 'last' else first
+      pooled = x[rows, at]
+    else:
+      x = x if packed is None else x[rows]
+      if self.pool == 'map':
+        pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
+                                 self.use_bias, self.dtype,
+                                 name='MAPHead_0')(x, real[:, None, :])[:, 0]
+      elif self.pool == 'max':
+        pooled = pooling.masked_max(x, real[:, None, :])[:, 0]
+      else:
+        pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
     if self.out_dim is not None:
       pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
                         name='head')(pooled)
     pooled = jnp.where(real.any(axis=-1, keepdims=True), pooled, 0)
+    if packed is not None:
+      return pooled.astype(jnp.float32)
     return pooled.astype(jnp.float32).reshape(*leading, -1)
