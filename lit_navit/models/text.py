@@ -15,7 +15,7 @@ caption, so a caption embeds as it would alone in its own row.
 
 import dataclasses
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -27,12 +27,12 @@ from lit_navit.models import pooling
 POOLS = ('last', 'first') + pooling.POOLS
 
 
-@dataclasses.dataclass(frozen=True)
-class Packed:
+class Packed(NamedTuple):
   """Where the captions lie in packed text rows [N, T] (see batch.py).
 
   segment, position: int [N, T]; row, row_segment: int [K], caption k's
-  text row (into N) and its segment there (0 for no caption).
+  text row (into N) and its segment there (0 for no caption). A tuple, so
+  that jit takes it as arrays.
   """
   segment: Any
   position: Any
