@@ -3,6 +3,7 @@ between the captions of a row, and the loss sees the same pairs."""
 
 import dataclasses
 import functools
+import os
 
 import hypothesis
 from hypothesis import strategies as st
@@ -13,11 +14,17 @@ import pytest
 
 from lit_navit import config as config_lib
 from lit_navit import losses
+from lit_navit import trainer as trainer_lib
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import packing
 from lit_navit.data import patches as patches_lib
+from lit_navit.data import sources
+from lit_navit.data import text as text_lib
+from lit_navit.evaluate import demo_eval
 from lit_navit.models import text
 from lit_navit.models import two_towers
+import eval_helpers
+import tiny_config
 
 PAD = 0
 T = 12
@@ -214,3 +221,56 @@ def test_loss_and_gradients_are_those_of_the_same_pairs_unpacked(pool):
   for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
   assert any(np.abs(g).max() > 1e-4 for g in jax.tree.leaves(grads['txt']))
+
+
+# --- the pipeline, the trainer's figures and evaluation ------------------------
+
+def test_the_pipeline_packs_the_caption_of_each_pair():
+  config = tiny_config.get_config()
+  config.input.text_packing = True
+  config.input.text_len = 64  # Synthetic captions: 14 tokens on average.
+  config.input.text_rows_per_caption = 0.25  # 4 text rows for 16 captions.
+  source = sources.make_source(config.input.source)
+  tokenizer = text_lib.Tokenizer.from_config(config.input)
+  pad = tokenizer.pad_id
+  with trainer_lib.make_pipeline(config, source, rows=8, groups=2) as pipe:
+    for _ in range(3):
+      batch = next(pipe)
+      spec = batch_lib.spec_of(batch)
+      batch_lib.validate_batch(batch, spec, pad)
+      assert spec.text_rows < spec.captions
+      for g, c in zip(*np.nonzero(batch['text/valid'])):
+        row, k = divmod(int(batch['text/slot'][g, c]), spec.slots)
+        index = batch['index'][g * spec.rows_per_group + row, k]
+        expected = tokenizer.encode([source[index].caption])[0]
+        mine = batch['text/segment'][g, batch['text/row'][g, c]] == (
+            batch['text/row_segment'][g, c])
+        caption = batch['text/tokens'][g, batch['text/row'][g, c]][mine]
+        assert caption.tolist() == expected[:caption.size].tolist()
+        assert np.all(expected[caption.size:] == pad)
+    stats = pipe.stats
+  # The text rows fill up, and hold nearly every caption a group can pair.
+  assert stats['text_padding_fraction'] < 0.2
+  assert stats['text_rows_per_caption'] < 0.27
+  assert stats['empty_caption_fraction'] < 0.05
+
+
+def test_evaluation_is_the_same_with_text_packing_on_or_off(tmp_path):
+  # Zero-shot, retrieval, export and query: evaluation embeds texts one a
+  # row, so whether training packs its captions must not change a number.
+  config = tiny_config.get_config()
+  params = eval_helpers.init_params(config.model, config.input.text_len)
+  reports = {}
+  for on in (False, True):
+    config.input.text_packing = on
+    reports[on] = demo_eval.evaluate_and_export(
+        config, params, str(tmp_path / str(on)), num_examples=12, batch_rows=4)
+  off, on = reports[False], reports[True]
+  for key in ('zero_shot_top1', 'image_to_text_r1', 'text_to_image_r1', 'query'):
+    assert on[key] == off[key], key
+  for kind in ('img_emb', 'text_emb'):
+    for name in sorted(os.listdir(os.path.join(off['export_dir'], kind))):
+      np.testing.assert_allclose(
+          np.load(os.path.join(on['export_dir'], kind, name)).astype(np.float32),
+          np.load(os.path.join(off['export_dir'], kind, name)).astype(np.float32),
+          atol=1e-6, rtol=0)
