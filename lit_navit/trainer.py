@@ -237,7 +237,10 @@ class Trainer:
         # The text tower's share of pad tokens: what shorter captions
         # (a smaller text_len) or text packing would save.
         text_padding_fraction=jnp.mean(
-            batch['text/tokens'] == self.config.model.text.pad_id))
+            batch['text/tokens'] == self.config.model.text.pad_id),
+        # Text rows encoded per pair: what input.text_rows_per_caption sizes.
+        text_rows_per_caption=math.prod(batch['text/tokens'].shape[:2])
+        / jnp.maximum(jnp.sum(batch['text/valid']), 1))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 
