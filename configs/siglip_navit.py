@@ -38,7 +38,7 @@ def get_config(arg=None):
   # Pack the captions too: WebLI-style captions are far shorter than 64
   # tokens and very uneven, so one a row is mostly padding (78% with the
   # synthetic captions). 0.3 text rows a caption holds 19 tokens a caption
-  # on average; check the log's `text_rows_per_caption` and `text pad`
+  # on average: set it a little above metrics.jsonl's text_rows_per_caption
   # (the benchmark's 14-token captions: 0.22, 7% padding).
   c.input.text_packing = True
   c.input.text_rows_per_caption = 0.3

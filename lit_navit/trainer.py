@@ -238,9 +238,11 @@ class Trainer:
         # (a smaller text_len) or text packing would save.
         text_padding_fraction=jnp.mean(
             batch['text/tokens'] == self.config.model.text.pad_id),
-        # Text rows encoded per pair: what input.text_rows_per_caption sizes.
-        text_rows_per_caption=math.prod(batch['text/tokens'].shape[:2])
-        / jnp.maximum(jnp.sum(batch['text/valid']), 1))
+        # The text rows a pair's caption fills: size input.text_rows_per_caption
+        # (text packing) a little above it.
+        text_rows_per_caption=jnp.sum(
+            batch['text/tokens'] != self.config.model.text.pad_id)
+        / batch['text/tokens'].shape[-1] / jnp.maximum(jnp.sum(batch['text/valid']), 1))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 

@@ -397,7 +397,6 @@ class Pipeline:
     text = batch['text/tokens']
     self._totals['text_tokens'] += text.size
     self._totals['text_pad_tokens'] += int(np.sum(text == self._tokenizer.pad_id))
-    self._totals['text_rows'] += text.shape[0] * text.shape[1]
 
   @property
   def stats(self) -> dict:
@@ -410,9 +409,11 @@ class Pipeline:
         'images_per_row': t['images'] / max(1, t['rows']),
         # Caption rows the text tower encodes for no pair.
         'empty_caption_fraction': 1 - t['images'] / max(1, t['caption_rows']),
-        # Pad tokens the text tower encodes, and text rows a pair took.
+        # Pad tokens the text tower encodes, and the text rows a pair's
+        # caption fills (what input.text_rows_per_caption sizes).
         'text_padding_fraction': t['text_pad_tokens'] / max(1, t['text_tokens']),
-        'text_rows_per_caption': t['text_rows'] / max(1, t['images']),
+        'text_rows_per_caption': (t['text_tokens'] - t['text_pad_tokens'])
+                                 / self._config.text_len / max(1, t['images']),
         'skipped': self.skipped.total,
     }
 

@@ -28,11 +28,11 @@ POOLS = ('last', 'first') + pooling.POOLS
 
 
 class Packed(NamedTuple):
-  """Where the captions lie in packed text rows [N, T] (see batch.py).
+  """Where the captions lie in G groups of R packed text rows (batch.py).
 
-  segment, position: int [N, T]; row, row_segment: int [K], caption k's
-  text row (into N) and its segment there (0 for no caption). A tuple, so
-  that jit takes it as arrays.
+  segment, position: int [G, R, T]; row, row_segment: int [G, C], caption
+  c's text row within its group and its segment there (0 for none). A
+  tuple, so that jit takes it as arrays.
   """
   segment: Any
   position: Any
@@ -77,7 +77,7 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, packed: Packed | None = None):
     """tokens [..., T], one caption a row -> [..., D]; with `packed`, text
-    rows [N, T] -> one vector per caption [K, D]."""
+    rows [G, R, T] -> one vector per caption [G*C, D]."""
     if self.pool not in POOLS:
       raise ValueError(f'unknown text pool {self.pool!r}; expected one of {POOLS}')
     *leading, length = tokens.shape
@@ -90,7 +90,8 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, name='Embed_0')(tokens)
     pos = self.param('pos_embedding', nn.initializers.normal(self.width ** -0.5),
                      (1, self.max_len, self.width))
-    x = x + (pos[:, :length] if packed is None else pos[0, packed.position])
+    x = x + (pos[:, :length] if packed is None
+             else pos[0, packed.position.reshape(-1, length)])
 
     real = tokens != self.pad_id
     if not self.mask_padding:
@@ -98,7 +99,7 @@ class TextTransformer(nn.Module):
     mask = None
     if self.mask_padding:
       # Unpacked, a row is one caption: its real tokens are segment 1.
-      caption = (jnp.int32(1) if packed is None else packed.segment) * real
+      caption = real * (1 if packed is None else packed.segment.reshape(-1, length))
       mask = attention_lib.segment_mask(caption, caption)
     if self.causal:
       causal = jnp.tril(jnp.ones((length, length), bool))
@@ -109,26 +110,22 @@ class TextTransformer(nn.Module):
         name='Encoder_0')(x, mask)
 
     if packed is None:
-      rows, first = jnp.arange(x.shape[0]), jnp.zeros(x.shape[0], jnp.int32)
+      first = jnp.zeros(x.shape[0], jnp.int32)
+      pick = lambda at: x[jnp.arange(x.shape[0]), at]
+      whole = lambda: x
     else:
-      # Each caption's tokens, found in its own row: [K, T].
-      rows = packed.row
-      mine = packed.segment[rows] == packed.row_segment[:, None]
-      real = mine & real[rows]
-      first = jnp.argmax(mine, axis=-1)
+      real, first, pick, whole = _captions_of_rows(x, real, packed)
     if self.pool in ('last', 'first'):
-      at = length - 1 - jnp.argmax(real[:, ::-1], axis=-1) if self.pool == 'last' else first
-      pooled = x[rows, at]
+      pooled = pick(length - 1 - jnp.argmax(real[:, ::-1], axis=-1)
+                    if self.pool == 'last' else first)
+    elif self.pool == 'map':
+      pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
+                               self.use_bias, self.dtype,
+                               name='MAPHead_0')(whole(), real[:, None, :])[:, 0]
+    elif self.pool == 'max':
+      pooled = pooling.masked_max(whole(), real[:, None, :])[:, 0]
     else:
-      x = x if packed is None else x[rows]
-      if self.pool == 'map':
-        pooled = pooling.MAPHead(self.num_heads, self.mlp_dim, self.qk_norm,
-                                 self.use_bias, self.dtype,
-                                 name='MAPHead_0')(x, real[:, None, :])[:, 0]
-      elif self.pool == 'max':
-        pooled = pooling.masked_max(x, real[:, None, :])[:, 0]
-      else:
-        pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
+      pooled = pooling.masked_mean(whole(), real[:, None, :])[:, 0]
     if self.out_dim is not None:
       pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
                         name='head')(pooled)
@@ -136,3 +133,30 @@ class TextTransformer(nn.Module):
     if packed is not None:
       return pooled.astype(jnp.float32)
     return pooled.astype(jnp.float32).reshape(*leading, -1)
+
+
+def _captions_of_rows(x, real, packed: Packed):
+  """Per caption of packed rows x [G*R, T, D]: (its real tokens [G*C, T],
+  its first token's position, a function from positions [G*C] to those
+  tokens' vectors, and one giving its whole row [G*C, T, D]).
+
+  Each gather is batched over groups, like the image-to-caption gather, so
+  with groups split over devices it stays on each device.
+  """
+  groups, length = packed.row.shape[0], x.shape[1]
+  row = packed.row.reshape(groups, -1)
+
+  def rows_of(a):  # [G*R, T, ...] -> each caption's row, [G*C, T, ...]
+    index = row.reshape(*row.shape, *[1] * (a.ndim - 1))
+    by_group = a.reshape(groups, -1, *a.shape[1:])
+    return jnp.take_along_axis(by_group, index, axis=1).reshape(-1, *a.shape[1:])
+
+  segment = packed.segment.reshape(-1, length)
+  mine = rows_of(segment) == packed.row_segment.reshape(-1, 1)
+
+  def pick(at):
+    flat = x.reshape(groups, -1, x.shape[-1])
+    index = (row * length + at.reshape(groups, -1))[..., None]
+    return jnp.take_along_axis(flat, index, axis=1).reshape(-1, x.shape[-1])
+
+  return mine & rows_of(real), jnp.argmax(mine, axis=-1), pick, lambda: rows_of(x)

@@ -192,17 +192,10 @@ class TwoTowers(nn.Module):
 
 
 def packed_text(batch):
-  """(text rows [G*R, T], text.Packed) of a batch with packed captions.
-
-  Caption c of group g lies in row g*R + text/row; like the slot gather, it
-  stays within its group, and so on its device.
-  """
-  groups, text_rows, length = batch['text/tokens'].shape
-  rows = batch['text/row'] + text_rows * jnp.arange(groups)[:, None]
-  flat = lambda key: batch[key].reshape(-1, length)
-  return flat('text/tokens'), text.Packed(
-      flat('text/segment'), flat('text/position'), rows.reshape(-1),
-      batch['text/row_segment'].reshape(-1))
+  """(text rows [G, R, T], text.Packed) of a batch with packed captions."""
+  return batch['text/tokens'], text.Packed(
+      batch['text/segment'], batch['text/position'], batch['text/row'],
+      batch['text/row_segment'])
 
 
 def gather_to_captions(slots, caption_slot):
