@@ -21,6 +21,7 @@ from lit_navit.data import patches as patches_lib
 from lit_navit.data import sources
 from lit_navit.data import text as text_lib
 from lit_navit.evaluate import demo_eval
+from lit_navit.models import flops
 from lit_navit.models import text
 from lit_navit.models import two_towers
 import eval_helpers
@@ -275,3 +276,13 @@ def test_evaluation_is_the_same_with_text_packing_on_or_off(tmp_path):
           np.load(os.path.join(on['export_dir'], kind, name)).astype(np.float32),
           np.load(os.path.join(off['export_dir'], kind, name)).astype(np.float32),
           atol=1e-6, rtol=0)
+
+
+def test_flops_count_the_text_rows_encoded():
+  config = two_towers.default_config()
+  spec = batch_lib.BatchSpec(rows=8, tokens_per_row=256, slots=16, text_len=64,
+                             patch_size=16, captions_per_group=35)
+  packed = dataclasses.replace(spec, text_rows=8)
+  one_a_row, rows = (flops.text_forward_flops(config, s) for s in (spec, packed))
+  head = 35 * 2 * 768 * config.embed_dim  # Per caption either way.
+  assert (rows - head) * 35 == pytest.approx((one_a_row - head) * 8, rel=1e-12)
