@@ -15,7 +15,8 @@ warm-up steps excluded, medians over the timed steps:
            and tokens; step time against big_vision's and open_clip's;
   navit    packing against padding at equal tokens per step: pipeline batches
            of synthetic JPEGs (side ~ U(64, 256), p=16, L=256), E=16 images a
-           row against one image a row, the same rows; the batches are made
+           row against one image a row, the same rows, and packed with the
+           captions packed too (input.text_packing); the batches are made
            before timing and the pipeline's own rate is reported apart;
   demo     configs/demo.py's model on its own pipeline's batches.
 
@@ -139,6 +140,9 @@ def parse_args():
   parser.add_argument('--navit-captions-per-row', type=float, default=4.3,
                       help='navit packed: caption rows per row (rows hold ~4.2 '
                       'images here; bench_pipeline.py --captions-per-row)')
+  parser.add_argument('--navit-text-rows-per-caption', type=float, default=0.22,
+                      help='navit packed text: text rows per caption row '
+                      '(captions here: 14.3 of 64 tokens on average)')
   parser.add_argument('--records', type=int, default=1024,
                       help='synthetic JPEGs encoded up front for the pipelines')
   parser.add_argument('--json', action='store_true',
@@ -203,10 +207,15 @@ def peer_config(image_variant: str, text_variant: str):
   return config
 
 
-def navit_input(config, slots: int, captions_per_row: float | None):
-  """NaViT's setting: side ~ U(64, 256) (longer side), no token dropping."""
+def navit_input(config, slots: int, captions_per_row: float | None,
+                text_rows_per_caption: float | None = None):
+  """NaViT's setting: side ~ U(64, 256) (longer side), no token dropping;
+  captions packed at `text_rows_per_caption` if given."""
   config.input.images_per_row = slots
   config.input.captions_per_row = captions_per_row
+  if text_rows_per_caption:
+    config.input.text_packing = True
+    config.input.text_rows_per_caption = text_rows_per_caption
   config.input.resolution.update(mode='side', dist='uniform', min=64, max=256)
   config.input.token_drop.kind = 'none'
   return config
@@ -288,10 +297,12 @@ def pipeline_workload(name: str, config, source, count: int, **notes) -> Workloa
     start = time.perf_counter()
     batches = [next(pipe) for _ in range(max(count, PIPELINE_BATCHES))]
     seconds = time.perf_counter() - start
+    text_padding = pipe.stats['text_padding_fraction']
   images, tokens = batch_counts(batches)
   notes['pipeline'] = {'images_per_s': images * len(batches) / seconds,
                        'tokens_per_s': tokens * len(batches) / seconds,
                        'workers': config.input.workers}
+  notes['text_padding_fraction'] = text_padding
   return Workload(name, config, batches[-count:], images, tokens, notes)
 
 
@@ -316,12 +327,15 @@ def navit_workloads(args, count: int) -> list:
                     text_len=text_len, patch_size=16)
   base.input.source = sources.default_source_config()
   records = encoded_records(base.input.source, args.records)
-  arms = (('navit packed', 16, args.navit_captions_per_row),
-          ('navit padded', 1, None))
+  packed_text = args.navit_text_rows_per_caption
+  arms = (('navit packed', 16, args.navit_captions_per_row, None),
+          ('navit packed text', 16, args.navit_captions_per_row, packed_text),
+          ('navit padded', 1, None, None))
   return [pipeline_workload(
-      name, navit_input(base.copy_and_resolve_references(), slots, captions),
+      name, navit_input(base.copy_and_resolve_references(), slots, captions,
+                        text_rows),
       records, count, model=args.navit_model)
-          for name, slots, captions in arms]
+          for name, slots, captions, text_rows in arms]
 
 
 def demo_workload(args, count: int) -> Workload:
@@ -351,7 +365,7 @@ def make_trainer(config, workdir: str):
 
 def device_batches(trainer, batches):
   """Host batches as the trainer's global arrays (model keys only)."""
-  return [sharding.make_global_batch({k: b[k] for k in trainer_lib.MODEL_KEYS},
+  return [sharding.make_global_batch(trainer_lib.model_inputs(b),
                                      trainer.mesh) for b in batches]
 
 
@@ -454,22 +468,26 @@ def add_ratios(run: dict, ceiling: dict) -> None:
 
 
 def navit_summary(runs: list) -> dict:
-  """Packed over padded images/s per scan setting, and packed over W1's."""
+  """Packed (captions one a row, and packed too) over padded images/s per
+  scan setting, and over W1's (the best W1 run, when it ran twice)."""
   by = {(r['workload'], r['scan']): r for r in runs}
   summary = {}
   for scan in (True, False):
-    packed, padded = by.get(('navit packed', scan)), by.get(('navit padded', scan))
-    if not (packed and padded):
-      continue
-    entry = {'packed_over_padded': packed['images_per_s'] / padded['images_per_s'],
-             'target_over_w1': TARGET_NAVIT_OVER_W1}
-    if packed['model'] == 'b16':
-      entry['packed_over_peer_w1'] = {peer: packed['images_per_s'] / rate
-                                      for peer, rate in PEER_W1_IMAGES_PER_S.items()}
-      w1 = [r['images_per_s'] for r in runs if r['workload'] == 'w1']
-      if w1:
-        entry['packed_over_w1'] = packed['images_per_s'] / max(w1)
-    summary['scan ' + ('on' if scan else 'off')] = entry
+    padded = by.get(('navit padded', scan))
+    for arm in ('navit packed', 'navit packed text'):
+      packed = by.get((arm, scan))
+      if not (packed and padded):
+        continue
+      entry = {'packed_over_padded': packed['images_per_s'] / padded['images_per_s'],
+               'target_over_w1': TARGET_NAVIT_OVER_W1}
+      if packed['model'] == 'b16':
+        entry['packed_over_peer_w1'] = {
+            peer: packed['images_per_s'] / rate
+            for peer, rate in PEER_W1_IMAGES_PER_S.items()}
+        w1 = [r['images_per_s'] for r in runs if r['workload'] == 'w1']
+        if w1:
+          entry['packed_over_w1'] = packed['images_per_s'] / max(w1)
+      summary[f"{arm}, scan {'on' if scan else 'off'}"] = entry
   return summary
 
 
@@ -489,15 +507,16 @@ def _scan(run: dict) -> str:
 def print_runs(runs: list) -> None:
   """The main table: step time, throughput, FLOPs and MFU of each run."""
   print('| workload | scan | B×L (E), T | params | step s, median (min–max) | '
-        'images/s | tokens/s | GFLOP/step | XLA GFLOP/step | text FLOPs | '
-        'GFLOP/s | ceiling GFLOP/s | % of ceiling |')
-  print('|' + ' --- |' * 13)
+        'images/s | tokens/s | GFLOP/step | GFLOP/pair | XLA GFLOP/step | '
+        'text FLOPs | GFLOP/s | ceiling GFLOP/s | % of ceiling |')
+  print('|' + ' --- |' * 14)
   for r in runs:
     print(f"| {r['workload']} | {_scan(r)} | "
           f"{r['rows']}×{r['tokens_per_row']} ({r['slots']}), {r['text_len']} | "
           f"{r['params'] / 1e6:.1f}M | {r['step_seconds']:.3f} "
           f"({r['step_seconds_min']:.3f}–{r['step_seconds_max']:.3f}) | "
           f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.4g} | "
+          f"{r['flops'] / r['images_per_step'] / 1e9:.1f} | "
           f"{r['xla_flops'] / 1e9:.4g} | {r['text_flops_fraction']:.0%} | "
           f"{r['gflops_per_s']:.0f} | {r['ceiling']['gflops']:.0f} | {r['mfu']:.0%} |")
 
@@ -540,14 +559,15 @@ def print_navit(result: dict) -> None:
     print(f"{name}: pipeline {p['images_per_s']:.0f} images/s, "
           f"{p['tokens_per_s']:.0f} tokens/s ({p['workers']} workers, alone); "
           f"{r['images_per_step']:.1f} images and "
-          f"{r['image_tokens_per_step']:.0f} real tokens a step")
+          f"{r['image_tokens_per_step']:.0f} real tokens a step; "
+          f"{r['text_padding_fraction']:.1%} of caption tokens padding")
   for scan, s in result['navit'].items():
     versus = [f'{v:.2f}× {k} W1' for k, v in s.get('packed_over_peer_w1', {}).items()]
     if 'packed_over_w1' in s:
       versus.append(f"{s['packed_over_w1']:.2f}× this run's W1")
     versus = (f"; packed = {', '.join(versus)} (target ≥ {s['target_over_w1']:.0f}×)"
               if versus else '')
-    print(f"navit, {scan}: packed / padded images/s = "
+    print(f"{scan}: packed / padded images/s = "
           f"{s['packed_over_padded']:.2f}{versus}")
 
 

@@ -170,6 +170,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_against(config, default_config(), prefix='')
   if config.batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+  if config.input.text_packing and not config.model.text.mask_padding:
+    raise ValueError('input.text_packing=True cannot be combined with '
+                     'model.text.mask_padding=False (the big_vision-exact tower '
+                     'attends to padding, so it needs one caption a row)')
   xla_options.parse(config.cpu_compiler_options)
 
 

@@ -44,7 +44,14 @@ log = logging.getLogger('lit_navit')
 
 # What the device needs of a batch; `index` (int64 example ids) stays on the host.
 MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
-              'valid', 'text/tokens', 'text/slot', 'text/valid')
+              'valid', 'text/tokens', 'text/slot', 'text/valid',
+              # Text packing only (batch.py).
+              'text/segment', 'text/position', 'text/row', 'text/row_segment')
+
+
+def model_inputs(batch: dict) -> dict:
+  """The arrays of a host batch that go to the device."""
+  return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -260,9 +267,14 @@ class Trainer:
         images_per_row=jnp.sum(valid) / batch['valid'].shape[0],
         empty_caption_fraction=1.0 - jnp.mean(batch['text/valid']),
         # The text tower's share of pad tokens: what shorter captions
-        # (a smaller text_len) would save.
+        # (a smaller text_len) or text packing would save.
         text_padding_fraction=jnp.mean(
-            batch['text/tokens'] == self.config.model.text.pad_id))
+            batch['text/tokens'] == self.config.model.text.pad_id),
+        # The text rows a pair's caption fills: size input.text_rows_per_caption
+        # (text packing) a little above it.
+        text_rows_per_caption=jnp.sum(
+            batch['text/tokens'] != self.config.model.text.pad_id)
+        / batch['text/tokens'].shape[-1] / jnp.maximum(jnp.sum(batch['text/valid']), 1))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 
@@ -343,7 +355,7 @@ class Trainer:
           preempted = True
           break
         local = next(self.pipeline)
-        batch = sharding.make_global_batch({k: local[k] for k in MODEL_KEYS}, self.mesh)
+        batch = sharding.make_global_batch(model_inputs(local), self.mesh)
         compiled, flops = self.compiled_step(state, batch)
         state, device_metrics = compiled(state, batch)
         step += 1
@@ -417,7 +429,7 @@ class Trainer:
                        groups=self.local_groups) as heldout:
       for _ in range(self.config.evals.heldout_batches):
         local = next(heldout)
-        batch = sharding.make_global_batch({k: local[k] for k in MODEL_KEYS}, self.mesh)
+        batch = sharding.make_global_batch(model_inputs(local), self.mesh)
         losses_.append(float(self._heldout_loss_fn(params, batch)))
     return float(np.mean(losses_))
 

@@ -92,19 +92,24 @@ def test_metrics_and_summaries_are_written(reference):
   assert _steps(reference) == [4, 8, 12]
 
 
-def test_step_reports_the_share_of_pad_tokens_the_text_tower_encodes(tmp_path):
+@pytest.mark.parametrize('text_packing', [False, True])
+def test_step_reports_the_share_of_pad_tokens_the_text_tower_encodes(
+    tmp_path, text_packing):
   config = config_lib.load_config_file(TINY + ':steps=1,every=1')
+  config.input.text_packing = text_packing
   trainer = trainer_lib.Trainer(config, str(tmp_path))
   try:
     state = trainer.restore_or_init()
     local = next(trainer.pipeline)
-    batch = sharding.make_global_batch(
-        {k: local[k] for k in trainer_lib.MODEL_KEYS}, trainer.mesh)
+    batch = sharding.make_global_batch(trainer_lib.model_inputs(local),
+                                       trainer.mesh)
     _, metrics = trainer.compiled_step(state, batch)[0](state, batch)
   finally:
     trainer.pipeline.close()
+  assert ('text/segment' in batch) == text_packing
   pads = np.asarray(local['text/tokens']) == config.model.text.pad_id
   assert 0 < pads.mean() < 1
+  assert np.isfinite(float(metrics['loss']))
   np.testing.assert_allclose(float(metrics['text_padding_fraction']), pads.mean(),
                              rtol=1e-6)
 

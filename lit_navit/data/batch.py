@@ -30,6 +30,21 @@ row's position inside the group. Rows past the group's last filled slot are
 empty: pad tokens, slot 0, not valid. Every filled slot has its caption
 (the packer stops filling a group when its captions run out), so the pairs
 are exactly the filled slots.
+
+With text packing (`BatchSpec.text_rows` set) the captions are packed too,
+several to a text row of T tokens, as the images are to a row:
+
+  text/tokens   int32 [G, R, T]  R text rows a group: captions back to back, pad ids after
+  text/segment  int32 [G, R, T]  0 = padding, k in 1..n = token of the row's k-th caption
+  text/position int32 [G, R, T]  each token's position inside its caption (0 for padding)
+  text/row      int32 [G, C]     caption c's text row within its group (0 if empty)
+  text/row_segment int32 [G, C]  caption c's segment in that row (0 if empty)
+
+`text/slot` and `text/valid` keep their meaning: caption c still belongs to
+the filled slot `text/slot`, so the pairs stay exactly the filled slots. A
+caption is its tokens up to its last non-pad one (at least one token, so an
+all-pad caption keeps a segment), positions 0, 1, ...; within a row its
+segments are contiguous runs 1..n and padding only follows the last one.
 """
 
 import dataclasses
@@ -52,6 +67,8 @@ class BatchSpec:
   # C, caption rows per group; None: one per slot (B/G * E), never limiting.
   captions_per_group: int | None = None
   patch_dtype: str = 'float32'  # or 'uint8'
+  # R, text rows per group with text packing; None: one caption a row.
+  text_rows: int | None = None
 
   def __post_init__(self):
     if self.patch_dtype not in PATCH_DTYPES:
@@ -63,6 +80,8 @@ class BatchSpec:
     if self.captions_per_group is not None and self.captions_per_group < 1:
       raise ValueError('captions_per_group must be >= 1, got '
                        f'{self.captions_per_group}')
+    if self.text_rows is not None and self.text_rows < 1:
+      raise ValueError(f'text_rows must be >= 1, got {self.text_rows}')
 
   @property
   def patch_dim(self) -> int:
@@ -79,10 +98,21 @@ class BatchSpec:
       return self.rows_per_group * self.slots
     return self.captions_per_group
 
+  @property
+  def packed_text(self) -> bool:
+    return self.text_rows is not None
+
   def shapes(self) -> dict:
     """Key -> (shape, dtype) of every array in the batch."""
     b, l, e, t = self.rows, self.tokens_per_row, self.slots, self.text_len
     g, c = self.groups, self.captions
+    if self.packed_text:
+      text = {key: ((g, self.text_rows, t), np.int32)
+              for key in ('text/tokens', 'text/segment', 'text/position')}
+      text.update({key: ((g, c), np.int32)
+                   for key in ('text/row', 'text/row_segment')})
+    else:
+      text = {'text/tokens': ((g, c, t), np.int32)}
     return {
         'image/patches': ((b, l, self.patch_dim), np.dtype(self.patch_dtype)),
         'image/yx': ((b, l, 2), np.int32),
@@ -90,7 +120,7 @@ class BatchSpec:
         'image/segment': ((b, l), np.int32),
         'valid': ((b, e), np.bool_),
         'index': ((b, e), np.int64),
-        'text/tokens': ((g, c, t), np.int32),
+        **text,
         'text/slot': ((g, c), np.int32),
         'text/valid': ((g, c), np.bool_),
     }
@@ -108,10 +138,12 @@ def spec_of(batch) -> BatchSpec:
   b, l, dim = batch['image/patches'].shape
   p = int(round((dim / 3) ** 0.5))
   e = batch['valid'].shape[1]
-  g, c, t = batch['text/tokens'].shape
+  g, rows, t = batch['text/tokens'].shape
+  c = batch['text/slot'].shape[1]
   return BatchSpec(rows=b, tokens_per_row=l, slots=e, text_len=t, patch_size=p,
                    groups=g, captions_per_group=c,
-                   patch_dtype=np.dtype(batch['image/patches'].dtype).name)
+                   patch_dtype=np.dtype(batch['image/patches'].dtype).name,
+                   text_rows=rows if 'text/segment' in batch else None)
 
 
 def caption_slots(valid) -> list[np.ndarray]:
@@ -192,6 +224,8 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
 
 
 def _validate_captions(batch, spec: BatchSpec, valid, pad_id: int):
+  if spec.packed_text:
+    _validate_text_rows(batch, spec, pad_id)
   tokens = np.asarray(batch['text/tokens'])
   slot = np.asarray(batch['text/slot'])
   text_valid = np.asarray(batch['text/valid'])
@@ -207,5 +241,54 @@ def _validate_captions(batch, spec: BatchSpec, valid, pad_id: int):
     if not np.array_equal(slot[g, :n], filled):
       raise ValueError(f'group {g}: text/slot {slot[g, :n].tolist()} is not '
                        f'its filled slots in order {filled.tolist()}')
-    if np.any(slot[g, n:] != 0) or np.any(tokens[g, n:] != pad_id):
+    if np.any(slot[g, n:] != 0) or (not spec.packed_text and
+                                    np.any(tokens[g, n:] != pad_id)):
       raise ValueError(f'group {g}: an empty caption row carries a slot or tokens')
+    if spec.packed_text:
+      _validate_caption_places(batch, g, n)
+
+
+def _validate_text_rows(batch, spec: BatchSpec, pad_id: int):
+  """Each text row: caption segments 1..n in runs, positions 0.. per run, pad after."""
+  tokens = np.asarray(batch['text/tokens'])
+  segment = np.asarray(batch['text/segment'])
+  position = np.asarray(batch['text/position'])
+  for g in range(spec.groups):
+    for r in range(spec.text_rows):
+      seg, pos, tok = segment[g, r], position[g, r], tokens[g, r]
+      where = f'group {g} text row {r}'
+      n_real = np.count_nonzero(seg)
+      if np.any(seg[n_real:] != PAD_SEGMENT) or np.any(seg[:n_real] == PAD_SEGMENT):
+        raise ValueError(f'{where}: padding tokens before caption tokens')
+      real = seg[:n_real]
+      if n_real and (real[0] != 1 or np.any(np.diff(real) < 0)
+                     or np.any(np.diff(real) > 1)):
+        raise ValueError(f'{where}: caption segments are not runs 1..n in order')
+      starts = np.flatnonzero(np.diff(real, prepend=0))
+      expected = np.arange(n_real) - np.repeat(starts, np.diff(starts, append=n_real))
+      if not np.array_equal(pos[:n_real], expected) or np.any(pos[n_real:] != 0):
+        raise ValueError(f'{where}: positions must restart at 0 for each '
+                         'caption and be 0 on padding')
+      if np.any(tok[n_real:] != pad_id):
+        raise ValueError(f'{where}: padding tokens must carry the pad id')
+      # A caption ends at its last real token; an all-pad one is one token.
+      ends = np.append(starts[1:], n_real) - 1
+      if np.any((tok[ends] == pad_id) & (ends > starts)):
+        raise ValueError(f'{where}: a caption carries pad tokens after its last '
+                         'real token')
+
+
+def _validate_caption_places(batch, g: int, n: int):
+  """Group g's n captions sit each in its own (row, segment), and together
+  they are every caption segment of the group's text rows."""
+  row = np.asarray(batch['text/row'])[g]
+  row_segment = np.asarray(batch['text/row_segment'])[g]
+  segment = np.asarray(batch['text/segment'])[g]
+  if np.any(row[n:] != 0) or np.any(row_segment[n:] != 0):
+    raise ValueError(f'group {g}: an empty caption has a text row or segment')
+  places = set(zip(row[:n].tolist(), row_segment[:n].tolist()))
+  present = {(r, k) for r in range(segment.shape[0])
+             for k in range(1, int(segment[r].max(initial=0)) + 1)}
+  if len(places) != n or places != present:
+    raise ValueError(f'group {g}: text/row and text/row_segment do not name '
+                     'each caption segment of the text rows exactly once')

@@ -3,6 +3,9 @@
 `plan_rows` decides, from token counts alone, which pending images go into
 which row of the next batch; `pack_batch` then writes the chosen images and
 their captions into one batch that satisfies the contract in `batch.py`.
+With text packing, `plan` also places each chosen image's caption, best-fit,
+in a text row of its group, and an image whose caption fits no text row
+there waits like one whose tokens fit no row.
 """
 
 import dataclasses
@@ -16,8 +19,35 @@ from lit_navit.data import patches as patches_lib
 _CAPTION_RESERVE_DIVISOR = 8
 
 
+def caption_length(tokens, pad_id: int) -> int:
+  """A caption's tokens in a packed text row: up to its last non-pad token,
+  at least one (an all-pad caption keeps a place and embeds to zero)."""
+  real = np.flatnonzero(np.asarray(tokens) != pad_id)
+  return int(real[-1]) + 1 if real.size else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which images fill each row and, with text packing, each one's text row.
+
+  rows: for each row, the positions (into the sizes planned) of its images
+  in slot order; text_row: position -> text row within the image's group.
+  """
+  rows: list
+  text_row: dict
+
+
 def plan_rows(sizes, rows: int, tokens_per_row: int, slots: int, *,
               groups: int = 1, captions: int | None = None) -> list[list[int]]:
+  """The image rows of `plan` without text packing."""
+  return plan(sizes, rows, tokens_per_row, slots, groups=groups,
+              captions=captions).rows
+
+
+def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
+         groups: int = 1, captions: int | None = None,
+         caption_lengths=None, text_rows: int | None = None,
+         text_len: int | None = None) -> Plan:
   """Best-fit of images into `rows` rows: oldest first, then largest first.
 
   Each image goes into the row that it leaves with the least room (ties:
@@ -42,10 +72,13 @@ def plan_rows(sizes, rows: int, tokens_per_row: int, slots: int, *,
     groups, captions: G, the groups the rows split into (consecutive, of
       B/G rows each), and C, the caption rows of each group; None: no limit
       beyond the slots.
+    caption_lengths, text_rows, text_len: text packing: each pending
+      image's caption length (`caption_length`) and R text rows of T tokens
+      in each group; an image also needs room for its caption there, and
+      its caption goes to the text row it leaves with the least room.
 
   Returns:
-    For each row, the positions (into `sizes`) of its images in slot order
-    (ascending).
+    A `Plan`.
   """
   sizes = np.asarray(sizes, np.int64)
   if sizes.size and (sizes.min() < 1 or sizes.max() > tokens_per_row):
@@ -62,16 +95,31 @@ def plan_rows(sizes, rows: int, tokens_per_row: int, slots: int, *,
       groups, captions // _CAPTION_RESERVE_DIVISOR, np.int64)
   placed = [[] for _ in range(rows)]
   too_much = tokens_per_row + 1  # Marks rows that cannot take the image.
+  packed_text = caption_lengths is not None
+  if packed_text:
+    lengths = np.asarray(caption_lengths, np.int64)
+    text_room = np.full((groups, text_rows), text_len, np.int64)
+  text_row = {}
 
   def place(position, spare):
     size = sizes[position]
     fits = (room >= size) & (free_slots > 0) & (captions_left[group_of_row] > spare)
+    if packed_text:
+      fits &= (text_room.max(axis=1) >= lengths[position])[group_of_row]
     row = int(np.argmin(np.where(fits, room, too_much)))
     if fits[row]:
       room[row] -= size
       free_slots[row] -= 1
-      captions_left[group_of_row[row]] -= 1
+      group = group_of_row[row]
+      captions_left[group] -= 1
       placed[row].append(position)
+      if packed_text:
+        length = lengths[position]
+        room_left = text_room[group]
+        best = int(np.argmin(np.where(room_left >= length, room_left,
+                                      text_len + 1)))
+        room_left[best] -= length
+        text_row[position] = best
 
   for position in range(len(sizes)):  # Oldest first, keeping the reserve.
     place(position, 0 if position == 0 else reserve[group_of_row])
@@ -79,7 +127,7 @@ def plan_rows(sizes, rows: int, tokens_per_row: int, slots: int, *,
   for position in np.argsort(-sizes, kind='stable'):  # Then largest first.
     if position not in taken and captions_left.any():
       place(int(position), 0)
-  return [sorted(row) for row in placed]
+  return Plan([sorted(row) for row in placed], text_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +136,7 @@ class PackedImage:
   patches: patches_lib.Patches
   tokens: np.ndarray  # int32 [T]
   index: int
+  text_row: int | None = None  # Text packing: its caption's text row (`Plan`).
 
 
 def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
@@ -96,14 +145,18 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
 
   Row b's k-th image fills slot k + 1: its tokens are contiguous, followed by
   the next image's; the rest of the row is padding (segment 0). Its caption
-  takes the next caption row of the row's group. Rows beyond `len(rows)`,
-  unused slots and unused caption rows are empty and invalid.
+  takes the next caption row of the row's group; with text packing
+  (`spec.text_rows`) its tokens also follow the previous caption's in its
+  `text_row`. Rows beyond `len(rows)`, unused slots and unused caption rows
+  are empty and invalid.
   """
   if len(rows) > spec.rows:
     raise ValueError(f'{len(rows)} rows do not fit a batch of {spec.rows}')
   batch = spec.empty(pad_id)
   patch_dim = spec.patch_dim
   captions_used = np.zeros(spec.groups, np.int64)
+  if spec.packed_text:
+    text_used = np.zeros((spec.groups, spec.text_rows), np.int64)
   for r, images in enumerate(rows):
     if len(images) > spec.slots:
       raise ValueError(f'row {r}: {len(images)} images exceed {spec.slots} slots')
@@ -132,9 +185,31 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
       batch['image/grid'][r, k] = image.patches.grid
       batch['valid'][r, k] = True
       batch['index'][r, k] = image.index
-      batch['text/tokens'][group, caption] = image.tokens
+      if spec.packed_text:
+        _pack_caption(batch, text_used, group, caption, image, pad_id)
+      else:
+        batch['text/tokens'][group, caption] = image.tokens
       batch['text/slot'][group, caption] = row_in_group * spec.slots + k
       batch['text/valid'][group, caption] = True
       captions_used[group] += 1
       offset += n
   return batch
+
+
+def _pack_caption(batch, text_used, group: int, caption: int,
+                  image: PackedImage, pad_id: int):
+  """Appends an image's caption to its text row as that row's next segment."""
+  row = image.text_row
+  length = caption_length(image.tokens, pad_id)
+  start = 0 if row is None else text_used[group, row]
+  if row is None or start + length > batch['text/tokens'].shape[-1]:
+    raise ValueError(f'example {image.index}: its caption ({length} tokens) '
+                     f'does not fit text row {row} of group {group}')
+  where = (group, row, slice(start, start + length))
+  segment = batch['text/segment'][group, row, start - 1] + 1 if start else 1
+  batch['text/tokens'][where] = image.tokens[:length]
+  batch['text/segment'][where] = segment
+  batch['text/position'][where] = np.arange(length)
+  batch['text/row'][group, caption] = row
+  batch['text/row_segment'][group, caption] = segment
+  text_used[group, row] += length

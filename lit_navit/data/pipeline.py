@@ -78,6 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
   # packer stops filling a group when its captions run out. None: one per
   # slot (E), which never limits packing but encodes every empty slot.
   config.captions_per_row = ml_collections.config_dict.placeholder(float)
+  # Pack the captions too: several to a text row of text_len tokens, best-fit,
+  # each attending only to itself (see batch.py). The text tower then
+  # encodes real caption tokens, not a whole row of padding per caption.
+  config.text_packing = False
+  # Text rows per caption row (text packing): size it a little above the
+  # mean caption length over text_len (the pipeline's `text_rows_per_caption`
+  # statistic); the packer stops filling a group when its text rows are full.
+  config.text_rows_per_caption = 0.3
   # FlexiViT: one is drawn per step from (seed, step); eval needs exactly one.
   config.patch_sizes = (16,)
   # How patches cross to the device: 'uint8' pixels (normalised there, a
@@ -140,6 +148,7 @@ class _Pending:
   image: workers.Prepared
   tokens: np.ndarray
   ref: streaming.Ref | None = None  # Train: where the record lies.
+  caption_length: int = 0  # Its tokens in a packed text row.
 
 
 class Pipeline:
@@ -174,6 +183,11 @@ class Pipeline:
     self._groups = groups
     self._source = source
     self._tokenizer = tokenizer
+    if config.mode == 'eval' and config.text_packing:
+      # Evaluation embeds texts one a row (Embedder.texts): a packing that
+      # also placed captions would only change which images share a row.
+      config = config.copy_and_resolve_references()
+      config.text_packing = False
     self._config = config
     self._rows = rows
     self._seed = seed
@@ -241,14 +255,20 @@ class Pipeline:
       jobs.append((item, grid, self._kept_tokens(item, grid, step)))
     # Plan from token counts alone; only the chosen images are patchified.
     spec = self.batch_spec(patch_size)
-    plan = packing.plan_rows([keep for _, _, keep in jobs], spec.rows,
-                             spec.tokens_per_row, spec.slots,
-                             groups=spec.groups, captions=spec.captions)
+    text_rows = {}
+    if spec.packed_text:
+      text_rows = dict(caption_lengths=[item.caption_length for item in self._buffer],
+                       text_rows=spec.text_rows, text_len=spec.text_len)
+    planned = packing.plan([keep for _, _, keep in jobs], spec.rows,
+                           spec.tokens_per_row, spec.slots, groups=spec.groups,
+                           captions=spec.captions, **text_rows)
+    plan = planned.rows
     patches = iter(self._map(
         lambda job: self._patchify(*job, patch_size=patch_size, step=step),
         [jobs[position] for row in plan for position in row]))
     rows = [[packing.PackedImage(next(patches), jobs[position][0].tokens,
-                                 jobs[position][0].index)
+                                 jobs[position][0].index,
+                                 planned.text_row.get(position))
              for position in row] for row in plan]
     batch = packing.pack_batch(rows, spec, self._tokenizer.pad_id)
     taken = {position for row in plan for position in row}
@@ -344,7 +364,9 @@ class Pipeline:
     if tokens.shape != (len(decoded), self._config.text_len):
       raise ValueError(f'the tokenizer returned captions of shape {tokens.shape}'
                        f'; input.text_len is {self._config.text_len}')
-    return [_Pending(record.index, epoch, image, row, ref)
+    pad_id = self._tokenizer.pad_id
+    return [_Pending(record.index, epoch, image, row, ref,
+                     packing.caption_length(row, pad_id))
             for (epoch, ref, record, image), row in zip(decoded, tokens)]
 
   def _account_record(self, record, reason):
@@ -377,6 +399,9 @@ class Pipeline:
     self._totals['image_tokens'] += int(np.count_nonzero(segment))
     self._totals['images'] += int(batch['valid'].sum())
     self._totals['caption_rows'] += batch['text/valid'].size
+    text = batch['text/tokens']
+    self._totals['text_tokens'] += text.size
+    self._totals['text_pad_tokens'] += int(np.sum(text == self._tokenizer.pad_id))
 
   @property
   def stats(self) -> dict:
@@ -389,6 +414,11 @@ class Pipeline:
         'images_per_row': t['images'] / max(1, t['rows']),
         # Caption rows the text tower encodes for no pair.
         'empty_caption_fraction': 1 - t['images'] / max(1, t['caption_rows']),
+        # Pad tokens the text tower encodes, and the text rows a pair's
+        # caption fills (what input.text_rows_per_caption sizes).
+        'text_padding_fraction': t['text_pad_tokens'] / max(1, t['text_tokens']),
+        'text_rows_per_caption': (t['text_tokens'] - t['text_pad_tokens'])
+                                 / self._config.text_len / max(1, t['images']),
         'skipped': self.skipped.total,
     }
 
@@ -494,7 +524,8 @@ def batch_spec(config, *, rows: int, groups: int,
   """The static shapes of batches of `rows` rows in `groups` caption groups.
 
   Each group gets ceil(captions_per_row * rows per group) caption rows, at
-  most one per slot.
+  most one per slot, and with text packing ceil(text_rows_per_caption * C)
+  text rows, at most C.
   """
   slots = config.images_per_row
   captions = None
@@ -502,10 +533,16 @@ def batch_spec(config, *, rows: int, groups: int,
     rows_per_group = rows // groups
     captions = min(rows_per_group * slots,
                    math.ceil(config.captions_per_row * rows_per_group))
+  text_rows = None
+  if config.get('text_packing', False):
+    per_group = captions or rows // groups * slots
+    text_rows = min(per_group,
+                    math.ceil(config.text_rows_per_caption * per_group))
   return batch_lib.BatchSpec(
       rows=rows, tokens_per_row=config.tokens_per_row, slots=slots,
       text_len=config.text_len, patch_size=patch_size, groups=groups,
-      captions_per_group=captions, patch_dtype=config.patch_dtype)
+      captions_per_group=captions, patch_dtype=config.patch_dtype,
+      text_rows=text_rows)
 
 
 def _check_config(config):
@@ -524,6 +561,8 @@ def _check_config(config):
   need(config.text_len >= 1, 'text_len', config.text_len, 'must be >= 1')
   need(config.captions_per_row is None or config.captions_per_row > 0,
        'captions_per_row', config.captions_per_row, 'must be None or > 0')
+  need(0 < config.text_rows_per_caption <= 1, 'text_rows_per_caption',
+       config.text_rows_per_caption, 'must be in (0, 1]')
   sizes = tuple(config.patch_sizes)
   need(sizes and all(isinstance(p, int) and p >= 1 for p in sizes), 'patch_sizes',
        sizes, 'must be a non-empty tuple of positive ints')

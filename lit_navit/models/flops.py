@@ -51,17 +51,20 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
 
 
 def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
-  """Forward FLOPs of the text tower on the G*C caption rows of one batch."""
+  """Forward FLOPs of the text tower on the G*C caption rows of one batch
+  (packed: on its G*R text rows, then pooling and head per caption)."""
   c = config.text
   size = variants.tower_size(c, 'text')
   width, mlp_dim = size['width'], size['mlp_dim']
   tokens = spec.text_len
-  per_caption = _encoder_flops(tokens, width, size['depth'], mlp_dim)
-  if c.pool == 'map':
+  rows = spec.text_rows if spec.packed_text else spec.captions
+  encoder = rows * _encoder_flops(tokens, width, size['depth'], mlp_dim)
+  per_caption = 0
+  if c.pool == 'map':  # Packed, over the caption's whole row.
     per_caption += _map_head_flops(1, tokens, width, mlp_dim)
   if c.get('head', True):
     per_caption += 2 * width * config.embed_dim
-  return spec.groups * spec.captions * per_caption
+  return spec.groups * (encoder + spec.captions * per_caption)
 
 
 def forward_flops(config, spec: batch_lib.BatchSpec) -> int:

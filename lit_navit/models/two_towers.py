@@ -176,7 +176,7 @@ class TwoTowers(nn.Module):
   def __call__(self, batch, train: bool = False):
     """Returns (z_img [G*C, D], z_txt [G*C, D], extras), one row per caption row.
 
-    Only the batch's caption rows are encoded; each image embedding is
+    Only the batch's caption rows (or, packed, text rows) are encoded; each image embedding is
     gathered, within its group, to its caption's row. extras: 't' (the
     temperature exp(t)), 'b' (the bias; sigmoid loss only) and 'valid' bool
     [G*C], the rows that hold a pair. The model has no dropout, so `train`
@@ -187,7 +187,18 @@ class TwoTowers(nn.Module):
     if self.config.loss == 'sigmoid':
       extras['b'] = self.b[0]
     zimg = gather_to_captions(self._slot_embeddings(batch), batch['text/slot'])
-    return l2_normalize(zimg), self.embed_texts(batch['text/tokens']), extras
+    if 'text/segment' in batch:
+      ztxt = l2_normalize(self.txt(*packed_text(batch)))
+    else:
+      ztxt = self.embed_texts(batch['text/tokens'])
+    return l2_normalize(zimg), ztxt, extras
+
+
+def packed_text(batch):
+  """(text rows [G, R, T], text.Packed) of a batch with packed captions."""
+  return batch['text/tokens'], text.Packed(
+      batch['text/segment'], batch['text/position'], batch['text/row'],
+      batch['text/row_segment'])
 
 
 def gather_to_captions(slots, caption_slot):
