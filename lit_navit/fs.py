@@ -186,8 +186,11 @@ def _forget_listings(path: str) -> None:
 
 
 def rename(source: str, target: str) -> None:
-  """Moves a file or folder (atomic for a local file; on object storage a
-  copy, then a delete)."""
+  """Moves a file or folder to a new name (atomic for a local file; on object
+  storage a copy, then a delete). Never onto an existing target: a folder
+  would be merged into it on object storage."""
+  if exists(target):
+    raise FileExistsError(f'cannot move {source} to {target}: it exists')
   if not is_remote(source):
     os.replace(source, target)
     return

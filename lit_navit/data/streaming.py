@@ -250,10 +250,15 @@ class RecordStream:
         'turn': self._turn,
         'draws': self._draws,
         'buffer': [list(ref) for ref, _ in self._buffer],
+        # An epoch's failures count until its last file is done.
         'failed_files': {str(e): n for e, n in self._failed.items()
-                         if any(f.epoch <= e for f in self._open)},
+                         if e >= self._oldest_epoch_read()},
         'fruitless': self._fruitless,
     }
+
+  def _oldest_epoch_read(self) -> int:
+    """The oldest epoch with a file open or still to open."""
+    return min([f.epoch for f in self._open] + [self._epoch])
 
   def set_state(self, state: dict, map_fn=map):
     """Restores `get_state()` output; buffered records are re-read."""
