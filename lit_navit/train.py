@@ -82,8 +82,15 @@ def train(config, workdir: str, hooks=(), start_over: bool = False):
   config_lib.check_config(config)
   config_lib.check_paths(config)
   check_workdir(workdir)
-  trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
-  return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
+  from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  from lit_navit import workdir_lock  # pylint: disable=g-import-not-at-top
+  lock = workdir_lock.WorkdirLock(workdir)
+  sharding.run_on_process_0(lock.acquire)  # one lock per run, process 0's
+  try:
+    trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
+    return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
+  finally:
+    lock.release()
 
 
 def _main(argv, overrides=()):
