@@ -161,7 +161,7 @@ class Trainer:
 
   def restore_or_init(self):
     """The newest good checkpoint's state (and the pipeline's), else a fresh one."""
-    restored = self.checkpointer.restore_latest(self.abstract_state,
+    restored = self.checkpointer.restore_latest(self.abstract_state, self.config,
                                                 start_over=self.start_over)
     if restored is None:
       log.info('no checkpoint in %s: starting from scratch', self.workdir)
