@@ -209,12 +209,19 @@ def _mismatch(step_dir: str, abstract_state, config) -> str | None:
   """What makes a step's saved state differ from `abstract_state` (the
   config keys that differ from its saved config, else the arrays), or None
   when its shapes match or cannot be read (a damaged step)."""
+  def shapes(tree):
+    # The params: nested dicts in the state and in orbax's metadata alike
+    # (the optimizer state's tuples come back as lists).
+    tree = tree.get('params', tree)
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))}
+
   try:
-    saved = ocp.StandardCheckpointer().metadata(fs.join(step_dir, 'state')).item_metadata
-    saved = {k: tuple(v.shape) for k, v in _flat(saved.tree).items()}
+    saved = shapes(ocp.StandardCheckpointer().metadata(
+        fs.join(step_dir, 'state')).item_metadata.tree)
   except Exception:  # pylint: disable=broad-except
     return None
-  wanted = {k: tuple(v.shape) for k, v in _flat(abstract_state).items()}
+  wanted = shapes(abstract_state)
   if saved == wanted:
     return None
   if config is not None:

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from lit_navit import checkpoint
@@ -20,9 +21,17 @@ def _config(**model):
   return config
 
 
+def _state(width, value=0.0):
+  """A train state as the trainer's: step, params and Adam's state (tuples
+  and named tuples, which orbax's metadata gives back as lists)."""
+  params = {'img': {'w': np.full((width, 3), value, np.float32)}, 't': np.ones(1, np.float32)}
+  return {'step': np.int32(value), 'params': params, 'opt_state': optax.adam(1e-3).init(params)}
+
+
 def _abstract(width):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return {'params': {'w': jax.ShapeDtypeStruct((width,), np.float32, sharding=device)}}
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device),
+                      jax.eval_shape(lambda: _state(width)))
 
 
 @pytest.fixture
@@ -30,8 +39,7 @@ def saved(tmp_path):
   """A workdir with good steps 1 and 2 of a model of width 64."""
   checkpointer = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
   for step in (1, 2):
-    checkpointer.save(step, {'params': {'w': np.full(64, step, np.float32)}},
-                      {'position': step}, _config(embed_dim=64))
+    checkpointer.save(step, _state(64, step), {'position': step}, _config(embed_dim=64))
   checkpointer.close()
   return str(tmp_path)
 
@@ -59,7 +67,7 @@ def test_the_same_model_resumes(saved):
   step, state, data = checkpointer.restore_latest(_abstract(64), _config(embed_dim=64))
   checkpointer.close()
   assert (step, data) == (2, {'position': 2})
-  np.testing.assert_array_equal(state['params']['w'], np.full(64, 2, np.float32))
+  np.testing.assert_array_equal(state['params']['img']['w'], np.full((64, 3), 2, np.float32))
 
 
 @pytest.mark.parametrize('error', [
