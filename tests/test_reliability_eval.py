@@ -346,3 +346,60 @@ def test_a_checkpoint_saved_before_todays_keys_loads_and_exports(two_steps, tmp_
                 for name, out in outputs.items()}
   assert embeddings['today'].shape[0] == 3
   np.testing.assert_array_equal(embeddings['old'], embeddings['today'])
+
+
+def _index_rows(out):
+  """Every metadata row of an export, in part order."""
+  names = sorted(os.listdir(os.path.join(out, 'metadata')),
+                 key=lambda n: int(n.split('_')[1].split('.')[0]))
+  return [path for name in names for path in
+          pq.read_table(os.path.join(out, 'metadata', name)).column('image_path').to_pylist()]
+
+
+def test_an_incremental_export_holds_one_row_per_current_image(tmp_path, monkeypatch):
+  folder = str(tmp_path / 'images')
+  paths = write_images(os.path.join(folder, 'b'), SIZES[:4])
+  out = str(tmp_path / 'export')
+  embedder = tiny_embedder()
+
+  def run():
+    return export.export(embedder, datasets.ImageFiles(datasets.find_images(folder)),
+                         out, part_size=3, key_column='image_path', progress=False)
+
+  run()
+  write_images(os.path.join(folder, 'a'), SIZES[4:6], seed=1)
+  touched, deleted = paths[1], paths[2]
+  mtime = os.stat(touched).st_mtime_ns
+  os.utime(touched, ns=(mtime, mtime + 10**9))  # same bytes, a new mtime
+  os.remove(deleted)
+  current = datasets.find_images(folder)
+  # Killed after writing the rewritten part, before removing the old one.
+  remove_part = export._remove_part  # pylint: disable=protected-access
+  monkeypatch.setattr(export, '_remove_part', lambda *args: sys.exit('killed'))
+  with pytest.raises(SystemExit):
+    run()
+  monkeypatch.setattr(export, '_remove_part', remove_part)
+  summary = run()
+  assert sorted(_index_rows(out)) == sorted(current)  # one row each
+  assert summary['num_images'] == summary['num_exported'] == 5
+  assert summary['num_failed'] == 0
+  # Each image is found by its own embedding (rows and metadata aligned),
+  # once: its runner-up is another image.
+  emb, _ = embedder.images(datasets.ImageFiles(current), progress=False)
+  for path, hits in zip(current, export.query(out, emb, k=2)):
+    assert hits[0]['image_path'] == path and hits[1]['image_path'] != path
+  again = run()
+  assert (again['num_new'], again['num_dropped'], again['num_exported']) == (0, 0, 5)
+
+
+def test_export_refuses_a_folder_it_did_not_make(tmp_path):
+  folder = str(tmp_path / 'images')
+  write_images(folder, SIZES[:2])
+  out = tmp_path / 'theirs'
+  (out / 'img_emb').mkdir(parents=True)
+  (out / 'img_emb' / 'img_emb_0.npy').write_bytes(b'their embeddings')
+  with pytest.raises(FileExistsError, match=f'{out} is not empty and holds no export'):
+    export.export(tiny_embedder(), datasets.ImageFiles(datasets.find_images(folder)),
+                  str(out), key_column='image_path', progress=False)
+  assert (out / 'img_emb' / 'img_emb_0.npy').read_bytes() == b'their embeddings'
+  assert sorted(p.name for p in out.rglob('*')) == ['img_emb', 'img_emb_0.npy']
