@@ -300,3 +300,11 @@ def test_export_then_query_scripts(workdir, tmp_path):
   assert [q.get('text', q.get('image')) for q in queries] == ['a red circle', paths[4]]
   assert queries[1]['results'][0]['image_path'] == paths[4]
   assert len(queries[0]['results']) == 3
+  # Flags that could only mislead are refused before the checkpoint loads.
+  for flags, named in [(['--k', '-2'], '--k must be at least 1'),
+                       (['--k', '0'], '--k must be at least 1'),
+                       (['--text', ''], '--text is empty'),
+                       (['--patch_size', '0'], r'\(--patch_size\) must be at least 1')]:
+    with pytest.raises(ValueError, match=named):
+      load_script('query').main(['--checkpoint', workdir, '--index', out,
+                                 '--text', 'a circle', *flags])
