@@ -332,10 +332,13 @@ def _read_error(error: BaseException) -> bool:
 
 
 def _reason(error: Exception) -> str:
-  """The first line of an error, without tensorstore's spec dump."""
+  """The first line of an error, without tensorstore's spec dump, at most
+  about 300 characters."""
   lines = str(error).strip().splitlines()
   first = (lines[0] if lines else '').split(' [tensorstore_spec=')[0]
-  return f'{type(error).__name__}: {first[:300]}'
+  if len(first) > 300:  # the middle goes: paths; the cause is at the end
+    first = f'{first[:150]} ... {first[-150:]}'
+  return f'{type(error).__name__}: {first}'
 
 
 def _step_dirs(path: str) -> dict:

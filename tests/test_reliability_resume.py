@@ -108,3 +108,13 @@ def test_a_damaged_step_of_the_same_model_is_still_set_aside(saved):
   step, _, _ = checkpointer.restore_latest(_abstract(64), _config(embed_dim=64))
   checkpointer.close()
   assert step == 1 and _steps(saved) == ['1', '2.corrupt-0']
+
+
+def test_a_long_reason_keeps_its_cause():
+  """Errors are one short line, and still say why (the cause comes last in
+  tensorstore's messages; the paths in the middle go)."""
+  error = ValueError('RESOURCE_EXHAUSTED: Error writing "' + '/deep' * 300
+                     + '": Failed to write 3060 bytes: No space left on device')
+  reason = checkpoint._reason(error)  # pylint: disable=protected-access
+  assert reason.startswith('ValueError: RESOURCE_EXHAUSTED: Error writing')
+  assert reason.endswith('No space left on device') and len(reason) < 340
