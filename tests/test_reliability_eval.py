@@ -403,3 +403,39 @@ def test_export_refuses_a_folder_it_did_not_make(tmp_path):
                   str(out), key_column='image_path', progress=False)
   assert (out / 'img_emb' / 'img_emb_0.npy').read_bytes() == b'their embeddings'
   assert sorted(p.name for p in out.rglob('*')) == ['img_emb', 'img_emb_0.npy']
+
+
+class _Planted:
+  """Unpickling this writes a file: the code a hostile .npy would run."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_what_we_read_from_others_runs_no_code_and_writes_nowhere_else(tmp_path):
+  import data_fixtures  # pylint: disable=import-outside-toplevel
+  from lit_navit.data import sources  # pylint: disable=import-outside-toplevel
+  images = write_images(str(tmp_path / 'images'), SIZES[:2])
+  members = []
+  for n, (name, image) in enumerate(zip(['../../escape/a', '/abs/b'], images)):
+    with open(image, 'rb') as f:
+      members += [(f'{name}.jpg', f.read()), (f'{name}.txt', f'caption {n}'.encode())]
+  tar = data_fixtures.write_tar(tmp_path / 'hostile.tar', members)
+  out = tmp_path / 'out' / 'export'
+  summary = export.export(tiny_embedder(), sources.WebDatasetSource(tar), str(out),
+                          progress=False)
+  assert summary['num_exported'] == 2
+  # Member names are data (metadata keys), never paths written to.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['hostile.tar', 'images', 'out']
+  assert [p.name for p in (tmp_path / 'out').iterdir()] == ['export']
+  assert not os.path.exists('/abs')
+  # An export whose .npy holds pickled objects is refused, and runs nothing.
+  marker = tmp_path / 'ran'
+  emb_file = next((out / 'img_emb').iterdir())
+  np.save(emb_file, np.array([_Planted(str(marker))], dtype=object), allow_pickle=True)
+  with pytest.raises(ValueError, match='allow_pickle|Python objects'):
+    export.query(str(out), np.ones(tiny_embedder().dim, np.float32))
+  assert not marker.exists()

@@ -190,9 +190,9 @@ def _read_table(path, **kwargs):
 def _load_npy(path):
   """An exported array: memory-mapped when local, read whole from a URL."""
   if not fs.is_remote(path):
-    return np.load(path, mmap_mode='r')
+    return np.load(path, mmap_mode='r', allow_pickle=False)
   with fs.open(path, 'rb') as f:
-    return np.load(f)
+    return np.load(f, allow_pickle=False)
 
 
 def params_fingerprint(params):
