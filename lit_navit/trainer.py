@@ -316,8 +316,8 @@ class Trainer:
           last.update(self._evaluate(writer, step, state))
         for hook in hooks:
           hook(step, state)
-      if pending is not None:
-        last = self._log(writer, throughput, *pending)
+      if pending is not None:  # stopped by a signal: its interval is cut short
+        last = self._log(writer, throughput, *pending, cut_short=True)
       if preempted and self.checkpointer.latest_step() != step:
         self._save(step, state)
     finally:
@@ -392,7 +392,7 @@ class Trainer:
                                           self.config.evals.zero_shot_examples)
     return {f'eval/{k}': v for k, v in metrics.items() if not isinstance(v, dict)}
 
-  def _log(self, writer, throughput, step, device_metrics, flops) -> dict:
+  def _log(self, writer, throughput, step, device_metrics, flops, cut_short=False) -> dict:
     """Pulls one step's metrics off the device, checks the loss, writes a record."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     throughput.add(scalars['images'], scalars['tokens'], flops)
@@ -404,7 +404,7 @@ class Trainer:
     if len(lrs) > 1:
       scalars.update({f'lr/{pattern}': lr for pattern, lr in lrs.items()})
     scalars.update({f'skipped/{k}': v for k, v in self.pipeline.skipped.counts.items()})
-    scalars.update(throughput.report(step))
+    scalars.update(throughput.report(step, cut_short))
     writer.write(step, scalars)  # a non-finite step's record too: it explains the stop
     if not finite:
       raise NonFiniteLoss(f"loss is {scalars['loss']} at step {step}; stopping. "
