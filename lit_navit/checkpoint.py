@@ -12,8 +12,12 @@ Layout (one directory per step, written atomically by orbax):
 The trainer and the eval scripts restore the same way (`newest_readable`):
 newest step first, and a step that fails to read is reported and the one
 before it tried. The trainer renames a bad step aside to `<step>.corrupt-<n>`
-(never deleted); the eval scripts only read. When no step can be read the
-trainer stops and lists them, unless told to start over.
+(never deleted, never onto an existing name); the eval scripts only read.
+When no step can be read the trainer stops and lists them, unless told to
+start over. A step that reads fine but holds another model than the config
+makes (ConfigMismatch, naming the config keys that differ), or that the
+storage will not give (CheckpointStorageError), is never set aside: the run
+stops naming that cause.
 """
 
 import json
