@@ -53,6 +53,7 @@ class Checkpointer:
         create=True,
     )
     self._manager = self._open()
+    _quiet_orbax_errors()
 
   def _open(self):
     return ocp.CheckpointManager(self.directory, options=self._options)
@@ -313,6 +314,23 @@ def _quiet_abandoned_reads():
   asyncio_log = logging.getLogger('asyncio')
   if _UnretrievedOrbaxRead not in map(type, asyncio_log.filters):
     asyncio_log.addFilter(_UnretrievedOrbaxRead())
+
+
+def _quiet_orbax_errors():
+  """Orbax logs each failure of a save (a full disk, say) from every thread
+  it touched, with tracebacks: some 90 lines before the error it raises to
+  us, which we report on one line (SaveFailed). Its error logs are dropped;
+  what failed reaches the user through that exception."""
+  absl_log = logging.getLogger('absl')
+  if _OrbaxErrors not in map(type, absl_log.filters):
+    absl_log.addFilter(_OrbaxErrors())
+
+
+class _OrbaxErrors(logging.Filter):
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR
+                and f'{os.sep}orbax{os.sep}' in record.pathname)
 
 
 class _UnretrievedOrbaxRead(logging.Filter):
