@@ -46,7 +46,7 @@ def jax_setup(kind: str, shape: tuple):
   grad = jax.jit(jax.value_and_grad(
       lambda q, k, v: jnp.sum(fn(q, k, v, mask) ** 2), argnums=(0, 1, 2)))
   compiled = xla_options.compile_step(grad.lower(q, k, v),
-                                      xla_options.DEFAULT_CPU_OPTIONS)
+                                      xla_options.DEFAULT_CPU_OPTIONS, 'cpu')
   jax.block_until_ready(compiled(q, k, v))
   return (lambda: jax.block_until_ready(compiled(q, k, v)),
           {'framework': f'jax {jax.__version__}'})

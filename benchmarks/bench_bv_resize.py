@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit.data import patches as patches_lib
 from lit_navit.data import resolution
 from lit_navit.models import two_towers

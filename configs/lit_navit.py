@@ -7,9 +7,11 @@ text tower instead with `locked=txt`.
   python -m lit_navit.train --workdir DIR \\
     --config configs/lit_navit.py:variant=B/16,batch=4096,path=...,init=/ckpts/siglip_b16
 
-`init` may also be a big_vision SigLIP / SigLIP 2 .npz: the locked tower's
-config (sizes, stem, posemb, pooling, head) is then read off its arrays,
-embed_dim becomes its output width, and its patch size the input's.
+The locked tower's config (sizes, stem, posemb, pooling, head) comes from
+`init`: from a workdir's saved config (a run, or a big_vision or
+transformers import) with its patch sizes or tokenizer settings, or read
+off the arrays of a big_vision SigLIP / SigLIP 2 .npz with its patch size
+or caption length. embed_dim becomes the tower's output width.
 
 Args: those of configs/siglip_navit.py, plus locked (img | txt) and init (a
 workdir, step directory or big_vision .npz whose params initialise the model).
@@ -17,8 +19,9 @@ workdir, step directory or big_vision .npz whose params initialise the model).
 
 import os
 
-from lit_navit import big_vision
 from lit_navit import config as config_lib
+from lit_navit.interop import big_vision
+from lit_navit.interop import workdir
 
 
 def _siglip_config(arg):
@@ -40,4 +43,6 @@ def get_config(arg=None):
                       ('.*', dict(decay_type='cosine', warmup_steps=5_000))]
   if lit.init.endswith('.npz'):
     big_vision.adopt_tower(c, lit.init, lit.locked)
+  elif lit.init:
+    workdir.adopt_tower(c, lit.init, lit.locked)
   return c

@@ -36,6 +36,8 @@ def get_config(arg=None):
   c.input.captions_per_row = 2.85
   c.input.text_len = 64
   c.input.patch_sizes = (int(arg.variant.split('/')[1]),)
+  # Pixels cross to the device as uint8 and are normalised there.
+  c.input.patch_dtype = 'uint8'
   c.input.resolution.mode = 'side'
   c.input.resolution.dist = 'truncated_normal'
   c.input.resolution.mean = -0.5
@@ -55,6 +57,8 @@ def get_config(arg=None):
   c.model.text.max_len = 64
   c.model.embed_dim = 768
   c.model.dtype = 'bfloat16'
+  # Weight gradients summed over devices in float32, not bfloat16.
+  c.model.f32_grads = True
   c.model.loss = arg.loss
   c.model.image.remat_policy = 'nothing_saveable'
   c.model.text.remat_policy = 'nothing_saveable'

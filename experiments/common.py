@@ -145,13 +145,46 @@ def train_arm(config, workdir):
   from lit_navit import train  # pylint: disable=g-import-not-at-top
   if fs.isdir(workdir) and config.total_steps in checkpoint_steps(workdir):
     trained_config, params = load_step(workdir, config.total_steps)
-    return trained_config, params, {'reused': workdir}
+    return trained_config, params, {'reused': workdir, **logged_stats(workdir)}
   start = time.perf_counter()
   result = train.train(config, workdir)
   trained_config, params = load_step(workdir, config.total_steps)
+  # Wall-clock of the whole training call (compilation, input pipeline and
+  # checkpoints included), so that equal FLOPs can be read beside it.
   info = {'train_seconds': round(time.perf_counter() - start, 1),
-          'final_loss': result.final_metrics.get('loss')}
+          'final_loss': result.final_metrics.get('loss'),
+          **logged_stats(workdir)}
   return trained_config, params, info
+
+
+def logged_stats(workdir) -> dict:
+  """What the run logged to metrics.jsonl (every `log_every` steps and the
+  last), so that the write-ups' images seen, padding and empty caption rows
+  can be checked against the results JSON:
+
+    logged_steps            the steps logged
+    images_per_step         mean images a step over those steps
+    images_seen_estimate    the final step times images_per_step
+    padding_fraction        mean share of padding tokens in the packed rows
+    empty_caption_fraction  mean share of caption rows left empty
+
+  Empty when the workdir has no metrics.jsonl.
+  """
+  from lit_navit import metrics  # pylint: disable=g-import-not-at-top
+  path = fs.join(workdir, metrics.JSONL)
+  if not fs.isfile(path):
+    return {}
+  records = [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
+  records = [r for r in records if 'images' in r]
+  if not records:
+    return {}
+  def mean(key):
+    return sum(r[key] for r in records) / len(records)
+  return {'logged_steps': [r['step'] for r in records],
+          'images_per_step': mean('images'),
+          'images_seen_estimate': round(records[-1]['step'] * mean('images')),
+          'padding_fraction': mean('padding_fraction'),
+          'empty_caption_fraction': mean('empty_caption_fraction')}
 
 
 def heldout_source(config, num_examples):
@@ -277,38 +310,63 @@ def write_json(path, results):
 
 def line(arm, keys, xs):
   """One plot line: `xs` against the seeds' mean, min and max of the arm's
-  points `keys`."""
+  points `keys`, and each seed's value."""
   return {'x': list(xs), **{stat: [arm['points'][k][stat] for k in keys]
-                            for stat in ('mean', 'min', 'max')}}
+                            for stat in ('mean', 'min', 'max', 'values')}}
 
 
 def plot_lines(path, arms, *, xlabel, ylabel, title, chance=None, vline=None,
-               vline_label=None, xscale='linear'):
-  """One line per arm (mean over seeds) with its min-max band.
+               vline_label=None, xscale='linear', own=None):
+  """One line per arm (mean over seeds), its min-max band and a dot per seed.
 
-  `arms`: {label: {'x': [...], 'mean': [...], 'min': [...], 'max': [...]}}.
+  `arms`: {label: {'x': [...], 'mean': [...], 'min': [...], 'max': [...],
+  'values': [[per seed], ...]}}. `own`: {label: x} marks an arm's own
+  setting (a specialist's patch size) with a star. The legend sits outside
+  the axes, so that it hides no band.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-  for label, line in arms.items():
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=150)
+  xs = sorted({x for line in arms.values() for x in line['x']})
+  for i, (label, line) in enumerate(arms.items()):
     drawn, = ax.plot(line['x'], line['mean'], marker='o', label=label)
-    ax.fill_between(line['x'], line['min'], line['max'], alpha=0.2,
-                    color=drawn.get_color())
+    color = drawn.get_color()
+    ax.fill_between(line['x'], line['min'], line['max'], alpha=0.15, color=color)
+    # Seeds side by side, each arm nudged a little, so that dots stay apart.
+    nudge = (i - (len(arms) - 1) / 2) * 0.006
+    for x, values in zip(line['x'], line['values']):
+      shifted = (x * (max(xs) / min(xs)) ** nudge if xscale == 'log'
+                 else x + nudge * (max(xs) - min(xs)))
+      ax.scatter([shifted] * len(values), values, s=12, color=color,
+                 alpha=0.6, linewidths=0)
+    if own and label in own:
+      at = line['x'].index(own[label])
+      ax.scatter([own[label]], [line['mean'][at]], marker='*', s=220,
+                 color=color, edgecolors='black', zorder=3)
+  if own:
+    ax.scatter([], [], marker='*', s=120, color='white', edgecolors='black',
+               label="a specialist at its own\npatch size")
   if chance is not None:
     ax.axhline(chance, color='grey', linestyle=':', label='chance')
   if vline is not None:
     ax.axvline(vline, color='black', linestyle='--', linewidth=1, label=vline_label)
   ax.set_xscale(xscale)
+  if xscale == 'log' or len(xs) <= 8:  # tick the values measured, written plainly
+    ax.set_xticks(xs)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f'{x:g}'))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+  elif max(xs) >= 1e4:  # FLOPs: '1.4e11' at each tick, not an offset in the corner
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(
+        lambda x, _: f'{x:.2g}'.replace('e+', 'e')))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0)
   fs.makedirs(os.path.dirname(path) or '.')
-  fig.savefig(path)
+  fig.savefig(path, bbox_inches='tight')
   plt.close(fig)
 
 

@@ -147,7 +147,7 @@ def plot(summary, out):
   against inference tokens; NAME_heldout.png: held-out pairs against FLOPs."""
   setting = summary['setting']
   title = (f'{setting["reference_steps"]} NaViT steps of FLOPs each, '
-           f'{setting["seeds"]} seeds: mean, min-max band')
+           f'{setting["seeds"]} seeds: mean, min-max band, a dot per seed')
   arms = summary['arms']
   for suffix, metric, axis in (('', 'seen', 'flops'), ('_tokens', 'seen', 'tokens'),
                                ('_heldout', 'heldout', 'flops')):
@@ -180,9 +180,11 @@ def main(argv=None):
   results = {}
   for name in common.select_arms(args, ARMS):
     resize = ARMS[name][1]
+    config = arm_config(name, steps[name])(0)
     results[name] = {
         'steps': steps[name], 'step_flops': flops[name],
         'train_flops': steps[name] * flops[name], 'eval_resize': resize,
+        'rows': config.batch_size, 'captions_per_row': config.input.captions_per_row,
         **common.run_seeds(arm_config(name, steps[name]), args, name,
                            evaluator(resize, flops[name], args.eval_examples,
                                      sides))}

@@ -83,8 +83,10 @@ def plot(summary, out):
         xlabel=f'eval patch size (images at {SIDE} px)',
         ylabel=f'zero-shot top-1, {common.EVAL_METRICS[metric]}',
         title=f'FlexiViT against single patch sizes\n{setting["steps"]} steps, '
-              f'{setting["seeds"]} seeds: mean, min-max band',
-        chance=summary['chance'])
+              f'{setting["seeds"]} seeds: mean, min-max band, a dot per seed',
+        chance=summary['chance'],
+        own={name: arm['patch_sizes'][0] for name, arm in summary['arms'].items()
+             if len(arm['patch_sizes']) == 1})
 
 
 def main(argv=None):

@@ -68,8 +68,10 @@ def plot(summary, path):
       xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
       ylabel='zero-shot top-1, held-out pairs',
       title=f'Position embeddings trained at side <= {TRAIN_MAX_SIDE} px\n'
-            f'{setting["steps"]} steps, {setting["seeds"]} seeds: mean, min-max band',
-      chance=summary['chance'], vline=TRAIN_MAX_SIDE, vline_label='training max')
+            f'{setting["steps"]} steps, {setting["seeds"]} seeds: mean, min-max band, a dot per seed',
+      chance=summary['chance'], vline=TRAIN_MAX_SIDE,
+      vline_label=f'budget of a {TRAIN_MAX_SIDE} px square; training:\n'
+                  f'longer side <= {TRAIN_MAX_SIDE} px')
 
 
 def main(argv=None):

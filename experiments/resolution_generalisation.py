@@ -53,9 +53,10 @@ def plot(summary, out):
         xlabel=f'eval resolution (px, square-equivalent; patch {PATCH})',
         ylabel=f'zero-shot top-1, {common.EVAL_METRICS[metric]}',
         title=f'Trained at <= {equal_compute.TRAIN_SIDE[1]} px, equal FLOPs\n'
-              f'{setting["seeds"]} seeds: mean, min-max band',
+              f'{setting["seeds"]} seeds: mean, min-max band, a dot per seed',
         chance=summary['chance'], vline=equal_compute.TRAIN_SIDE[1],
-        vline_label='training max')
+        vline_label=f'the ViT\'s training size ({equal_compute.TRAIN_SIDE[1]} px square);\n'
+                    f'NaViT: longer side <= {equal_compute.TRAIN_SIDE[1]} px')
 
 
 def main(argv=None):

@@ -400,14 +400,33 @@ def load_for_inference(path: str):
   return loaded
 
 
-def _read_step(step_dir: str):
-  """(config, params) of one step directory; raises if any part is bad."""
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """The config of a workdir's newest step, or of one step directory, read
+  without its params (LiT's config adopts a tower from it)."""
+  path = fs.absolute(path)
+  if not fs.isdir(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+  step_dir = path
+  if not (fs.isdir(fs.join(path, 'state')) or re.fullmatch(r'\d+', fs.basename(path))):
+    step_dirs = _step_dirs(path)
+    if not step_dirs:
+      raise FileNotFoundError(f'no checkpoint under {path!r}')
+    step_dir = step_dirs[max(step_dirs)]
+  return _read_config(step_dir)
+
+
+def _read_config(step_dir: str) -> ml_collections.ConfigDict:
   config_path = fs.join(step_dir, 'config', 'metadata')
   with fs.open(config_path, 'r', encoding='utf-8') as f:
     try:
-      config = over_defaults(json.load(f))
+      return over_defaults(json.load(f))
     except json.JSONDecodeError as e:
       raise ValueError(f'{config_path} line {e.lineno}: invalid JSON ({e.msg})') from e
+
+
+def _read_step(step_dir: str):
+  """(config, params) of one step directory; raises if any part is bad."""
+  config = _read_config(step_dir)
   state_dir = fs.join(step_dir, 'state')
   metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
   if metadata is None:

@@ -105,7 +105,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
-  """Sets each (dotted key, text) in `config` (`train.split_overrides`)."""
+  """Sets each (dotted key, text) in `config` (`command_line.split_overrides`)."""
   for key, text in overrides:
     parent, leaf = _parent_of(config, key)
     value = _parse_value(key, text, parent.get_type(leaf), parent[leaf])
@@ -148,11 +148,15 @@ def _parse_value(key, text, kind, current):
       return kind(text)
     except ValueError:
       raise bad(f'a number ({kind.__name__})') from None
+  # literal_eval raises TypeError on '{[]: 1}' (an unhashable key), and
+  # RecursionError or MemoryError on deep nesting.
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if current is None:  # a key without a default: take the text
+  except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+    if kind is type(None):  # a key of no type (no default): take the text
       return text
+    if current is None:  # unset, but typed (a placeholder): name the type
+      raise bad(f'a Python literal ({kind.__name__})') from None
     raise bad(f'a Python literal like {current!r}') from None
   if kind in (list, tuple):
     if not isinstance(value, (list, tuple)):

@@ -23,12 +23,13 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lit_navit import rules
+from lit_navit.models.partitioning import BATCH_AXES
 
-BATCH_AXES = ('data', 'fsdp')
 FSDP = 'fsdp'
 SHARDING_RULES = ('replicate', 'fsdp')
 
@@ -73,8 +74,30 @@ def make_mesh(config, devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise ValueError(f'config.mesh={config.mesh} does not fit the '
                      f'{len(devices)} devices: sizes must multiply to it.')
-  return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(names)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+  # Multi-slice: the first axis (data) spans the slices over the data-centre
+  # network; every other axis stays inside a slice, on ICI.
+  if sizes[0] % slices:
+    raise ValueError(f'config.mesh={config.mesh}: its first axis ({names[0]}='
+                     f'{sizes[0]}) must divide over the {slices} slices')
+  array = mesh_utils.create_hybrid_device_mesh(
+      [sizes[0] // slices, *sizes[1:]], [slices] + [1] * (len(sizes) - 1),
+      devices=devices)
+  return Mesh(array, names, axis_types=axis_types)
+
+
+def process_count(mesh: Mesh) -> int:
+  """The hosts holding the mesh's devices: from the devices, so that a plan
+  for a topology without hardware counts its hosts, not this one process."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices."""
+  return mesh.devices.flat[0].platform
 
 
 def _fsdp_spec(shape, fsdp_size):

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from lit_navit import command_line
 from lit_navit import fs
 from lit_navit import user_errors
 
@@ -118,39 +119,8 @@ def main():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # Overrides are ours to parse (see lit_navit/config.py), not absl's, which
   # would refuse them as unknown flags: they leave sys.argv first.
-  sys.argv, overrides = _split_overrides(sys.argv)
+  sys.argv, overrides = command_line.split_overrides_or_exit(sys.argv)
   app.run(lambda args: _main(args, overrides), argv=sys.argv)
-
-
-def _split_overrides(argv):
-  try:
-    return split_overrides(argv)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-OVERRIDE_PREFIX = '--config.'
-
-
-def split_overrides(argv):
-  """Splits `--config.a.b=value` (or `--config.a.b value`) out of argv.
-
-  Returns (the other arguments, [(key, text)] in command-line order).
-  """
-  rest, overrides = [], []
-  args = iter(argv)
-  for arg in args:
-    if not arg.startswith(OVERRIDE_PREFIX):
-      rest.append(arg)
-      continue
-    key, sep, text = arg[len(OVERRIDE_PREFIX):].partition('=')
-    if not sep:
-      text = next(args, None)
-      if text is None:
-        raise ValueError(f'{arg} needs a value: {arg}=VALUE')
-    overrides.append((key, text))
-  return rest, overrides
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ hooks the loop runs every N steps. Decisions that must agree across hosts
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit import checkpoint
 from lit_navit import losses
 from lit_navit import metrics as metrics_lib
@@ -35,6 +36,7 @@ from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
 from lit_navit.models import flops as flops_lib
+from lit_navit.models import precision
 from lit_navit.models import two_towers
 
 log = logging.getLogger('lit_navit')
@@ -88,29 +90,42 @@ def check_divisibility(config, mesh) -> None:
   if config.batch_size % mesh.size:
     raise ValueError(f'config key batch_size={config.batch_size} does not divide '
                      f'over the {mesh.size} devices of the mesh')
-  if config.batch_size % jax.process_count():
+  hosts = sharding.process_count(mesh)
+  if config.batch_size % hosts:
     raise ValueError(f'config key batch_size={config.batch_size} does not divide '
-                     f'over {jax.process_count()} processes')
+                     f'over the {hosts} processes of the mesh')
+
+
+def check_kernels(config, mesh) -> None:
+  """Rejects an attention kernel the mesh's devices cannot run."""
+  platform = sharding.platform(mesh)
+  for tower in ('image', 'text'):
+    if config.model[tower].attention == 'splash' and platform != 'tpu':
+      raise ValueError(f"config key model.{tower}.attention='splash' is a TPU "
+                       f'kernel; the mesh\'s devices are {platform}')
 
 
 class Trainer:
-  """Trains a two-tower model from a checked config into `workdir`."""
+  """Trains a two-tower model from a checked config into `workdir`.
 
-  def __init__(self, config, workdir: str, *, start_over: bool = False):
+  Construction builds the mesh over `devices` (default: every device of
+  every host), the shardings, the abstract state and the step; nothing is
+  allocated and no file is read, so `plan.py` builds the very same step for
+  a TPU topology's devices on a machine without one. The input pipeline and
+  the checkpointer are set up on first use.
+  """
+
+  def __init__(self, config, workdir: str | None, *, devices=None,
+               start_over: bool = False):
     self.config = config
     self.workdir = workdir
     self.start_over = start_over  # when no checkpoint is readable
-    self.mesh = sharding.make_mesh(config)
+    self.mesh = sharding.make_mesh(config, devices)
     check_divisibility(config, self.mesh)
-    self.local_rows = config.batch_size // jax.process_count()
-    self.local_groups = caption_groups(self.mesh) // jax.process_count()
-    # Training streams its files; nothing indexes them (readers.py).
-    self.source = readers.make_reader(
-        config.input.source,
-        retry.RetryPolicy(config.input.read_retries, config.input.retry_delay))
-    self.pipeline = prefetch.Prefetch(
-        make_pipeline(config, self.source, rows=self.local_rows,
-                      groups=self.local_groups))
+    check_kernels(config, self.mesh)
+    self.process_count = sharding.process_count(self.mesh)
+    self.local_rows = config.batch_size // self.process_count
+    self.local_groups = caption_groups(self.mesh) // self.process_count
     self.model = two_towers.TwoTowers(config.model)
     self.loss_fn = losses.make_loss(config.model.loss, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -118,21 +133,35 @@ class Trainer:
     self._compiled = {}  # patch size -> compiled train step
     self._stop_requested = False
     self._init_state()
-    self.checkpointer = checkpoint.Checkpointer(
-        workdir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
-        async_save=config.checkpoint.async_save)
+
+  @functools.cached_property
+  def pipeline(self):
+    """This host's training input, streamed (nothing indexes the files)."""
+    source = readers.make_reader(
+        self.config.input.source,
+        retry.RetryPolicy(self.config.input.read_retries, self.config.input.retry_delay))
+    return prefetch.Prefetch(
+        make_pipeline(self.config, source, rows=self.local_rows,
+                      groups=self.local_groups))
+
+  @functools.cached_property
+  def checkpointer(self):
+    c = self.config.checkpoint
+    return checkpoint.Checkpointer(self.workdir, keep=c.keep, keep_every=c.keep_every,
+                                   async_save=c.async_save)
 
   # --- state ---------------------------------------------------------------
 
-  def _example_batch(self, patch_size: int) -> dict:
+  def abstract_batch(self, patch_size: int) -> dict:
+    """The global batch the step takes at `patch_size`: shapes, dtypes, shardings."""
     spec = pipeline_lib.batch_spec(self.config.input, rows=self.config.batch_size,
                                    groups=caption_groups(self.mesh),
                                    patch_size=patch_size)
-    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.shapes().items()
-            if k in MODEL_KEYS}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding)
+            for k, (s, d) in spec.shapes().items() if k in MODEL_KEYS}
 
   def _init_state(self) -> None:
-    example = self._example_batch(self.config.input.patch_sizes[0])
+    example = self.abstract_batch(self.config.input.patch_sizes[0])
     init_params = lambda: self.model.init(
         jax.random.key(self.config.seed), _zeros(example))['params']
     abstract_params = jax.eval_shape(init_params)
@@ -216,8 +245,11 @@ class Trainer:
 
   def _train_step(self, state, batch):
     valid = batch['valid'].reshape(-1)
-    (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
-        state['params'], batch)
+    # The model pins its activations to this mesh's batch axes (partitioning.py).
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+        precision.f32_grads(self.config.model.f32_grads):
+      (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
+          state['params'], batch)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
@@ -234,19 +266,30 @@ class Trainer:
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, step_metrics
 
+  def lower_step(self, patch_size: int):
+    """The train step lowered for the abstract state and batch at `patch_size`."""
+    jitted = jax.jit(self._train_step, donate_argnums=0,
+                     in_shardings=(self.state_sharding, self.batch_sharding),
+                     out_shardings=(self.state_sharding, self.replicated))
+    return jitted.lower(self.abstract_state, self.abstract_batch(patch_size))
+
+  def compile_step(self, patch_size: int):
+    """The compiled train step; CPU-only XLA options apply on CPU meshes only."""
+    return xla_options.compile_step(self.lower_step(patch_size),
+                                    self.config.cpu_compiler_options,
+                                    sharding.platform(self.mesh))
+
   def compiled_step(self, state, batch):
-    """The train step compiled for this batch's patch size (FlexiViT: one per p)."""
-    p = batch_lib.spec_of(batch).patch_size
-    if p not in self._compiled:
-      jitted = jax.jit(self._train_step, donate_argnums=0,
-                       in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=(self.state_sharding, self.replicated))
-      flops = flops_lib.training_flops(self.config.model, batch_lib.spec_of(batch),
+    """(compiled step, its model FLOPs) for this batch's patch size (FlexiViT:
+    one per p)."""
+    del state  # the step is compiled for the abstract state, which it matches
+    spec = batch_lib.spec_of(batch)
+    if spec.patch_size not in self._compiled:
+      flops = flops_lib.training_flops(self.config.model, spec,
                                        frozen=self.frozen_towers)
-      compiled = xla_options.compile_step(jitted.lower(state, batch),
-                                          self.config.cpu_compiler_options)
-      self._compiled[p] = (compiled, float(flops))
-    return self._compiled[p]
+      self._compiled[spec.patch_size] = (self.compile_step(spec.patch_size),
+                                         float(flops))
+    return self._compiled[spec.patch_size]
 
   # --- the loop ------------------------------------------------------------
 
@@ -269,10 +312,10 @@ class Trainer:
   def _own_data_state(self, data_state: dict) -> dict:
     """This process's pipeline state out of a checkpoint's data state."""
     states = data_state.get('processes', [data_state])
-    if len(states) != jax.process_count():
+    if len(states) != self.process_count:
       raise ValueError(
           f'the checkpoint was written by {len(states)} processes and this run '
-          f'has {jax.process_count()}: the input pipelines cannot resume '
+          f'has {self.process_count}: the input pipelines cannot resume '
           'exactly; resume with the same number of hosts')
     return states[jax.process_index()]
 

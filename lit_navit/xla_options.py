@@ -30,9 +30,10 @@ def parse(text: str) -> dict:
   return options
 
 
-def compile_step(lowered, cpu_options: str):
-  """`lowered.compile()`, with `cpu_options` when the backend is CPU."""
-  options = parse(cpu_options) if jax.default_backend() == 'cpu' else {}
+def compile_step(lowered, cpu_options: str, platform: str):
+  """`lowered.compile()`, with `cpu_options` when `platform` (the mesh's
+  devices') is CPU: a TPU step planned on a CPU host gets none of them."""
+  options = parse(cpu_options) if platform == 'cpu' else {}
   if not options:
     return lowered.compile()
   try:

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repo's sibling shared/ (a main checkout), else the workspace's (a worktree).
@@ -47,3 +47,14 @@ def pack_into_one_row(batch: dict) -> dict:
   return {'image/patches': take('image/patches'), 'image/yx': take('image/yx'),
           'image/segment': segment,
           'image/grid': batch['image/grid'][:, 0][None]}
+
+
+def prefixed_copy(name: str, prefix: str, directory) -> str:
+  """The fixture's params as a released file names them ('params/img/...') or
+  a training checkpoint does ('opt/target/img/...', beside optimizer state)."""
+  with np.load(path(name, 'params'), allow_pickle=False) as npz:
+    arrays = {prefix + k: npz[k] for k in npz.files}
+  arrays['opt/state/count' if prefix == 'opt/target/' else 'step'] = np.array(7)
+  out = os.path.join(str(directory), f'{name}_{prefix.replace("/", "_")}.npz')
+  np.savez(out, **arrays)
+  return out

@@ -14,11 +14,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit import checkpoint
 from lit_navit import config as config_lib
-from lit_navit import export_big_vision
-from lit_navit import import_big_vision
+from lit_navit.interop import big_vision_export
+from lit_navit.interop import workdir as workdir_lib
 from lit_navit.data import text as text_lib
 from lit_navit.models import pooling
 from lit_navit.models import posemb
@@ -197,6 +197,21 @@ def test_bad_checkpoints_fail_naming_the_parameter_and_both_shapes(tmp_path):
     big_vision.model_config(cls)
 
 
+@pytest.mark.parametrize('prefix', ['params/', 'opt/target/'])
+def test_released_prefixed_names_are_read_as_the_plain_ones(prefix, tmp_path):
+  plain = big_vision.load_npz(bv_fixtures.path('siglip2_naflex', 'params'))
+  npz = bv_fixtures.prefixed_copy('siglip2_naflex', prefix, tmp_path)
+  loaded = big_vision.load_npz(npz)
+  assert sorted(loaded) == sorted(plain)
+  for key in plain:
+    np.testing.assert_array_equal(loaded[key], plain[key], err_msg=key)
+  shapes = big_vision.load_shapes(npz)
+  assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in plain.items()}
+  # LiT's config reads the headers (the trainer's init reads load_npz).
+  config = _lit_config(npz)
+  assert config.model.image == big_vision.model_config(plain).image
+
+
 def test_pickled_arrays_are_refused(tmp_path):
   path = str(tmp_path / 'pickled.npz')
   np.savez(path, t=np.array([object()], dtype=object))
@@ -222,11 +237,11 @@ def test_tokenizer_follows_the_recipe():
   path = text_lib.default_tokenizer_path()
   _, vit, _ = _import('siglip_vit')
   _, naflex, _ = _import('siglip2_naflex')
-  assert import_big_vision.guess_recipe(vit) == 'siglip'
-  assert import_big_vision.guess_recipe(naflex) == 'siglip2'
+  assert workdir_lib.guess_recipe(vit) == 'siglip'
+  assert workdir_lib.guess_recipe(naflex) == 'siglip2'
   for model_config, pad in ((vit, 1), (naflex, 0)):
-    config = import_big_vision.training_config(
-        model_config, path, import_big_vision.guess_recipe(model_config), 64)
+    config = workdir_lib.training_config(
+        model_config, path, workdir_lib.guess_recipe(model_config), 64)
     tokenizer = text_lib.Tokenizer.from_config(config.input)
     long_caption = 'A RED CIRCLE ' * 10
     short, long = tokenizer.encode(['A red circle', long_caption])
@@ -251,7 +266,7 @@ def _cli(module, *args):
 @pytest.mark.slow
 def test_cli_import_then_export_round_trips_through_orbax(tmp_path):
   workdir = str(tmp_path / 'imported')
-  _cli('lit_navit.import_big_vision', '--npz', bv_fixtures.path('siglip2_naflex', 'params'),
+  _cli('lit_navit.interop.big_vision_import', '--npz', bv_fixtures.path('siglip2_naflex', 'params'),
        '--tokenizer', text_lib.default_tokenizer_path(), '--workdir', workdir,
        '--scan', 'true')
   config, params = checkpoint.load_for_inference(workdir)
@@ -260,7 +275,7 @@ def test_cli_import_then_export_round_trips_through_orbax(tmp_path):
   _assert_matches_big_vision(_embed(config.model, params, 'siglip2_naflex'),
                              'siglip2_naflex')
   npz = str(tmp_path / 'out' / 'exported.npz')
-  _cli('lit_navit.export_big_vision', '--checkpoint', workdir, '--npz', npz,
+  _cli('lit_navit.interop.big_vision_export', '--checkpoint', workdir, '--npz', npz,
        '--scan', 'false')
   original = big_vision.load_npz(bv_fixtures.path('siglip2_naflex', 'params'))
   with np.load(npz, allow_pickle=False) as exported:  # numpy alone
@@ -351,13 +366,18 @@ def test_a_rectangular_vit_posemb_is_read_as_its_grid():
   np.testing.assert_array_equal(exported['img/pos_embedding'], arrays['img/pos_embedding'])
 
 
-def test_lit_config_takes_a_big_vision_npz():
-  npz = bv_fixtures.path('siglip2_naflex', 'params')
+def _lit_config(npz):
   configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'configs')
   config = config_lib.load_config_file(
       os.path.join(configs_dir, 'lit_navit.py') + f':init={npz},source=synthetic')
   config_lib.check_config(config)
+  return config
+
+
+def test_lit_config_takes_a_big_vision_npz():
+  npz = bv_fixtures.path('siglip2_naflex', 'params')
+  config = _lit_config(npz)
   assert config.init_from == npz and config.init_params == 'img/.*'
   assert config.model.image == big_vision.model_config(big_vision.load_npz(npz)).image
   assert config.model.embed_dim == 64 and config.input.patch_sizes == (16,)

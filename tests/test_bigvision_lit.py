@@ -9,10 +9,10 @@ from PIL import Image
 import pyarrow.parquet as pq
 import pytest
 
-from lit_navit import big_vision
+from lit_navit.interop import big_vision
 from lit_navit import checkpoint
-from lit_navit import export_big_vision
-from lit_navit import import_big_vision
+from lit_navit.interop import big_vision_export
+from lit_navit.interop import big_vision_import
 from lit_navit import train
 from lit_navit.data import text as text_lib
 import bv_fixtures
@@ -36,7 +36,8 @@ def _step_params(workdir, step):
 
 
 def test_lit_with_an_imported_tower_keeps_it_bitwise_and_trains_the_text(tmp_path):
-  npz = bv_fixtures.path('siglip_vit', 'params')
+  # A released file's names: params/img/..., params/t.
+  npz = bv_fixtures.prefixed_copy('siglip_vit', 'params/', tmp_path)
   config = tiny_config.get_config('steps=3,every=1')
   big_vision.adopt_tower(config, npz, 'img')
   config.input.resolution.max = 64  # Up to the ViT's 4x4 grid of 16 px patches.
@@ -67,7 +68,7 @@ def test_lit_with_an_imported_tower_keeps_it_bitwise_and_trains_the_text(tmp_pat
 
   # The trained model exported, read back with numpy alone: the same arrays.
   npz_out = str(tmp_path / 'lit.npz')
-  export_big_vision.export_checkpoint(workdir, npz_out)
+  big_vision_export.export_checkpoint(workdir, npz_out)
   trained_config, trained = checkpoint.load_for_inference(workdir)
   with np.load(npz_out, allow_pickle=False) as f:
     arrays = {k: f[k] for k in f.files}
@@ -84,7 +85,7 @@ def _imported(tmp_path_factory):
   workdirs = {}
   for name in bv_fixtures.NAMES:
     workdir = str(tmp_path_factory.mktemp(name))
-    import_big_vision.import_checkpoint(
+    big_vision_import.import_checkpoint(
         bv_fixtures.path(name, 'params'), text_lib.default_tokenizer_path(), workdir,
         max_tokens=16 if name == 'siglip_vit' else 32)
     workdirs[name] = workdir

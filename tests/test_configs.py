@@ -12,6 +12,7 @@ from lit_navit import optim
 from lit_navit import trainer as trainer_lib
 from lit_navit.data import batch as batch_lib
 from lit_navit.models import two_towers
+from lit_navit.models import variants
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        'configs')
@@ -31,18 +32,38 @@ def test_every_config_file_is_covered():
   assert names == {'demo.py', 'siglip_navit.py', 'clip_navit.py', 'lit_navit.py'}
 
 
-@pytest.mark.parametrize('spec', [
-    'demo.py', 'demo.py:steps=10,batch=8',
-    'siglip_navit.py', 'siglip_navit.py:variant=S/16,text_variant=S,batch=1024',
-    'clip_navit.py', 'lit_navit.py:locked=img', 'lit_navit.py:locked=txt,variant=L/16',
-])
+# spec: (total_steps, batch_size, image variant, text variant, loss, frozen towers)
+BUILT = {
+    'demo.py': (1200, 16, 'mu/8', 'mu', 'sigmoid', ()),
+    'demo.py:steps=10,batch=8': (10, 8, 'mu/8', 'mu', 'sigmoid', ()),
+    'siglip_navit.py': (100_000, 4096, 'B/16', 'B', 'sigmoid', ()),
+    'siglip_navit.py:variant=S/16,text_variant=S,batch=1024':
+        (100_000, 1024, 'S/16', 'S', 'sigmoid', ()),
+    'clip_navit.py': (100_000, 4096, 'B/16', 'B', 'softmax', ()),
+    'lit_navit.py:locked=img': (100_000, 4096, 'B/16', 'B', 'sigmoid', ('img',)),
+    'lit_navit.py:locked=txt,variant=L/16': (100_000, 4096, 'L/16', 'B', 'sigmoid', ('txt',)),
+}
+
+
+@pytest.mark.parametrize('spec', sorted(BUILT))
 def test_shipped_config_builds(spec):
+  steps, batch, image, text, loss, frozen = BUILT[spec]
   config = config_lib.load_config_file(os.path.join(CONFIGS, spec))
   config_lib.check_config(config)
+  # The args reached the config ...
+  assert (config.total_steps, config.batch_size) == (steps, batch)
+  assert (config.model.image.variant, config.model.text.variant) == (image, text)
+  assert config.model.loss == loss
+  assert config.input.patch_sizes == (int(image.split('/')[1]),)
+  # ... and the towers built are of those sizes.
   params = _abstract_params(config)
+  for tower, encoder, variant in (('img', 'Transformer', image), ('txt', 'Encoder_0', text)):
+    width = variants.decode(variant)['width']
+    assert params[tower][encoder]['encoder_norm']['scale'].shape == (width,), tower
+  assert trainer_lib.frozen_towers(config.optim.schedule, params) == frozen
   tx, schedules = optim.make_optimizer(config.optim, params, config.total_steps)
   opt_state = jax.eval_shape(tx.init, params)
-  assert schedules and jax.tree.leaves(opt_state)
+  assert len(schedules) == 1 and jax.tree.leaves(opt_state)
 
 
 def test_recipes_follow_the_papers():

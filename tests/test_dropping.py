@@ -1,5 +1,10 @@
 """Token dropping: rate distributions, schedule, keyed draws, kept patches."""
 
+import ast
+import os
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
@@ -70,8 +75,21 @@ def test_rates_are_keyed_by_seed_index_and_step():
   def rate(seed, index, step):
     return dropping.drop_rate(cfg, seed=seed, index=index, step=step,
                               num_tokens=64, max_tokens=256)
-  assert rate(1, 2, 3) == rate(1, 2, 3)
-  assert len({rate(1, 2, 3), rate(0, 2, 3), rate(1, 0, 3), rate(1, 2, 0)}) == 4
+  # Each part of the key matters, in its own place: swapping two parts (or
+  # keying on their sum) gives another draw.
+  keys = [(1, 2, 3), (0, 2, 3), (1, 0, 3), (1, 2, 0), (2, 1, 3), (1, 3, 2), (3, 2, 1)]
+  first = [rate(*key) for key in keys]
+  assert len(set(first)) == len(keys)
+  # A draw depends on its key only: not on the draws made before it ...
+  assert [rate(*key) for key in reversed(keys)] == first[::-1]
+  # ... nor on the process (workers draw in their own processes).
+  script = ('import ml_collections; from lit_navit.data import dropping; '
+            f'cfg = ml_collections.ConfigDict({cfg.to_dict()!r}); '
+            'print([dropping.drop_rate(cfg, seed=s, index=i, step=t, num_tokens=64, '
+            f'max_tokens=256) for s, i, t in {keys!r}])')
+  out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+  assert ast.literal_eval(out) == first
 
 
 def test_unknown_kind_is_an_error():

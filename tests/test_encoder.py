@@ -60,8 +60,11 @@ def test_padding_does_not_leak():
 
 def test_all_masked_rows_stay_finite():
   q, k, v = _qkv()
-  out = attention.dense_attention(q, k, v, jnp.zeros((2, 1, 8, 8), bool))
-  assert np.all(np.isfinite(np.asarray(out)))
+  out = np.asarray(attention.dense_attention(q, k, v, jnp.zeros((2, 1, 8, 8), bool)))
+  # A query with no allowed key averages the values (equal weights), so
+  # its output is finite and still depends on them; not NaN, not a constant.
+  mean = np.asarray(v).mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(out, np.broadcast_to(mean, out.shape), atol=1e-5, rtol=1e-5)
 
 
 def test_xla_kernel_matches_dense():

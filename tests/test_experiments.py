@@ -8,6 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import equal_compute  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import flexivit  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import posemb_extrapolation  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -37,6 +38,19 @@ def test_posemb_extrapolation_writes_every_arm_and_point(tmp_path):
   table = posemb_extrapolation.common.markdown_table(results['arms'], sides)
   assert all(name in table for name in arms)
   assert os.path.getsize(tmp_path / 'posemb_extrapolation.png') > 1000
+
+
+def test_logged_stats_read_back_what_the_run_logged(tmp_path):
+  records = [dict(step=2, images=90.0, padding_fraction=0.01, empty_caption_fraction=0.1),
+             dict(step=4, images=110.0, padding_fraction=0.03, empty_caption_fraction=0.2),
+             dict(step=4, heldout_loss=3.0)]  # an eval record: no batch statistics
+  with open(tmp_path / 'metrics.jsonl', 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  stats = common.logged_stats(str(tmp_path))
+  assert stats.pop('logged_steps') == [2, 4]
+  assert stats == pytest.approx(dict(images_per_step=100.0, images_seen_estimate=400,
+                                     padding_fraction=0.02, empty_caption_fraction=0.15))
+  assert common.logged_stats(str(tmp_path / 'missing')) == {}
 
 
 def read_json(path):
@@ -74,6 +88,11 @@ def test_equal_compute_gives_every_arm_the_same_flops_and_resolution_reads_them(
       assert 0 <= point['min'] <= point['mean'] <= point['max'] <= 1
   vit = results['arms']['ViT (padded square)']
   assert vit['eval_resize'] == 'square' and vit['steps'] > 4  # cheaper steps
+  assert (vit['rows'], vit['captions_per_row']) == (2 * results['arms']['NaViT']['rows'], None)
+  for name in arms:
+    seed = results['arms'][name]['seeds'][0]
+    assert seed['train_seconds'] > 0 and seed['images_seen_estimate'] > 0
+    assert 0 <= seed['padding_fraction'] < 1 and 0 <= seed['empty_caption_fraction'] < 1
   assert os.path.getsize(tmp_path / 'equal_compute.png') > 1000
   for png in ('equal_compute_tokens.png', 'equal_compute_heldout.png'):
     assert os.path.getsize(tmp_path / png) > 1000

@@ -45,6 +45,10 @@ def test_export_layout_failures_and_resume(tmp_path, images):
       'img_emb_0.npy', 'img_emb_1.npy', 'img_emb_2.npy']
   assert sorted(os.listdir(os.path.join(out, 'text_emb'))) == [
       'text_emb_0.npy', 'text_emb_1.npy', 'text_emb_2.npy']
+  # Each part's embedding rows line up with its metadata rows: row r holds
+  # the embeddings of the image and caption at metadata index r.
+  own_img, _ = embedder.images(images, progress=False)
+  own_txt = embedder.texts(images.captions)
   rows = 0
   for n in range(3):
     img = np.load(os.path.join(out, 'img_emb', f'img_emb_{n}.npy'))
@@ -52,6 +56,9 @@ def test_export_layout_failures_and_resume(tmp_path, images):
     meta = pq.read_table(os.path.join(out, 'metadata', f'metadata_{n}.parquet'))
     assert img.dtype == np.float16 and img.shape == txt.shape
     assert meta.num_rows == len(img)
+    index = meta.column('index').to_pylist()
+    np.testing.assert_allclose(img.astype(np.float32), own_img[index], atol=2e-3)
+    np.testing.assert_allclose(txt.astype(np.float32), own_txt[index], atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1),
                                1.0, atol=2e-3)
     rows += len(img)

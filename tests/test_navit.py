@@ -49,8 +49,16 @@ def _images(rng):
 def test_output_shape_and_dtype():
   a, b, _, _ = _images(np.random.default_rng(0))
   params, apply = tower()
-  out = apply(params, *image_inputs(pack([[a], [b], [a], [b]], **WIDE)))
+  out = apply(params, *image_inputs(pack([[a], [b], [a], [a]], **WIDE)))
   assert out.shape == (4, 3, 16) and out.dtype == np.float32
+  out = np.asarray(out)
+  # Each row's image lands in its own row's first slot: the rows holding a
+  # agree, the row holding b differs (rows shifted by any amount would not) ...
+  np.testing.assert_allclose(out[2, 0], out[0, 0], **TOL)
+  np.testing.assert_allclose(out[3, 0], out[0, 0], **TOL)
+  assert np.all(np.isfinite(out[:, 0])) and not np.allclose(out[0, 0], out[1, 0], atol=1e-3)
+  # ... and the empty slots are zero.
+  assert not out[:, 1:].any()
 
 
 @pytest.mark.parametrize('posemb_kind,pool', CONFIGS)

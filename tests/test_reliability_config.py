@@ -11,6 +11,7 @@ import sys
 import ml_collections
 import pytest
 
+from lit_navit import command_line
 from lit_navit import config as config_lib
 from lit_navit import sharding
 from lit_navit import train
@@ -42,7 +43,7 @@ def _get(config, key):
 
 
 def _override(config, *args):
-  rest, overrides = train.split_overrides(['prog', *args])
+  rest, overrides = command_line.split_overrides(['prog', *args])
   assert rest == ['prog']
   config_lib.apply_overrides(config, overrides)
 
@@ -102,7 +103,7 @@ def test_readme_training_commands_parse_and_check():
   assert len(commands) >= 4
   assert any('--config.mesh' in ' '.join(c) for c in commands)
   for argv in commands:
-    rest, overrides = train.split_overrides(argv)
+    rest, overrides = command_line.split_overrides(argv)
     spec = rest[rest.index('--config') + 1]
     config = config_lib.load_config_file(os.path.join(ROOT, spec))
     config_lib.apply_overrides(config, overrides)

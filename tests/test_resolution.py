@@ -185,9 +185,20 @@ def test_truncated_normal_length_favours_small_sides():
 
 def test_same_key_same_grid():
   cfg = config('side', 'truncated_normal')
-  grids = {resolution.sample_grid(np.random.default_rng([7, 3]), 300, 200, 16,
-                                  cfg, 256) for _ in range(3)}
-  assert len(grids) == 1
+
+  def grid(key):
+    return resolution.sample_grid(np.random.default_rng(key), 300, 200, 16, cfg, 256)
+
+  keys = [[7, k] for k in range(20)]
+  grids = [grid(key) for key in keys]
+  # The same key gives the same grid, whatever was drawn in between ...
+  assert [grid(key) for key in reversed(keys)] == grids[::-1]
+  # ... and it is the grid of the length that key draws; other keys, other grids.
+  for key, drawn in zip(keys, grids):
+    length = resolution.sample_length(np.random.default_rng(key), 'truncated_normal',
+                                      64, 256, -0.5, 1.0)
+    assert drawn == resolution.grid_for_long_side(300, 200, length, 16, 256)
+  assert len(set(grids)) >= 5
 
 
 @pytest.mark.parametrize('bad', [dict(mode='crop'), dict(dist='gamma')])

@@ -96,3 +96,18 @@ def test_bad_inputs_are_named():
     retrieval.recall_at_k(images, _unit([0.0, 1.0]), [0, 2])
   with pytest.raises(ValueError, match='shape'):
     retrieval.recall_at_k(images, _unit([0.0, 1.0]), [0])
+
+
+def test_an_image_whose_own_captions_all_score_below_zero():
+  # Image 0's own captions (1, 2) both score below 0 with it, while caption 0,
+  # image 1's, scores above 0: a rank taken from argmax(scores * own) would
+  # pick caption 0 (its product, 0, beats the negative own scores) and call
+  # image 0 a hit.
+  images = _unit([0.0, 0.2])
+  texts = _unit([0.2, 2.0, 2.5])
+  text_to_image = [1, 0, 0]
+  np.testing.assert_array_equal(
+      retrieval.image_to_text_ranks(images, texts, text_to_image), [1, 0])
+  metrics = retrieval.recall_at_k(images, texts, text_to_image, ks=(1, 2))
+  assert metrics['image_to_text/R@1'] == 0.5
+  assert metrics['image_to_text/R@2'] == 1.0

@@ -33,7 +33,8 @@ def test_a_bad_config_value_stops_at_check_config():
 
 def test_default_options_turn_ynn_fusions_off_and_keep_results():
   plain = lowered_matmuls().compile()
-  tuned = xla_options.compile_step(lowered_matmuls(), xla_options.DEFAULT_CPU_OPTIONS)
+  tuned = xla_options.compile_step(lowered_matmuls(), xla_options.DEFAULT_CPU_OPTIONS,
+                                   'cpu')
   assert '__ynn_fusion' in plain.as_text()  # what the default is there to remove
   assert '__ynn_fusion' not in tuned.as_text()
   x = jnp.linspace(-1, 1, 64 * 64, dtype=jnp.float32).reshape(64, 64)
@@ -43,6 +44,14 @@ def test_default_options_turn_ynn_fusions_off_and_keep_results():
 def test_an_option_this_jaxlib_lacks_compiles_without_options(caplog):
   with caplog.at_level(logging.WARNING, logger='lit_navit'):
     compiled = xla_options.compile_step(lowered_matmuls(),
-                                        '--xla_cpu_no_such_option=1')
+                                        '--xla_cpu_no_such_option=1', 'cpu')
   assert 'xla_cpu_no_such_option' in caplog.text
   assert compiled(jnp.ones((64, 64))).shape == (64, 64)
+
+
+def test_options_apply_only_to_cpu_meshes():
+  # A TPU step planned on this CPU host gets none of the CPU-only options
+  # (TPU compiles reject them); the platform is the mesh's, not the host's.
+  compiled = xla_options.compile_step(lowered_matmuls(),
+                                      xla_options.DEFAULT_CPU_OPTIONS, 'tpu')
+  assert '__ynn_fusion' in compiled.as_text()

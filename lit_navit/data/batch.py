@@ -3,7 +3,9 @@
 A batch is a dict of numpy (or jax) arrays with static shapes fixed by a
 `BatchSpec`:
 
-  image/patches  float32 [B, L, p*p*3]  pixels in [-1, 1], each patch flattened (py, px, c)
+  image/patches  float32 [B, L, p*p*3]  pixels in [-1, 1], each patch flattened (py, px, c);
+                 or uint8 in [0, 255] (input.patch_dtype), which the model
+                 maps to [-1, 1] on the device: a quarter of the bytes to move
   image/yx       int32   [B, L, 2]      patch row and column inside its own image
   image/grid     int32   [B, E, 2]      each slot's image size in patches (rows, cols)
   image/segment  int32   [B, L]         0 = padding, k in 1..E = token of slot k
@@ -35,6 +37,7 @@ import dataclasses
 import numpy as np
 
 PAD_SEGMENT = 0
+PATCH_DTYPES = ('float32', 'uint8')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +51,12 @@ class BatchSpec:
   groups: int = 1    # G, caption groups (device shards) the rows split into
   # C, caption rows per group; None: one per slot (B/G * E), never limiting.
   captions_per_group: int | None = None
+  patch_dtype: str = 'float32'  # or 'uint8'
 
   def __post_init__(self):
+    if self.patch_dtype not in PATCH_DTYPES:
+      raise ValueError(f'patch dtype {self.patch_dtype!r}: expected one of '
+                       f'{PATCH_DTYPES}')
     if self.groups < 1 or self.rows % self.groups:
       raise ValueError(f'{self.rows} rows do not split into {self.groups} '
                        'caption groups')
@@ -77,7 +84,7 @@ class BatchSpec:
     b, l, e, t = self.rows, self.tokens_per_row, self.slots, self.text_len
     g, c = self.groups, self.captions
     return {
-        'image/patches': ((b, l, self.patch_dim), np.float32),
+        'image/patches': ((b, l, self.patch_dim), np.dtype(self.patch_dtype)),
         'image/yx': ((b, l, 2), np.int32),
         'image/grid': ((b, e, 2), np.int32),
         'image/segment': ((b, l), np.int32),
@@ -103,7 +110,8 @@ def spec_of(batch) -> BatchSpec:
   e = batch['valid'].shape[1]
   g, c, t = batch['text/tokens'].shape
   return BatchSpec(rows=b, tokens_per_row=l, slots=e, text_len=t, patch_size=p,
-                   groups=g, captions_per_group=c)
+                   groups=g, captions_per_group=c,
+                   patch_dtype=np.dtype(batch['image/patches'].dtype).name)
 
 
 def caption_slots(valid) -> list[np.ndarray]:
@@ -147,7 +155,8 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
   valid = np.asarray(batch['valid'])
   index = np.asarray(batch['index'])
 
-  if not np.all(np.isfinite(patches)) or np.abs(patches).max(initial=0) > 1:
+  if patches.dtype != np.uint8 and (
+      not np.all(np.isfinite(patches)) or np.abs(patches).max(initial=0) > 1):
     raise ValueError('image/patches: values must be finite and in [-1, 1]')
   if segment.min() < 0 or segment.max() > spec.slots:
     raise ValueError(f'image/segment: values must be in 0..{spec.slots}')

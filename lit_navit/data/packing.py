@@ -116,6 +116,11 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
       if image.patches.pixels.shape[1] != patch_dim:
         raise ValueError(f'example {image.index}: patch dim '
                          f'{image.patches.pixels.shape[1]}, expected {patch_dim}')
+      if image.patches.pixels.dtype != batch['image/patches'].dtype:
+        # numpy would cast [-1, 1] floats into uint8 silently.
+        raise ValueError(f'example {image.index}: patches are '
+                         f'{image.patches.pixels.dtype}, the batch holds '
+                         f'{batch["image/patches"].dtype}')
       caption = captions_used[group]
       if caption == spec.captions:
         raise ValueError(f'group {group}: more images than its {spec.captions} '

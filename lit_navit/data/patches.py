@@ -60,7 +60,8 @@ class Patches:
   """An image as a sequence of patches, possibly with some dropped.
 
   Attributes:
-    pixels: float32 [N, p*p*3] in [-1, 1], each patch flattened (py, px, c).
+    pixels: float32 [N, p*p*3] in [-1, 1], or uint8 in [0, 255]; each patch
+      flattened (py, px, c).
     yx: int32 [N, 2], each patch's (row, column) in the image's patch grid;
       row-major order.
     grid: the full image's size in patches, (rows, cols).
@@ -73,21 +74,26 @@ class Patches:
     return self.pixels.shape[0]
 
 
-def patchify(image: np.ndarray, patch_size: int) -> Patches:
-  """Cuts a uint8 [rows*p, cols*p, 3] image into row-major p x p patches."""
+def patchify(image: np.ndarray, patch_size: int, dtype: str = 'float32') -> Patches:
+  """Cuts a uint8 [rows*p, cols*p, 3] image into row-major p x p patches,
+  as float32 in [-1, 1] or, with dtype 'uint8', as the pixels themselves."""
   height, width, channels = image.shape
   p = patch_size
   if height % p or width % p or channels != 3:
     raise ValueError(f'image {image.shape} is not [k*{p}, m*{p}, 3]')
   rows, cols = height // p, width // p
   blocks = image.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4)
+  yy, xx = np.divmod(np.arange(rows * cols, dtype=np.int32), cols)
+  yx = np.stack([yy, xx], axis=1)
+  if dtype == 'uint8':
+    return Patches(blocks.reshape(rows * cols, p * p * 3).astype(np.uint8), yx,
+                   (rows, cols))
   pixels = blocks.reshape(rows * cols, p * p * 3).astype(np.float32)
   # In place: this is the hot path. Dividing by 127.5 (exact in float32)
   # maps 0..255 onto exactly [-1, 1].
   pixels /= np.float32(127.5)
   pixels -= 1
-  yy, xx = np.divmod(np.arange(rows * cols, dtype=np.int32), cols)
-  return Patches(pixels, np.stack([yy, xx], axis=1), (rows, cols))
+  return Patches(pixels, yx, (rows, cols))
 
 
 def unpatchify(patches: Patches, patch_size: int) -> np.ndarray:
@@ -95,7 +101,9 @@ def unpatchify(patches: Patches, patch_size: int) -> np.ndarray:
   rows, cols = patches.grid
   p = patch_size
   blocks = np.zeros((rows, cols, p, p, 3), np.uint8)
-  values = np.rint((patches.pixels + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  values = patches.pixels
+  if values.dtype != np.uint8:
+    values = np.rint((values + 1) * 127.5).clip(0, 255).astype(np.uint8)
   blocks[patches.yx[:, 0], patches.yx[:, 1]] = values.reshape(-1, p, p, 3)
   return blocks.transpose(0, 2, 1, 3, 4).reshape(rows * p, cols * p, 3)
 

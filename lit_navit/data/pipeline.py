@@ -80,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.captions_per_row = ml_collections.config_dict.placeholder(float)
   # FlexiViT: one is drawn per step from (seed, step); eval needs exactly one.
   config.patch_sizes = (16,)
+  # How patches cross to the device: 'uint8' pixels (normalised there, a
+  # quarter of float32's bytes: 201 MB per chip per step at B/16) or
+  # 'float32' in [-1, 1]. The model's numbers are the same either way.
+  config.patch_dtype = 'float32'
   config.resolution = ml_collections.ConfigDict(dict(
       # 'side' (longer side), 'area' (sqrt of area), 'fit' (fill the budget)
       # or 'native' (own size within the budget); see `resolution`. Eval
@@ -280,7 +284,8 @@ class Pipeline:
 
   def _patchify(self, item: _Pending, grid, keep: int, *, patch_size: int,
                 step: int) -> patches_lib.Patches:
-    patches = patches_lib.patchify(item.image.resized[patch_size], patch_size)
+    patches = patches_lib.patchify(item.image.resized[patch_size], patch_size,
+                                   self._config.patch_dtype)
     return dropping.drop_patches(patches, keep, seed=self._seed,
                                  index=item.index, step=step)
 
@@ -503,7 +508,7 @@ def batch_spec(config, *, rows: int, groups: int,
   return batch_lib.BatchSpec(
       rows=rows, tokens_per_row=config.tokens_per_row, slots=slots,
       text_len=config.text_len, patch_size=patch_size, groups=groups,
-      captions_per_group=captions)
+      captions_per_group=captions, patch_dtype=config.patch_dtype)
 
 
 def _check_config(config):
@@ -513,6 +518,8 @@ def _check_config(config):
       raise ValueError(f'input.{key} = {value!r}: {what}')
 
   need(config.mode in MODES, 'mode', config.mode, f'expected one of {MODES}')
+  need(config.patch_dtype in batch_lib.PATCH_DTYPES, 'patch_dtype',
+       config.patch_dtype, f'expected one of {batch_lib.PATCH_DTYPES}')
   need(config.tokens_per_row >= 1, 'tokens_per_row', config.tokens_per_row,
        'must be >= 1')
   need(config.images_per_row >= 1, 'images_per_row', config.images_per_row,

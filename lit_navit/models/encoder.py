@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from lit_navit.models import attention as attention_lib
+from lit_navit.models import partitioning
+from lit_navit.models import precision
 
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
@@ -31,7 +33,8 @@ class MlpBlock(nn.Module):
   def __call__(self, x):
     dense = lambda features, name: nn.Dense(
         features, use_bias=self.use_bias, dtype=self.dtype,
-        kernel_init=_kernel_init, bias_init=_bias_init, name=name)
+        kernel_init=_kernel_init, bias_init=_bias_init, name=name,
+        **precision.dense_options())
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     return dense(x.shape[-1], 'Dense_1')(y)
 
@@ -55,7 +58,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = width // self.num_heads
     project = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
-        kernel_init=_kernel_init, name=name)
+        kernel_init=_kernel_init, name=name, **precision.dense_options())
     q = project('query')(inputs_q)
     k = project('key')(inputs_kv)
     v = project('value')(inputs_kv)
@@ -65,7 +68,7 @@ class MultiHeadAttention(nn.Module):
     out = attention_lib.get(self.attention)(q, k, v, mask)
     return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
                            dtype=self.dtype, kernel_init=_kernel_init,
-                           name='out')(out)
+                           name='out', **precision.dense_options())(out)
 
 
 class EncoderBlock(nn.Module):
@@ -79,6 +82,8 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask):
+    # Rows stay split over the batch axes: fsdp gathers weights, not these.
+    x = partitioning.constrain_batch(x)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y = MultiHeadAttention(
         self.num_heads, self.qk_norm, self.use_bias, self.attention, self.dtype,
@@ -86,7 +91,7 @@ class EncoderBlock(nn.Module):
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_1')(x)
     y = MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name='MlpBlock_0')(y)
-    return x + y, None
+    return partitioning.constrain_batch(x + y), None
 
 
 def _remat_policy(name: str):

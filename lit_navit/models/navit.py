@@ -19,6 +19,7 @@ from lit_navit.models import encoder
 from lit_navit.models import flexi
 from lit_navit.models import pooling
 from lit_navit.models import posemb as posemb_lib
+from lit_navit.models import precision
 
 
 STEMS = ('conv', 'dense')
@@ -65,7 +66,11 @@ class PatchEmbedding(nn.Module):
     kernel = self.param('kernel', _stem_init(conv_shape), shape)
     kernel = flexi.pi_resize(kernel.reshape(conv_shape), p, self.resize_fn)
     kernel = kernel.reshape(p * p * 3, self.width)
-    x = patches.astype(self.dtype) @ kernel.astype(self.dtype)
+    if precision.dense_options():
+      x = precision.dot_general(patches.astype(self.dtype), kernel,
+                                (((patches.ndim - 1,), (0,)), ((), ())))
+    else:
+      x = patches.astype(self.dtype) @ kernel.astype(self.dtype)
     if self.use_bias:
       x = x + self.param('bias', nn.initializers.zeros, (self.width,)).astype(self.dtype)
     return x
@@ -111,6 +116,11 @@ class NaViT(nn.Module):
       raise ValueError(f'unknown image pool {self.pool!r}; expected one of {pooling.POOLS}')
     segment, grid = jnp.asarray(segment), jnp.asarray(grid)
     batch, _, _ = patches.shape
+    if patches.dtype == jnp.uint8:
+      # Normalised here so that a quarter of float32's bytes cross to the
+      # device; padding keeps the host path's zeros.
+      pixels = patches.astype(jnp.float32) / 127.5 - 1
+      patches = jnp.where(segment[..., None] != 0, pixels, 0.0)
     slots = grid.shape[1]
     x = PatchEmbedding(self.width, self.base_patch_size, self.use_bias,
                        self.resize_fn, self.dtype, self.stem,
@@ -125,7 +135,7 @@ class NaViT(nn.Module):
     x = encoder.Encoder(
         self.depth, self.mlp_dim, self.num_heads, self.qk_norm, self.use_bias,
         self.attention, self.scan, self.remat_policy, self.dtype,
-        name='Transformer')(x, attention_lib.segment_mask(segment, segment))
+        name='Transformer')(x, attention_lib.Segments(segment, segment))
 
     slot_mask = segment[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
     if self.pool == 'map':
@@ -137,6 +147,6 @@ class NaViT(nn.Module):
       pooled = pooling.masked_mean(x, slot_mask)
     if self.out_dim is not None:
       pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
-                        name='head')(pooled)
+                        name='head', **precision.dense_options())(pooled)
     nonempty = slot_mask.any(axis=-1, keepdims=True)
     return jnp.where(nonempty, pooled, 0).astype(jnp.float32)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lit_navit.models import attention as attention_lib
 from lit_navit.models import encoder
+from lit_navit.models import partitioning
 
 POOLS = ('map', 'mean', 'max')
 
@@ -28,6 +29,7 @@ class MAPHead(nn.Module):
   @nn.compact
   def __call__(self, x, slot_mask):
     """x [B, L, D], slot_mask bool [B, E, L] -> [B, E, D]."""
+    x = partitioning.constrain_batch(x)
     batch, _, width = x.shape
     slots = slot_mask.shape[1]
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, width))
@@ -37,9 +39,11 @@ class MAPHead(nn.Module):
         self.num_heads, self.qk_norm, self.use_bias,
         attention_lib.dense_attention, self.dtype,
         name='MultiHeadDotProductAttention_0')(queries, x, slot_mask[:, None])
+    pooled = partitioning.constrain_batch(pooled)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(pooled)
-    return pooled + encoder.MlpBlock(self.mlp_dim, self.use_bias, self.dtype,
-                                     name='MlpBlock_0')(y)
+    return partitioning.constrain_batch(
+        pooled + encoder.MlpBlock(self.mlp_dim, self.use_bias, self.dtype,
+                                  name='MlpBlock_0')(y))
 
 
 def masked_mean(x, slot_mask):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from lit_navit.models import attention as attention_lib
 from lit_navit.models import encoder
 from lit_navit.models import pooling
+from lit_navit.models import precision
 
 POOLS = ('last', 'first') + pooling.POOLS
 
@@ -95,6 +96,6 @@ class TextTransformer(nn.Module):
       pooled = pooling.masked_mean(x, real[:, None, :])[:, 0]
     if self.out_dim is not None:
       pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
-                        name='head')(pooled)
+                        name='head', **precision.dense_options())(pooled)
     pooled = jnp.where(real.any(axis=-1, keepdims=True), pooled, 0)
     return pooled.astype(jnp.float32).reshape(*leading, -1)

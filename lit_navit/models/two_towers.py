@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       use_bias=True,
       scan=True,
       remat_policy='none',
-      attention='dense',          # 'dense' | 'xla' | 'cudnn'.
+      attention='dense',          # 'dense' | 'xla' | 'cudnn' | 'splash' (TPU).
   ))
   c.text = ml_collections.ConfigDict(dict(
       variant='B',
@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.embed_dim = 768
   c.dtype = 'float32'             # Compute dtype; parameters stay float32.
+  # With a bfloat16 dtype: the encoders' weight gradients come out of their
+  # matmuls, and are summed over devices, in float32 (models/precision.py).
+  c.f32_grads = False
   c.loss = 'sigmoid'              # 'sigmoid' | 'softmax': which of t, b to init how.
   # Initial log temperature; unset: log 10 (sigmoid) or log(1/0.07) (softmax).
   c.t_init = ml_collections.config_dict.placeholder(float)

@@ -1,6 +1,6 @@
 """Exports a lit_navit checkpoint as a big_vision two-tower .npz.
 
-  python -m lit_navit.export_big_vision --checkpoint workdirs/run --npz run.npz
+  python -m lit_navit.interop.big_vision_export --checkpoint workdirs/run --npz run.npz
 
 writes run.npz (big_vision's names and shapes: loadable with numpy alone or
 big_vision's two_towers.load) and run.json, the big_vision `model_cfg` that
@@ -12,14 +12,14 @@ exported as is; big_vision, which attends to padding, then embeds padded
 captions differently.
 """
 
-import argparse
 import json
 import logging
 import os
 
-from lit_navit import big_vision
 from lit_navit import checkpoint
 from lit_navit import fs
+from lit_navit.interop import big_vision
+from lit_navit.interop import cli
 
 log = logging.getLogger('lit_navit')
 
@@ -41,9 +41,8 @@ def export_checkpoint(path: str, npz: str, scan: bool | None = None) -> dict:
   return arrays
 
 
-def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv):
+  parser = cli.Parser(__doc__)
   parser.add_argument('--checkpoint', required=True,
                       help='a workdir (its newest checkpoint) or one step directory')
   parser.add_argument('--npz', required=True, help='the .npz to write')
@@ -56,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -15,7 +15,10 @@ stem, learned [G, G, W] grid), told apart by the stem kernel's rank. Sizes
 are read from the arrays' shapes; what the arrays cannot tell (pooling
 without a MAP head, a sincos posemb) comes from `Options`.
 
-Files are read with numpy alone (allow_pickle=False): nothing is unpickled.
+Released files (and big_vision's training checkpoints) put every name under
+'params/' (or 'opt/target/'); that prefix is dropped on reading, as
+big_vision's own `utils.load_params` does. Files are read with numpy alone
+(allow_pickle=False): nothing is unpickled.
 """
 
 import dataclasses
@@ -38,6 +41,8 @@ TEXT_MODEL = 'proj.image_text.text_transformer'
 _IMAGE_POOLS = {'gap': 'mean', 'mean': 'mean', 'max': 'max'}
 _TEXT_POOLS = {'last': 'last', 'first': 'first', 'gap': 'mean', 'mean': 'mean',
                'gmp': 'max', 'max': 'max'}
+# Where big_vision checkpoints keep the model's params, most specific first.
+PREFIXES = ('opt/target/', 'params/')
 _BLOCK = re.compile(r'^(img/Transformer|txt/Encoder_0)/encoderblock(?:_(\d+))?/(.*)$')
 
 
@@ -68,11 +73,21 @@ class Options:
   image_grid: tuple[int, int] | None = None
 
 
+def _params_names(names) -> dict:
+  """{name in the file: model name}: the names under a PREFIXES prefix when
+  there is one (optimizer state and the like beside them are left out)."""
+  for prefix in PREFIXES:
+    if any(name.startswith(prefix) for name in names):
+      return {name: name[len(prefix):] for name in names if name.startswith(prefix)}
+  return {name: name for name in names}
+
+
 def load_npz(path: str) -> dict:
   """{name: array} of a big_vision .npz, read without pickle."""
   try:
     with fs.open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
-      return {name: np.asarray(npz[name]) for name in npz.files}
+      return {ours: np.asarray(npz[name])
+              for name, ours in _params_names(npz.files).items()}
   except FileNotFoundError:
     raise
   except (ValueError, OSError) as e:
@@ -102,7 +117,7 @@ def load_shapes(path: str) -> dict:
         shapes[info.filename[:-len('.npy')]] = jax.ShapeDtypeStruct(shape, dtype)
   except (zipfile.BadZipFile, ValueError) as e:
     raise CheckpointMismatch(f'{path}: not a readable .npz without pickle ({e})') from e
-  return shapes
+  return {ours: shapes[name] for name, ours in _params_names(shapes).items()}
 
 
 def save_npz(path: str, arrays: dict) -> None:
