@@ -23,7 +23,9 @@ SO400M = f'{SIGLIP}:variant=So400m/14,text_variant=So400m,batch=16384'
 # (divisible by 256 chips) hold ~32.8k pairs.
 B16 = f'{SIGLIP}:variant=B/16,batch=11520'
 SPLASH = ('--config.model.image.attention=splash',)
-PADDED = ('--config.input.images_per_row=1', '--config.input.captions_per_row=1.0')
+# The ViT baseline: one image and one caption a row, nothing packed.
+PADDED = ('--config.input.images_per_row=1', '--config.input.captions_per_row=1.0',
+          '--config.input.text_packing=False')
 FSDP16 = ("--config.mesh=[('data', 16), ('fsdp', 16)]",)
 
 # name: (config, topology, overrides)
@@ -46,7 +48,8 @@ for _length, _rows in ((256, 64), (1024, 16), (4096, 4)):
         (f'--config.input.tokens_per_row={_length}',
          f'--config.input.images_per_row={16 * _length // 256}',
          f'--config.input.captions_per_row={2.85 * _length / 256}',
-         f'--config.model.image.attention={_kernel}'))
+         f'--config.model.image.attention={_kernel}',
+         '--config.input.text_packing=False'))
 
 
 def run_arm(name, results_dir):

@@ -98,6 +98,7 @@ def main(argv=None):
         f'({summary["num_failed"]} failed, listed in '
         f'{fs.join(args.output_dir, "failed.jsonl")}); '
         f'{summary["num_new"]} new this run in {summary["parts_written"]} parts, '
+        f'{summary["num_dropped"]} rows of removed or changed images dropped, '
         f'{summary["parts_skipped"]} parts already done')
   if args.output and cli.is_writer():
     cli.write_json(args.output, summary)

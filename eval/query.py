@@ -53,6 +53,10 @@ def main(argv=None):
   args = parse_args(argv)
   if not args.text and not args.image:
     raise ValueError('give at least one --text or --image query')
+  if not all(text.strip() for text in args.text):
+    raise ValueError('--text is empty: give the words to search for')
+  if args.k < 1:
+    raise ValueError(f'--k must be at least 1, got {args.k}')
   manifest_path = fs.join(args.index, export.MANIFEST)
   if not fs.isfile(manifest_path):
     raise FileNotFoundError(f'not an export folder (no {export.MANIFEST}): {args.index}')

@@ -42,10 +42,24 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
+def parse_ks(text):
+  """--ks as positive ints; ValueError naming the flag otherwise."""
+  try:
+    ks = [int(k) for k in text.split(',')]
+  except ValueError:
+    ks = []
+  if not ks or min(ks) < 1:
+    raise ValueError(f'--ks {text!r}: expected positive integers, comma separated')
+  return ks
+
+
 def evaluate(args):
   """Embeds the set and returns the JSON-ready results."""
+  ks = parse_ks(args.ks)
   data = datasets.read_retrieval(args.data, args.images_root, args.split,
                                  args.image_list)
+  if not len(data.source):
+    raise ValueError(f'{args.data} holds no image-caption pairs: nothing to evaluate')
   budgets = cli.parse_token_budgets(args.max_tokens)
   if len(budgets) != 1:
     raise ValueError(f'--max_tokens {args.max_tokens!r}: give one budget')
@@ -60,10 +74,17 @@ def evaluate(args):
   new_index = np.cumsum(ok) - 1
   kept_texts = ok[data.text_to_image]
   captions = [c for c, keep in zip(data.captions, kept_texts) if keep]
+  if not ok.any():
+    raise ValueError(f'none of the {len(ok)} images of {args.data} could be read '
+                     f'(the first: {failed[0][1]}: {failed[0][2]}): nothing to evaluate')
+  # Said first: a recall over what is left is only as good as what is left.
+  print(f'evaluated {int(ok.sum())} images and {len(captions)} captions; dropped '
+        f'{len(failed)} images that could not be read, with their '
+        f'{len(data.captions) - len(captions)} captions'
+        + (' (listed under "failed" in --output)' if failed else ''))
   text_emb = embedder.texts(captions, progress=not args.no_progress)
-  metrics = retrieval.recall_at_k(
-      image_emb[ok], text_emb, new_index[data.text_to_image[kept_texts]],
-      ks=[int(k) for k in args.ks.split(',')])
+  metrics = retrieval.recall_at_k(image_emb[ok], text_emb,
+                                  new_index[data.text_to_image[kept_texts]], ks=ks)
   for name, value in metrics.items():
     print(f'{name}: {100 * value:.2f}')
   return {

@@ -12,8 +12,12 @@ Layout (one directory per step, written atomically by orbax):
 The trainer and the eval scripts restore the same way (`newest_readable`):
 newest step first, and a step that fails to read is reported and the one
 before it tried. The trainer renames a bad step aside to `<step>.corrupt-<n>`
-(never deleted); the eval scripts only read. When no step can be read the
-trainer stops and lists them, unless told to start over.
+(never deleted, never onto an existing name); the eval scripts only read.
+When no step can be read the trainer stops and lists them, unless told to
+start over. A step that reads fine but holds another model than the config
+makes (ConfigMismatch, naming the config keys that differ), or that the
+storage will not give (CheckpointStorageError), is never set aside: the run
+stops naming that cause.
 """
 
 import json
@@ -49,6 +53,7 @@ class Checkpointer:
         create=True,
     )
     self._manager = self._open()
+    _quiet_orbax_errors()
 
   def _open(self):
     return ocp.CheckpointManager(self.directory, options=self._options)
@@ -83,19 +88,37 @@ class Checkpointer:
                       f'({_reason(error)}); the newest complete one is step '
                       f'{self._manager.latest_step()}')
 
-  def restore_latest(self, abstract_state, *, start_over: bool = False):
+  def restore_latest(self, abstract_state, config=None, *, start_over: bool = False):
     """Returns (step, state, data_state) of the newest good checkpoint, or None.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying shardings.
-    Steps newer than the one restored are set aside. When there are steps
-    but none can be read this raises UnreadableCheckpoint, or, with
-    `start_over`, sets them all aside and returns None.
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying shardings;
+    `config` is this run's config. Steps newer than the one restored are set
+    aside. When there are steps but none can be read this raises
+    UnreadableCheckpoint, or, with `start_over`, sets them all aside and
+    returns None. A step that is fine but holds another model (ConfigMismatch)
+    or that storage will not give (CheckpointStorageError) stops the run
+    whatever `start_over` says, and nothing is set aside.
     """
     def restore(step):
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-      ))
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+        ))
+      except Exception as e:  # pylint: disable=broad-except
+        step_dir = fs.join(self.directory, str(step))
+        if _storage_error(e):
+          raise CheckpointStorageError(
+              f'reading checkpoint step {step} in {self.directory} failed: the '
+              f'storage refused or did not answer ({_reason(e)}); check the '
+              'credentials and the connection, then rerun') from e
+        mismatch = _mismatch(step_dir, abstract_state, config)
+        if mismatch:
+          raise ConfigMismatch(
+              f'checkpoint step {step} in {self.directory} holds another model '
+              f'than this config makes: {mismatch}. Resume with the saved '
+              'values, or train in another workdir') from e
+        raise
       return restored['state'], restored['data']
 
     steps = self._manager.all_steps()
@@ -150,6 +173,80 @@ class UnreadableCheckpoint(ValueError):
   """No checkpoint could be read (or not the one asked for)."""
 
 
+class ConfigMismatch(ValueError):
+  """A readable checkpoint holds another model than the config makes."""
+
+
+class CheckpointStorageError(OSError):
+  """The storage (credentials, network) failed, not the checkpoint."""
+
+
+# Status codes (tensorstore's, gRPC's) of a storage that refused or did not
+# answer: nothing is known about the checkpoint itself.
+_STORAGE_CODES = ('PERMISSION_DENIED', 'UNAUTHENTICATED', 'UNAVAILABLE',
+                  'DEADLINE_EXCEEDED')
+
+
+def _storage_error(error: BaseException) -> bool:
+  """Whether `error`, or an error behind it, is the storage's, not the data's."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (PermissionError, ConnectionError, TimeoutError)):
+      return True
+    if str(error).lstrip().startswith(_STORAGE_CODES):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _flat(tree, prefix='') -> dict:
+  """{'a.b': leaf} of nested dicts."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f'{prefix}.{key}' if prefix else str(key)))
+  return out
+
+
+def _mismatch(step_dir: str, abstract_state, config) -> str | None:
+  """What makes a step's saved state differ from `abstract_state` (the
+  config keys that differ from its saved config, else the arrays), or None
+  when its shapes match or cannot be read (a damaged step)."""
+  def shapes(tree):
+    # The params: nested dicts in the state and in orbax's metadata alike
+    # (the optimizer state's tuples come back as lists).
+    tree = tree.get('params', tree)
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))}
+
+  try:
+    saved = shapes(ocp.StandardCheckpointer().metadata(
+        fs.join(step_dir, 'state')).item_metadata.tree)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  wanted = shapes(abstract_state)
+  if saved == wanted:
+    return None
+  if config is not None:
+    try:
+      with fs.open(fs.join(step_dir, 'config', 'metadata'), 'r') as f:
+        saved_config = _flat(config_to_json(over_defaults(json.load(f))))
+    except (OSError, ValueError):
+      saved_config = None
+    if saved_config is not None:
+      now = _flat(config_to_json(config))
+      differ = [f'{key} (saved {saved_config.get(key)!r}, now {now.get(key)!r})'
+                for key in sorted(set(saved_config) | set(now))
+                if saved_config.get(key) != now.get(key)]
+      if differ:
+        return 'config keys that differ from its saved config: ' + ', '.join(differ)
+  arrays = [f'{k} (saved {saved.get(k)}, now {wanted.get(k)})'
+            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  return 'arrays that differ: ' + ', '.join(arrays[:5])
+
+
 def over_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A saved training config, with today's default for each key it lacks.
 
@@ -177,6 +274,8 @@ def newest_readable(steps, restore, where: str):
   for step in sorted(steps, reverse=True):
     try:
       return step, restore(step), failed
+    except (ConfigMismatch, CheckpointStorageError):
+      raise  # Not the step's fault: no older one would do better.
     except Exception as e:  # pylint: disable=broad-except
       # Whatever fails to read (missing file, bad bytes, bad JSON), the step
       # is unusable: try the one before it.
@@ -217,6 +316,23 @@ def _quiet_abandoned_reads():
     asyncio_log.addFilter(_UnretrievedOrbaxRead())
 
 
+def _quiet_orbax_errors():
+  """Orbax logs each failure of a save (a full disk, say) from every thread
+  it touched, with tracebacks: some 90 lines before the error it raises to
+  us, which we report on one line (SaveFailed). Its error logs are dropped;
+  what failed reaches the user through that exception."""
+  absl_log = logging.getLogger('absl')
+  if _OrbaxErrors not in map(type, absl_log.filters):
+    absl_log.addFilter(_OrbaxErrors())
+
+
+class _OrbaxErrors(logging.Filter):
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR
+                and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
 class _UnretrievedOrbaxRead(logging.Filter):
   """Drops asyncio's '<Task or future> exception was never retrieved' for
   the reads of orbax and tensorstore."""
@@ -238,10 +354,13 @@ def _read_error(error: BaseException) -> bool:
 
 
 def _reason(error: Exception) -> str:
-  """The first line of an error, without tensorstore's spec dump."""
+  """The first line of an error, without tensorstore's spec dump, at most
+  about 300 characters."""
   lines = str(error).strip().splitlines()
   first = (lines[0] if lines else '').split(' [tensorstore_spec=')[0]
-  return f'{type(error).__name__}: {first[:1000]}'
+  if len(first) > 300:  # the middle goes: paths; the cause is at the end
+    first = f'{first[:150]} ... {first[-150:]}'
+  return f'{type(error).__name__}: {first}'
 
 
 def _step_dirs(path: str) -> dict:

@@ -169,7 +169,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first key the schema lacks or mistypes."""
   _check_against(config, default_config(), prefix='')
   if config.batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+    raise ValueError(f'config key batch_size must be positive, got {config.batch_size}')
+  if config.total_steps < 1:
+    raise ValueError(f'config key total_steps must be at least 1, got {config.total_steps}')
+  if not config.optim.lr >= 0:  # NaN too
+    raise ValueError(f'config key optim.lr must be >= 0, got {config.optim.lr}')
+  sharding.check_mesh(config.mesh)
   if config.input.text_packing and not config.model.text.mask_padding:
     raise ValueError('input.text_packing=True cannot be combined with '
                      'model.text.mask_padding=False (the big_vision-exact tower '

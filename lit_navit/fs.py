@@ -186,8 +186,11 @@ def _forget_listings(path: str) -> None:
 
 
 def rename(source: str, target: str) -> None:
-  """Moves a file or folder (atomic for a local file; on object storage a
-  copy, then a delete)."""
+  """Moves a file or folder to a new name (atomic for a local file; on object
+  storage a copy, then a delete). Never onto an existing target: a folder
+  would be merged into it on object storage."""
+  if exists(target):
+    raise FileExistsError(f'cannot move {source} to {target}: it exists')
   if not is_remote(source):
     os.replace(source, target)
     return
@@ -196,6 +199,70 @@ def rename(source: str, target: str) -> None:
   fs.copy(s, filesystem(target)[1], recursive=True)
   fs.rm(s, recursive=True)
   _forget_listings(source)
+
+
+def read_versioned(path: str) -> tuple[bytes, object]:
+  """(contents, version) of a file; the version changes with every write
+  (the object's generation on object storage)."""
+  if not is_remote(path):
+    with builtins.open(path, 'rb') as f:
+      status = os.fstat(f.fileno())
+      return f.read(), (status.st_ino, status.st_mtime_ns)
+  fs, p = filesystem(path)
+  # The generation first: should a write land between the two, the
+  # contents are newer than the version, and a write on that version fails.
+  generation = int(fs.info(p)['generation'])
+  return fs.cat_file(p), generation
+
+
+def write_if_version(path: str, data: bytes, version=None):
+  """Writes `path` only if it is still at `version` (None: only if it does
+  not exist); returns the new version, or raises FileExistsError.
+
+  On object storage the server decides (a generation precondition), so of
+  two writers exactly one wins. Locally creating is exclusive (O_EXCL); a
+  rewrite compares, then renames a new file into place.
+  """
+  path = os.fspath(path)
+  if is_remote(path):
+    fs, p = filesystem(path)
+    bucket, key, _ = fs.split_path(p)
+    # gcsfs has no conditional write but a create-only one; the upload API
+    # takes any ifGenerationMatch (a mismatch is HTTP 412: FileExistsError).
+    result = fs.call('POST', f'{fs._location}/upload/storage/v1/b/{bucket}/o',  # pylint: disable=protected-access
+                     uploadType='media', name=key, ifGenerationMatch=str(version or 0),
+                     data=data, json_out=True)
+    _forget_listings(path)
+    return int(result['generation'])
+  if version is None:
+    # Written aside, then linked into place (which fails if the name
+    # exists): no reader ever sees it half written.
+    staged = f'{path}.new-{uuid.uuid4().hex[:8]}'
+    with atomic_write(staged) as f:
+      f.write(data)
+    try:
+      os.link(staged, path)
+    finally:
+      os.remove(staged)
+  else:
+    if read_versioned(path)[1] != version:
+      raise FileExistsError(f'{path} changed')
+    with atomic_write(path) as f:
+      f.write(data)
+  return read_versioned(path)[1]
+
+
+def remove_if_version(path: str, version) -> None:
+  """Removes `path` only if it is still at `version` (FileExistsError if not)."""
+  if not is_remote(path):
+    if read_versioned(path)[1] != version:
+      raise FileExistsError(f'{path} changed')
+    os.remove(path)
+    return
+  fs, p = filesystem(path)
+  bucket, key, _ = fs.split_path(p)
+  fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(version))
+  _forget_listings(path)
 
 
 def download(path: str, local_path: str) -> None:

@@ -191,9 +191,16 @@ class Throughput:
     self._flops += flops
     self._steps += 1
 
-  def report(self, step: int) -> dict:
+  def report(self, step: int, cut_short: bool = False) -> dict:
+    """Rates since the last report. `cut_short`: the loop stopped (a
+    signal) before its host work for the next step, so the time since the
+    last report is only what the device had left of this step; the rates of
+    the steps before are reported instead of a rate this short a time would
+    inflate."""
     seconds = max(time.perf_counter() - self._t0, 1e-9)
     steps = max(self._steps, 1)
+    if cut_short and self._step_seconds:
+      seconds = max(seconds, float(np.median(self._step_seconds[-20:])) * steps)
     self._step_seconds.append(seconds / steps)
     recent = float(np.median(self._step_seconds[-20:]))
     out = {

@@ -42,13 +42,32 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def check_mesh(mesh) -> None:
+  """Raises ValueError naming config.mesh unless it is [(axis, size)] over
+  exactly the axes the shardings use, each size a positive int or -1."""
+  def bad(why):
+    return ValueError(f'config key mesh={mesh!r}: {why}; for example '
+                      "[('data', -1), ('fsdp', 1)]")
+  try:
+    names = [name for name, _ in mesh]
+    sizes = [size for _, size in mesh]
+  except (TypeError, ValueError) as e:
+    raise bad('expected a list of (axis name, size) pairs') from e
+  if sorted(names) != sorted(BATCH_AXES):
+    raise bad(f'the axes must be {BATCH_AXES}, each once')
+  if any(isinstance(n, bool) or not isinstance(n, int) or not (n >= 1 or n == -1)
+         for n in sizes):
+    raise bad('each size must be a positive integer or -1 (the remaining devices)')
+  if sizes.count(-1) > 1:
+    raise bad('at most one size may be -1')
+
+
 def make_mesh(config, devices=None) -> Mesh:
   """The mesh of config.mesh over `devices` (default: all, on every host)."""
   devices = jax.devices() if devices is None else list(devices)
   names = [name for name, _ in config.mesh]
   sizes = [size for _, size in config.mesh]
-  if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh={config.mesh}: at most one size may be -1.')
+  check_mesh(config.mesh)
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes and len(devices) % known == 0:
     sizes[sizes.index(-1)] = len(devices) // known

@@ -17,7 +17,6 @@ import uuid
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from lit_navit import command_line
 from lit_navit import fs
@@ -32,8 +31,10 @@ flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-host: seconds after which 
 flags.DEFINE_bool('start_over', False, 'Start from scratch even though every '
                   'checkpoint in the workdir is unreadable (they are kept, renamed).')
 flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
-config_flags.DEFINE_config_file('config', None, 'Config file, as path.py[:args]; '
-                                '--config.a.b=value overrides a key.')
+# A plain string, loaded by us: an error in the file or its args is then a
+# user error (one line, exit 2), not a flag-parsing traceback.
+flags.DEFINE_string('config', None, 'Config file, as path.py[:args]; '
+                    '--config.a.b=value overrides a key.')
 FLAGS = flags.FLAGS
 
 
@@ -83,8 +84,15 @@ def train(config, workdir: str, hooks=(), start_over: bool = False):
   config_lib.check_config(config)
   config_lib.check_paths(config)
   check_workdir(workdir)
-  trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
-  return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
+  from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  from lit_navit import workdir_lock  # pylint: disable=g-import-not-at-top
+  lock = workdir_lock.WorkdirLock(workdir)
+  sharding.run_on_process_0(lock.acquire)  # one lock per run, process 0's
+  try:
+    trainer = trainer_lib.Trainer(config, workdir, start_over=start_over)
+    return trainer.run(hooks=hooks(trainer) if callable(hooks) else hooks)
+  finally:
+    lock.release()
 
 
 def _main(argv, overrides=()):
@@ -95,9 +103,10 @@ def _main(argv, overrides=()):
   user_errors.run(_run, FLAGS.config, overrides, debug=FLAGS.debug)
 
 
-def _run(config, overrides):
+def _run(spec, overrides):
   from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
   from lit_navit import sharding  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(spec)
   config_lib.apply_overrides(config, overrides)
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.heartbeat_timeout)
@@ -108,8 +117,8 @@ def _run(config, overrides):
 
 def main():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  # Overrides are ours to parse (see lit_navit/config.py), not absl's; the
-  # config flag looks for them in sys.argv itself, so they leave it.
+  # Overrides are ours to parse (see lit_navit/config.py), not absl's, which
+  # would refuse them as unknown flags: they leave sys.argv first.
   sys.argv, overrides = command_line.split_overrides_or_exit(sys.argv)
   app.run(lambda args: _main(args, overrides), argv=sys.argv)
 

@@ -197,7 +197,7 @@ class Trainer:
 
   def restore_or_init(self):
     """The newest good checkpoint's state (and the pipeline's), else a fresh one."""
-    restored = self.checkpointer.restore_latest(self.abstract_state,
+    restored = self.checkpointer.restore_latest(self.abstract_state, self.config,
                                                 start_over=self.start_over)
     if restored is None:
       log.info('no checkpoint in %s: starting from scratch', self.workdir)
@@ -371,8 +371,8 @@ class Trainer:
           last.update(self._evaluate(writer, step, state))
         for hook in hooks:
           hook(step, state)
-      if pending is not None:
-        last = self._log(writer, throughput, *pending)
+      if pending is not None:  # stopped by a signal: its interval is cut short
+        last = self._log(writer, throughput, *pending, cut_short=True)
       if preempted and self.checkpointer.latest_step() != step:
         self._save(step, state)
     finally:
@@ -447,7 +447,7 @@ class Trainer:
                                           self.config.evals.zero_shot_examples)
     return {f'eval/{k}': v for k, v in metrics.items() if not isinstance(v, dict)}
 
-  def _log(self, writer, throughput, step, device_metrics, flops) -> dict:
+  def _log(self, writer, throughput, step, device_metrics, flops, cut_short=False) -> dict:
     """Pulls one step's metrics off the device, checks the loss, writes a record."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     throughput.add(scalars['images'], scalars['tokens'], flops)
@@ -459,7 +459,7 @@ class Trainer:
     if len(lrs) > 1:
       scalars.update({f'lr/{pattern}': lr for pattern, lr in lrs.items()})
     scalars.update({f'skipped/{k}': v for k, v in self.pipeline.skipped.counts.items()})
-    scalars.update(throughput.report(step))
+    scalars.update(throughput.report(step, cut_short))
     writer.write(step, scalars)  # a non-finite step's record too: it explains the stop
     if not finite:
       raise NonFiniteLoss(f"loss is {scalars['loss']} at step {step}; stopping. "

@@ -4,7 +4,9 @@ Real GCS sends `x-goog-generation` with every media download; the emulator
 does not, so tensorstore reads an existing object as generation 0 and its
 next conditional write (each update of an orbax OCDBT manifest) fails with
 "Malformed StorageGeneration". This adds the header from the object's own
-metadata and runs the emulator's command line unchanged otherwise:
+metadata. It also honours `ifGenerationMatch` on uploads and deletes (HTTP
+412 when the object's generation differs, 0 meaning "absent"), as real GCS
+does and the workdir lock relies on. The command line is the emulator's:
 
   python tests/gcs_emulator_server.py start --host 127.0.0.1 --port N ...
 """
@@ -12,6 +14,7 @@ metadata and runs the emulator's command line unchanged otherwise:
 import http
 import sys
 
+from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 _emulator_download = objects.download
@@ -25,9 +28,37 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
     response['x-goog-generation'] = str(obj['generation'])
 
 
+def _generation(storage, bucket, name) -> int:
+  try:
+    return int(storage.get_file_obj(bucket, name)['generation'])
+  except NotFound:
+    return 0
+
+
+def _if_generation_match(handler, name_of):
+  def checked(request, response, storage, *args, **kwargs):
+    expected = request.query.get('ifGenerationMatch')
+    if expected is not None:
+      bucket = request.params['bucket_name']
+      if _generation(storage, bucket, name_of(request)) != int(expected[0]):
+        response.status = http.HTTPStatus.PRECONDITION_FAILED
+        return None
+    return handler(request, response, storage, *args, **kwargs)
+  return checked
+
+
+def _uploaded_name(request):
+  if 'name' in request.query:
+    return request.query['name'][0]
+  return request.data['meta'].get('name')
+
+
 # Before the server module is imported: its route table takes the handler
 # functions as it finds them then.
 objects.download = _download_with_generation
+objects.insert = _if_generation_match(objects.insert, _uploaded_name)
+objects.delete = _if_generation_match(objects.delete,
+                                      lambda request: request.params['object_id'])
 
 from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -467,6 +467,15 @@ def test_expand_paths_missing_files_are_errors_naming_them(tmp_path):
     sources.expand_paths(f'{t}/s-{{00..02}}.tar')
   with pytest.raises(FileNotFoundError):
     sources.expand_paths(' , ')
+  # A folder is not "not found": it is there, and is not a data file.
+  with pytest.raises(IsADirectoryError, match=f"data path '{t}' is a folder"):
+    sources.expand_paths(t)
+
+
+def test_a_glob_in_a_missing_bucket_names_the_bucket(gcs_emulator):
+  with pytest.raises(FileNotFoundError,
+                     match='bucket gs://no-such-bucket-b2 does not exist'):
+    sources.expand_paths('gs://no-such-bucket-b2/o/*.tfrecord')
 
 
 # make_source.

@@ -164,7 +164,7 @@ def test_zero_shot_script_reads_tfrecord_labels(workdir, tmp_path):
   assert (run['top1'], run['top5']) == (expected['top1'], expected['top5'])
 
 
-def test_retrieval_script_recall_and_a_missing_image(workdir, tmp_path):
+def test_retrieval_script_recall_and_a_missing_image(workdir, tmp_path, capsys):
   paths = write_images(str(tmp_path / 'data'), SIZES[:6])
   captions = [[f'image {i}', f'picture {i}'] for i in range(6)]
   rows = [{'image': os.path.basename(p), 'captions': c} for p, c in zip(paths, captions)]
@@ -180,6 +180,8 @@ def test_retrieval_script_recall_and_a_missing_image(workdir, tmp_path):
   assert results['num_images'] == 6 and results['num_texts'] == 12
   assert results['num_failed'] == 1
   assert results['failed'][0]['key'].endswith('missing.jpg')
+  assert ('evaluated 6 images and 12 captions; dropped 1 images that could not '
+          'be read, with their 1 captions') in capsys.readouterr().out
 
   # Recall from scratch over the six images that exist and their captions.
   embedder = _embedder(workdir)
@@ -192,6 +194,32 @@ def test_retrieval_script_recall_and_a_missing_image(workdir, tmp_path):
   for k in (1, 2, 5):
     assert results[f'text_to_image/R@{k}'] == pytest.approx(np.mean(t2i_rank < k))
     assert results[f'image_to_text/R@{k}'] == pytest.approx(np.mean(i2t_rank < k))
+
+
+def test_retrieval_script_refuses_what_it_cannot_evaluate(workdir, tmp_path):
+  step_dir = os.path.join(workdir, 'checkpoints', '1')
+  retrieval = load_script('retrieval')
+
+  def run(data, *flags):
+    return retrieval.main(['--checkpoint', step_dir, '--data', str(data),
+                           '--no_progress', *flags])
+
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('')
+  with pytest.raises(ValueError, match='holds no image-caption pairs'):
+    run(empty)
+  gone = tmp_path / 'gone.jsonl'
+  gone.write_text(json.dumps({'image': 'missing.jpg', 'captions': ['gone']}) + '\n')
+  with pytest.raises(ValueError, match='none of the 1 images .* could be read'):
+    run(gone)
+  for ks in ('0,-1', '1,x', ''):
+    with pytest.raises(ValueError, match='--ks'):
+      run(gone, '--ks', ks)
+  karpathy = tmp_path / 'dataset_coco.json'
+  karpathy.write_text(json.dumps({'images': [
+      {'filename': 'a.jpg', 'split': 'test', 'sentences': [{'raw': 'a'}]}]}))
+  with pytest.raises(ValueError, match=r'image folder \(--images_root\) not given'):
+    run(karpathy)
 
 
 def _read_export(out):
@@ -272,3 +300,11 @@ def test_export_then_query_scripts(workdir, tmp_path):
   assert [q.get('text', q.get('image')) for q in queries] == ['a red circle', paths[4]]
   assert queries[1]['results'][0]['image_path'] == paths[4]
   assert len(queries[0]['results']) == 3
+  # Flags that could only mislead are refused before the checkpoint loads.
+  for flags, named in [(['--k', '-2'], '--k must be at least 1'),
+                       (['--k', '0'], '--k must be at least 1'),
+                       (['--text', ''], '--text is empty'),
+                       (['--patch_size', '0'], r'\(--patch_size\) must be at least 1')]:
+    with pytest.raises(ValueError, match=named):
+      load_script('query').main(['--checkpoint', workdir, '--index', out,
+                                 '--text', 'a circle', *flags])

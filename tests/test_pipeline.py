@@ -1,6 +1,7 @@
 """The pipeline: contract, keyed determinism, exact restore, eval pass, bad records."""
 
 import dataclasses
+import re
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from lit_navit.data import dropping
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import resolution
 from lit_navit.data import sources
+from lit_navit.data import streaming
 from lit_navit.data import synthetic
 from lit_navit.data import text
 
@@ -290,8 +292,21 @@ def test_a_broken_source_stops_loudly(tokenizer):
   config = small_config(bad_record_window=20, bad_record_budget=0.1)
   with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
                              seed=0) as pipe:
-    with pytest.raises(RuntimeError, match='broken'):
+    with pytest.raises(streaming.BrokenSource, match='broken') as error:
       take(pipe, 10)
+  assert re.search(r'the last failure was \S+ \(not_image\)', str(error.value)), error.value
+
+
+def test_the_budget_names_the_last_failure_not_the_record_that_tripped_it(tokenizer):
+  source = small_source(size=40)
+  config = small_config(bad_record_window=20, bad_record_budget=0.1)
+  with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=0) as pipe:
+    for i in range(19):
+      pipe._account_record(source[i], 'not_image')  # pylint: disable=protected-access
+    # The window fills on a good record.
+    with pytest.raises(streaming.BrokenSource, match='broken') as error:
+      pipe._account_record(source[19], None)  # pylint: disable=protected-access
+  assert str(error.value).endswith(f'the last failure was {source[18].key} (not_image).')
 
 
 def test_stats_track_padding_and_images_per_row(tokenizer):

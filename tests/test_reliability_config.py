@@ -129,3 +129,30 @@ def test_training_user_errors_are_one_line():
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   proc = _train('--config.foo=1', '--debug')
   assert proc.returncode != 0 and 'Traceback' in proc.stderr
+
+
+@pytest.mark.parametrize('override, named', [
+    ('--config.optim.lr=-0.001', 'optim.lr must be >= 0'),
+    ('--config.optim.lr=nan', 'optim.lr must be >= 0'),
+    ('--config.total_steps=0', 'total_steps must be at least 1'),
+    ("--config.mesh=[('data', -1)]", "config key mesh=[('data', -1)]: the axes must be"),
+    ("--config.mesh=[('data', 0), ('fsdp', 1)]", 'each size must be a positive'),
+    ("--config.mesh=[('data', -1), ('fsdp', -1)]", 'at most one size may be -1'),
+    ("--config.mesh=['data']", 'list of (axis name, size) pairs'),
+])
+def test_values_that_cannot_train_are_refused_naming_the_key(override, named):
+  config = config_lib.load_config_file(TINY)
+  _override(config, override)
+  with pytest.raises(ValueError, match=re.escape(named)):
+    config_lib.check_config(config)
+
+
+@pytest.mark.slow
+def test_a_typo_in_a_config_arg_is_one_line():
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, '-m', 'lit_navit.train', f'--config={TINY}:stepz=4',
+                         '--workdir=/nonexistent/never/written'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith("error: config arg 'stepz' is unknown"), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -346,3 +346,96 @@ def test_a_checkpoint_saved_before_todays_keys_loads_and_exports(two_steps, tmp_
                 for name, out in outputs.items()}
   assert embeddings['today'].shape[0] == 3
   np.testing.assert_array_equal(embeddings['old'], embeddings['today'])
+
+
+def _index_rows(out):
+  """Every metadata row of an export, in part order."""
+  names = sorted(os.listdir(os.path.join(out, 'metadata')),
+                 key=lambda n: int(n.split('_')[1].split('.')[0]))
+  return [path for name in names for path in
+          pq.read_table(os.path.join(out, 'metadata', name)).column('image_path').to_pylist()]
+
+
+def test_an_incremental_export_holds_one_row_per_current_image(tmp_path, monkeypatch):
+  folder = str(tmp_path / 'images')
+  paths = write_images(os.path.join(folder, 'b'), SIZES[:4])
+  out = str(tmp_path / 'export')
+  embedder = tiny_embedder()
+
+  def run():
+    return export.export(embedder, datasets.ImageFiles(datasets.find_images(folder)),
+                         out, part_size=3, key_column='image_path', progress=False)
+
+  run()
+  write_images(os.path.join(folder, 'a'), SIZES[4:6], seed=1)
+  touched, deleted = paths[1], paths[2]
+  mtime = os.stat(touched).st_mtime_ns
+  os.utime(touched, ns=(mtime, mtime + 10**9))  # same bytes, a new mtime
+  os.remove(deleted)
+  current = datasets.find_images(folder)
+  # Killed after writing the rewritten part, before removing the old one.
+  remove_part = export._remove_part  # pylint: disable=protected-access
+  monkeypatch.setattr(export, '_remove_part', lambda *args: sys.exit('killed'))
+  with pytest.raises(SystemExit):
+    run()
+  monkeypatch.setattr(export, '_remove_part', remove_part)
+  summary = run()
+  assert sorted(_index_rows(out)) == sorted(current)  # one row each
+  assert summary['num_images'] == summary['num_exported'] == 5
+  assert summary['num_failed'] == 0
+  # Each image is found by its own embedding (rows and metadata aligned),
+  # once: its runner-up is another image.
+  emb, _ = embedder.images(datasets.ImageFiles(current), progress=False)
+  for path, hits in zip(current, export.query(out, emb, k=2)):
+    assert hits[0]['image_path'] == path and hits[1]['image_path'] != path
+  again = run()
+  assert (again['num_new'], again['num_dropped'], again['num_exported']) == (0, 0, 5)
+
+
+def test_export_refuses_a_folder_it_did_not_make(tmp_path):
+  folder = str(tmp_path / 'images')
+  write_images(folder, SIZES[:2])
+  out = tmp_path / 'theirs'
+  (out / 'img_emb').mkdir(parents=True)
+  (out / 'img_emb' / 'img_emb_0.npy').write_bytes(b'their embeddings')
+  with pytest.raises(FileExistsError, match=f'{out} is not empty and holds no export'):
+    export.export(tiny_embedder(), datasets.ImageFiles(datasets.find_images(folder)),
+                  str(out), key_column='image_path', progress=False)
+  assert (out / 'img_emb' / 'img_emb_0.npy').read_bytes() == b'their embeddings'
+  assert sorted(p.name for p in out.rglob('*')) == ['img_emb', 'img_emb_0.npy']
+
+
+class _Planted:
+  """Unpickling this writes a file: the code a hostile .npy would run."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_what_we_read_from_others_runs_no_code_and_writes_nowhere_else(tmp_path):
+  import data_fixtures  # pylint: disable=import-outside-toplevel
+  from lit_navit.data import sources  # pylint: disable=import-outside-toplevel
+  images = write_images(str(tmp_path / 'images'), SIZES[:2])
+  members = []
+  for n, (name, image) in enumerate(zip(['../../escape/a', '/abs/b'], images)):
+    with open(image, 'rb') as f:
+      members += [(f'{name}.jpg', f.read()), (f'{name}.txt', f'caption {n}'.encode())]
+  tar = data_fixtures.write_tar(tmp_path / 'hostile.tar', members)
+  out = tmp_path / 'out' / 'export'
+  summary = export.export(tiny_embedder(), sources.WebDatasetSource(tar), str(out),
+                          progress=False)
+  assert summary['num_exported'] == 2
+  # Member names are data (metadata keys), never paths written to.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['hostile.tar', 'images', 'out']
+  assert [p.name for p in (tmp_path / 'out').iterdir()] == ['export']
+  assert not os.path.exists('/abs')
+  # An export whose .npy holds pickled objects is refused, and runs nothing.
+  marker = tmp_path / 'ran'
+  emb_file = next((out / 'img_emb').iterdir())
+  np.save(emb_file, np.array([_Planted(str(marker))], dtype=object), allow_pickle=True)
+  with pytest.raises(ValueError, match='allow_pickle|Python objects'):
+    export.query(str(out), np.ones(tiny_embedder().dim, np.float32))
+  assert not marker.exists()

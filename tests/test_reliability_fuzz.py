@@ -377,7 +377,8 @@ def _leaf(config, key):
 def _valid_override(config, key, text):
   """Whether `--config.key=text` is valid, as the schema documents: a known
   key, text that parses as its type (an unset key takes 'None', and one of
-  no declared type any text), and a positive batch_size."""
+  no declared type any text), a positive batch_size, optim.lr >= 0 and a
+  mesh of (axis, size) over 'data' and 'fsdp'."""
   try:
     current, kind = _leaf(config, key)
   except KeyError:
@@ -390,7 +391,22 @@ def _valid_override(config, key, text):
     parsed = parse(text)
   except Exception:  # pylint: disable=broad-except
     return False
+  if key == 'optim.lr' and not parsed >= 0:  # NaN too
+    return False
+  if key == 'mesh' and not _valid_mesh(parsed):
+    return False
   return parsed is not False and (key != 'batch_size' or parsed > 0)
+
+
+def _valid_mesh(mesh):
+  """[(axis, size)] over exactly 'data' and 'fsdp', sizes >= 1 or one -1."""
+  if not isinstance(mesh, (list, tuple)) or not all(
+      isinstance(axis, (list, tuple)) and len(axis) == 2 for axis in mesh):
+    return False
+  sizes = [size for _, size in mesh]
+  return (sorted(name for name, _ in mesh if isinstance(name, str)) == ['data', 'fsdp']
+          and all(type(size) is int and (size >= 1 or size == -1) for size in sizes)  # pylint: disable=unidiomatic-typecheck
+          and sizes.count(-1) <= 1)
 
 
 @FUZZ

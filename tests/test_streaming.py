@@ -335,7 +335,7 @@ def test_a_file_that_keeps_failing_is_skipped_then_the_budget_stops_the_run(
   stream = streaming.RecordStream(
       readers.TFRecordReader(paths), seed=0, cycle_length=2, shuffle_buffer=0,
       retry_policy=policy, bad_file_budget=0.3)
-  with pytest.raises(RuntimeError, match='could not be read.*countingtest|'
+  with pytest.raises(streaming.BrokenSource, match='could not be read.*countingtest|'
                      'could not be read.*train-00'):
     records_of_epoch(stream, 0)
 
@@ -434,3 +434,51 @@ def test_streaming_from_gcs(gcs_bucket, tmp_path, tokenizer):
                                   shuffle_buffer=3)
   captions = sorted(record.caption for record in records_of_epoch(stream, 0))
   assert captions == sorted(r.caption for r in synthetic_records(8))
+
+
+def test_the_bad_file_budget_survives_a_resume(tmp_path, counting):
+  """A stream that failed a file, saved and restored, still counts that
+  failure: failing a second file trips the budget as it does uninterrupted."""
+  paths = counted(write_tfrecords(tmp_path, 4, 5))
+  policy = retry.RetryPolicy(0, 0.1, sleep=lambda s: None)
+  skipped = []
+
+  def stream():
+    return streaming.RecordStream(
+        readers.TFRecordReader(paths), seed=0, cycle_length=1, shuffle_buffer=0,
+        retry_policy=policy, bad_file_budget=0.3,
+        on_skip=lambda reason, detail: skipped.append(detail))
+
+  # Epoch 0 reads the files in this order; the first and third keep failing.
+  order = [paths[s.file] for s in shards.host_shards(
+      4, seed=0, epoch=0, process_index=0, process_count=1)]
+  for path in (order[0], order[2]):
+    counting.failing[path.split('://', 1)[1]] = -1
+  with pytest.raises(streaming.BrokenSource, match='2 of .* files of epoch 0 could not be read'):
+    records_of_epoch(stream(), 0)
+
+  skipped.clear()
+  first = stream()
+  next(first)  # The first file failed and was skipped: the second's record.
+  assert len(skipped) == 1
+  state = json.loads(json.dumps(first.get_state()))
+  assert state['failed_files'] == {'0': 1}
+  resumed = stream()
+  resumed.set_state(state)
+  with pytest.raises(streaming.BrokenSource, match='2 of .* files of epoch 0 could not be read'):
+    records_of_epoch(resumed, 0)
+
+
+def test_files_of_garbage_stop_the_stream_naming_the_last(tmp_path):
+  """A user error (one line, exit 2), not a traceback."""
+  paths = []
+  for n in range(2):
+    paths.append(str(tmp_path / f'garbage-{n}.tfrecord'))
+    with open(paths[-1], 'wb') as f:
+      f.write(np.random.default_rng(n).bytes(3000))
+  stream = streaming.RecordStream(readers.TFRecordReader(paths), seed=0,
+                                  cycle_length=1, shuffle_buffer=0)
+  with pytest.raises(streaming.BrokenSource, match='gave no readable record.*garbage-'):
+    for _ in range(100):
+      next(stream)
+  assert isinstance(streaming.BrokenSource('x'), ValueError)  # a user error

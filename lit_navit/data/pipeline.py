@@ -236,6 +236,7 @@ class Pipeline:
     self._buffer = []
     self._records_read = 0
     self._recent_failures = collections.deque()
+    self._last_failure = None  # 'key (reason)', for the budget's message
     self._totals = collections.Counter()
 
   # Iteration.
@@ -376,6 +377,7 @@ class Pipeline:
     if reason is not None:
       self.skipped.add(reason)
       self._recent_failures.append(self._records_read)
+      self._last_failure = f'{record.key} ({reason})'
       logging.debug('skipped %s: %s', record.key, reason)
     while (self._recent_failures and
            self._recent_failures[0] <= self._records_read - window):
@@ -383,11 +385,12 @@ class Pipeline:
     budget = self._config.bad_record_budget
     if (self._records_read >= window and
         len(self._recent_failures) > budget * window):
-      raise RuntimeError(
+      raise streaming.BrokenSource(
           f'{len(self._recent_failures)} of the last {window} records failed '
           f'(input.bad_record_budget is {budget:.0%}): the source looks '
           f'broken, not a few bad records. Skipped so far: '
-          f'{self.skipped.counts}; the last was {record.key} ({reason}).')
+          f'{self.skipped.counts}; the last failure was '
+          f'{self._last_failure or "before this run resumed"}.')
 
   # Statistics.
 

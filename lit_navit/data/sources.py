@@ -85,12 +85,18 @@ def expand_paths(pattern_or_paths) -> list[str]:
   for pattern in patterns:
     if not pattern:
       continue
+    bucket = fs.missing_bucket(pattern)
+    if bucket:  # else a glob there fails naming only the API's path
+      raise FileNotFoundError(f'data path {pattern!r}: bucket {bucket} does not exist')
     matched = []
     for expanded in _expand_braces(pattern):
       if _has_magic(expanded):
         matched.extend(fs.glob(expanded))
       elif fs.isfile(expanded):
         matched.append(expanded)
+      elif fs.isdir(expanded):
+        raise IsADirectoryError(f'data path {expanded!r} is a folder: name its '
+                                f'files, e.g. {fs.join(expanded, "*.tfrecord")}')
       else:
         raise FileNotFoundError(f'data file {expanded!r} not found'
                                 + (f' (from {pattern!r})'

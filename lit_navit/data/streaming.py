@@ -35,6 +35,12 @@ from lit_navit.data import shards as shards_lib
 
 _SHUFFLE_TAG = 0x7368
 
+class BrokenSource(ValueError):
+  """Too many records or files failed: the data or its storage is broken,
+  not a few bad records. A user error (one line, exit 2): the message names
+  the last file or record that failed."""
+
+
 Ref = collections.namedtuple('Ref', 'file position record epoch')
 Ref.__doc__ = """Where a record lies: file number, byte position, record number
 within the file, and the epoch it was read in."""
@@ -213,7 +219,7 @@ class RecordStream:
     logging.warning('skipped the rest of %s from byte %d: %s', path,
                     current.position, error)
     if failed > self._budget * self._files_per_epoch:
-      raise RuntimeError(
+      raise BrokenSource(
           f'{failed} of this host\'s {self._files_per_epoch} files of epoch '
           f'{current.epoch} could not be read (budget {self._budget:.0%}): '
           f'the storage looks broken. The last was {path}: {error}')
@@ -222,7 +228,7 @@ class RecordStream:
     current.close()
     self._fruitless += 1
     if self._train and self._fruitless > self._files_per_epoch:
-      raise RuntimeError(
+      raise BrokenSource(
           f'{self._fruitless} files in a row gave no readable record, '
           f'more than this host reads an epoch ({self._files_per_epoch}); the '
           f'last was {self._reader.paths[current.shard.file]}')
@@ -250,10 +256,15 @@ class RecordStream:
         'turn': self._turn,
         'draws': self._draws,
         'buffer': [list(ref) for ref, _ in self._buffer],
+        # An epoch's failures count until its last file is done.
         'failed_files': {str(e): n for e, n in self._failed.items()
-                         if any(f.epoch <= e for f in self._open)},
+                         if e >= self._oldest_epoch_read()},
         'fruitless': self._fruitless,
     }
+
+  def _oldest_epoch_read(self) -> int:
+    """The oldest epoch with a file open or still to open."""
+    return min([f.epoch for f in self._open] + [self._epoch])
 
   def set_state(self, state: dict, map_fn=map):
     """Restores `get_state()` output; buffered records are re-read."""

@@ -106,6 +106,8 @@ def _require_file(path, what):
 
 
 def _require_dir(path, what):
+  if path is None:
+    raise ValueError(f'{what} not given')
   if not fs.isdir(path):
     raise FileNotFoundError(f'{what} not found: {path}')
 
@@ -307,7 +309,7 @@ def karpathy_json(path, images_root, split='test'):
   kept in file order; `split=None` keeps all.
   """
   _require_file(path, 'Karpathy split file')
-  _require_dir(images_root, 'image folder')
+  _require_dir(images_root, 'image folder (--images_root)')
   data = _read_json(path)
   if not isinstance(data, dict) or not isinstance(data.get('images'), list):
     raise ValueError(f'{path}: no "images" list; not a Karpathy split file')
@@ -338,7 +340,7 @@ def flickr_token(path, images_root, image_list=None):
       split), restricting and ordering the images; default: all, in file order.
   """
   _require_file(path, 'caption token file')
-  _require_dir(images_root, 'image folder')
+  _require_dir(images_root, 'image folder (--images_root)')
   by_image = {}
   with fs.open(path, 'r', encoding='utf-8') as f:
     for n, line in enumerate(f, start=1):

@@ -68,6 +68,8 @@ def eval_input_config(input_config, *, resize='fit', max_tokens=None,
     raise ValueError(f'resize must be one of {RESIZE_MODES}, got {resize!r}')
   config = input_config.copy_and_resolve_references()
   config.mode = 'eval'
+  if patch_size is not None and not patch_size >= 1:
+    raise ValueError(f'patch size (--patch_size) must be at least 1, got {patch_size}')
   config.patch_sizes = (int(patch_size or tuple(config.patch_sizes)[0]),)
   budget = int(max_tokens or default_budget(config, config.patch_sizes[0]))
   config.resolution.mode = resize

@@ -14,11 +14,18 @@ yet, in source order, in new parts of `part_size` records numbered after the
 existing ones; a rerun after an interruption therefore redoes exactly the
 unfinished part, and a folder of images that grew gets only its new images
 embedded. A record is identified by its file's path, size and mtime when the
-source reads image files (a file that changed is embedded again, in a new
-part; its old row stays), and by its source index otherwise (TFRecord, tar
+source reads image files, and by its source index otherwise (TFRecord, tar
 and synthetic sources, which do not grow). Settings that change embeddings
 (checkpoint, patch size, budget, resize, dtype...) must match the folder's
-export.json, or the run stops and asks for a new folder.
+export.json, or the run stops and asks for a new folder. A non-empty folder
+without export.json is not ours and is refused: nothing in it is touched.
+
+The index holds exactly one row per current record: a part holding rows (or
+failures) of records the source no longer has (a file deleted, or changed:
+its new version is embedded again) is rewritten without them, as a new part
+whose metadata names the part it replaces (`replaces` in the parquet schema
+metadata); the old part is then removed, its metadata first. A run
+interrupted in between finds the replacement and finishes the removal.
 
 N is zero-padded to the width of the first run's part count, so that name
 order is part order; parts appended later may be wider (read parts in
@@ -183,9 +190,9 @@ def _read_table(path, **kwargs):
 def _load_npy(path):
   """An exported array: memory-mapped when local, read whole from a URL."""
   if not fs.is_remote(path):
-    return np.load(path, mmap_mode='r')
+    return np.load(path, mmap_mode='r', allow_pickle=False)
   with fs.open(path, 'rb') as f:
-    return np.load(f)
+    return np.load(f, allow_pickle=False)
 
 
 def params_fingerprint(params):
@@ -238,11 +245,12 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
 
   Returns:
     A summary: images in the source, in the folder (exported and failed),
-    new this run, parts written and already there, and the seconds and
-    images per second of this run.
+    new this run, rows dropped (records gone or changed), parts written and
+    already there, and the seconds and images per second of this run.
 
   Raises:
     ValueError: `output_dir` holds an export with other settings.
+    FileExistsError: `output_dir` is not empty and holds no export.
   """
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
@@ -286,6 +294,7 @@ def export(embedder, source, output_dir, *, part_size=100_000, dtype='float16',
       'num_exported': exported,
       'num_failed': failed_total,
       'num_new': len(todo),
+      'num_dropped': plan['dropped'],
       'parts_written': new_parts,
       'parts_skipped': plan['parts_skipped'],
       'seconds': seconds,
@@ -298,28 +307,91 @@ def _plan(output_dir, settings, facts, identities, part_size):
 
   Returns:
     {'todo': source indices to embed, 'first': the first new part's number,
-    'width': its digits, 'parts_skipped': parts already there, 'manifest':
-    the export.json to write at the end, or None}.
+    'width': its digits, 'dropped': rows and failures of records gone,
+    'parts_skipped': parts already there, 'manifest': the export.json to
+    write at the end, or None}.
   """
   by_file = bool(identities) and isinstance(identities[0], tuple)
   settings = {**settings, 'records_by': 'file' if by_file else 'index'}
   earlier = _check_manifest(output_dir, settings)
+  if earlier is None and fs.listdir(output_dir):
+    raise FileExistsError(
+        f'output folder {output_dir} is not empty and holds no export of ours '
+        f'({MANIFEST} is missing); nothing was written: choose an empty or new folder')
   manifest = {**settings, **facts}
   if earlier is None:  # first: an interrupted first run keeps its settings
     _write_manifest(output_dir, manifest)
-  parts = _part_numbers(output_dir)
-  done = set()
-  for name in parts.values():
+  parts = _finish_replacements(output_dir, _part_numbers(output_dir))
+  current = set(identities)
+  done, dropped = set(), 0
+  for number, name in sorted(parts.items()):
     files = _paths(output_dir, name, 0)
-    done |= _done_identities(files['metadata'], files['failed'], by_file)
+    held = _done_identities(files['metadata'], files['failed'], by_file)
+    if not held <= current:
+      dropped += len(held - current)
+      _replace_part(output_dir, name, current, by_file,
+                    max(parts) + 1, max(len(n) for n in parts.values()))
+      parts = _part_numbers(output_dir)
+    done |= held & current
   todo = [i for i, identity in enumerate(identities) if identity not in done]
   first = max(parts, default=-1) + 1
   new_parts = -(-len(todo) // part_size)
   width = max([len(n) for n in parts.values()] +
               [len(str(max(first + new_parts - 1, 0)))])
   changed = earlier is not None and earlier != manifest
-  return {'todo': todo, 'first': first, 'width': width,
+  return {'todo': todo, 'first': first, 'width': width, 'dropped': dropped,
           'parts_skipped': len(parts), 'manifest': manifest if changed else None}
+
+
+REPLACES = b'lit_navit.replaces'  # parquet schema metadata: the part replaced
+
+
+def _remove_part(output_dir, name):
+  """Removes a finished part, its metadata first (so that an interrupted
+  removal leaves an unfinished part, which the next run clears)."""
+  files = _paths(output_dir, name, 0)
+  for kind in ('metadata', 'img', 'text', 'failed'):
+    if fs.exists(files[kind]):
+      fs.remove(files[kind])
+
+
+def _finish_replacements(output_dir, parts):
+  """Removes the parts that a finished replacement names (a run stopped
+  between writing the replacement and removing the old part)."""
+  for name in list(parts.values()):
+    with fs.open(_paths(output_dir, name, 0)['metadata'], 'rb') as f:
+      replaced = (pq.read_schema(f).metadata or {}).get(REPLACES)
+    if replaced is not None and int(replaced) in parts:
+      _remove_part(output_dir, parts.pop(int(replaced)))
+  return parts
+
+
+def _replace_part(output_dir, name, current, by_file, number, width):
+  """Rewrites part `name` without the rows and failures of records not in
+  `current`, as part `number`, then removes it."""
+  old = _paths(output_dir, name, 0)
+  table = _read_table(old['metadata'])
+  if by_file:
+    held = zip(*(table.column(c).to_pylist() for c in ('path_bytes', 'size', 'mtime_ns')))
+  else:
+    held = table.column('index').to_pylist()
+  keep = [row for row, identity in enumerate(held) if identity in current]
+  with fs.open(old['failed'], 'r', encoding='utf-8') as f:
+    failed = [json.loads(line) for line in f]
+  failed = [row for row in failed
+            if ((os.fsencode(row['key']), row['size'], row['mtime_ns'])
+                if by_file else row['index']) in current]
+  if keep or failed:
+    new = _paths(output_dir, number, width)
+    _save_npy(new['img'], np.asarray(_load_npy(old['img']))[keep])
+    if fs.exists(old['text']):
+      _save_npy(new['text'], np.asarray(_load_npy(old['text']))[keep])
+    _save_jsonl(new['failed'], failed)
+    kept = table.take(keep)
+    kept = kept.replace_schema_metadata(
+        {**(kept.schema.metadata or {}), REPLACES: str(int(name)).encode()})
+    _atomic_write(new['metadata'], lambda f: pq.write_table(kept, f))
+  _remove_part(output_dir, name)
 
 
 def _write_part(embedder, part, emb, failed, identities, paths, dtype, texts,
