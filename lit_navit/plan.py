@@ -20,7 +20,6 @@ import time
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from lit_navit import command_line
 from lit_navit import user_errors
@@ -32,8 +31,8 @@ flags.DEFINE_bool('json', False, 'Print the plan as one JSON object.')
 flags.DEFINE_bool('cost_model', True, 'Compile the unrolled depth-1/2 copies the '
                   'projected step time needs (three more, smaller compiles).')
 flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
-config_flags.DEFINE_config_file('config', None, 'Config file, as path.py[:args]; '
-                                '--config.a.b=value overrides a key.')
+flags.DEFINE_string('config', None, 'Config file, as path.py[:args]; '
+                    '--config.a.b=value overrides a key.')
 FLAGS = flags.FLAGS
 
 FITS, DOES_NOT_FIT = 0, 1
@@ -234,8 +233,9 @@ def _main(argv, overrides=()):
   sys.exit(FITS if result['fits'] else DOES_NOT_FIT)
 
 
-def _plan(config, overrides):
+def _plan(spec, overrides):
   from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(spec)
   config_lib.apply_overrides(config, overrides)
   config_lib.check_config(config)
   devices = topology_devices(FLAGS.topology, FLAGS.num_slices)

@@ -145,3 +145,10 @@ def test_a_step_that_does_not_fit_names_what_to_change(v5e_2x2):
   assert any('splash' in a for a in result['advice'])
   assert any('131072' in a for a in result['advice'])
   assert 'NO: ' in plan.format_table(result)
+
+
+def test_a_mistyped_config_argument_is_one_line_and_exit_2():
+  done = _run_plan('--config', 'configs/demo.py:stepz=4', '--topology', 'v5e:2x2')
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1].startswith('error:')
+  assert 'stepz' in done.stderr
