@@ -35,6 +35,10 @@ ARMS = {
     'b16_navit_v5e256_dense': (B16, 'v5e:16x16', ()),
     'b16_navit_v5e256_splash': (B16, 'v5e:16x16', SPLASH),
     'b16_padded_vit_v5e256_splash': (B16, 'v5e:16x16', SPLASH + PADDED),
+    # B/16 fits with 74% headroom: keep activations instead of recomputing.
+    'b16_navit_v5e256_splash_no_remat': (
+        B16, 'v5e:16x16', SPLASH + ('--config.model.image.remat_policy=none',
+                                    '--config.model.text.remat_policy=none')),
     'so400m_v5p128_splash': (SO400M, 'v5p:4x4x4',
                              ("--config.mesh=[('data', 4), ('fsdp', 16)]",) + SPLASH),
     'so400m_v6e256_splash': (SO400M, 'v6e:16x16', FSDP16 + SPLASH),

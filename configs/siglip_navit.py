@@ -64,8 +64,8 @@ def get_config(arg=None):
   c.model.text.max_len = 64
   c.model.embed_dim = 768
   c.model.dtype = 'bfloat16'
-  # Weight gradients summed over devices in float32, not bfloat16.
-  c.model.f32_grads = True
+  # model.f32_grads=True would sum weight gradients over devices in float32:
+  # 2.5x the all-reduce bytes of So400m on v5e-256 (BENCHMARKS.md).
   c.model.loss = arg.loss
   c.model.image.remat_policy = 'nothing_saveable'
   c.model.text.remat_policy = 'nothing_saveable'
