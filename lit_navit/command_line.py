@@ -2,7 +2,19 @@
 `--config.a.b=value` overrides, split out of argv before absl sees it.
 Parsing their values is config.py's (`apply_overrides`)."""
 
+import os
 import sys
+
+from absl import app
+
+
+def run(main_fn):
+  """Runs main_fn(argv, overrides) under absl, the `--config.*` overrides
+  split out first: they are ours to parse (config.py), and absl would
+  refuse them as unknown flags."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.argv, overrides = split_overrides_or_exit(sys.argv)
+  app.run(lambda argv: main_fn(argv, overrides), argv=sys.argv)
 
 
 def split_overrides_or_exit(argv):

@@ -243,9 +243,7 @@ def _plan(spec, overrides):
 
 
 def main():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.argv, overrides = command_line.split_overrides_or_exit(sys.argv)
-  app.run(lambda args: _main(args, overrides), argv=sys.argv)
+  command_line.run(_main)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 import logging
-import os
 import sys
 import uuid
 
@@ -116,11 +115,7 @@ def _run(spec, overrides):
 
 
 def main():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  # Overrides are ours to parse (see lit_navit/config.py), not absl's, which
-  # would refuse them as unknown flags: they leave sys.argv first.
-  sys.argv, overrides = command_line.split_overrides_or_exit(sys.argv)
-  app.run(lambda args: _main(args, overrides), argv=sys.argv)
+  command_line.run(_main)
 
 
 if __name__ == '__main__':
