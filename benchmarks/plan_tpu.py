@@ -87,7 +87,8 @@ def table(results: dict) -> str:
       lines.append(f"| {name} | does not fit: {r.get('compile_error', '')} | | | | | |")
       continue
     lines.append(
-        f"| {name} | {r['hbm_per_chip_bytes'] / 2**30:.2f} ({100 * r['hbm_headroom']:.0f}%) "
+        f"| {name} | {r['hbm_per_chip_bytes'] / 2**30:.2f} ({100 * r['hbm_headroom']:.0f}%"
+        f"{'' if r['fits'] else ', does not fit'}) "
         f"| {r['collective_bytes_per_chip']['total'] / 2**30:.2f} "
         f"| {r['projected_step_s']:.3f} ({r['projected_step_s_overlapped']:.3f}) "
         f"| {100 * r['projected_mfu']:.1f}% ({100 * r['projected_mfu_overlapped']:.1f}%) "
