@@ -12,7 +12,9 @@ does and the workdir lock relies on. The command line is the emulator's:
 """
 
 import http
+import http.server
 import sys
+import threading
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
@@ -35,15 +37,22 @@ def _generation(storage, bucket, name) -> int:
     return 0
 
 
+# Requests run on threads (below): a conditional write's check and write
+# must not interleave with another's.
+_CONDITIONAL = threading.Lock()
+
+
 def _if_generation_match(handler, name_of):
   def checked(request, response, storage, *args, **kwargs):
     expected = request.query.get('ifGenerationMatch')
-    if expected is not None:
+    if expected is None:
+      return handler(request, response, storage, *args, **kwargs)
+    with _CONDITIONAL:
       bucket = request.params['bucket_name']
       if _generation(storage, bucket, name_of(request)) != int(expected[0]):
         response.status = http.HTTPStatus.PRECONDITION_FAILED
         return None
-    return handler(request, response, storage, *args, **kwargs)
+      return handler(request, response, storage, *args, **kwargs)
   return checked
 
 
@@ -59,6 +68,12 @@ objects.download = _download_with_generation
 objects.insert = _if_generation_match(objects.insert, _uploaded_name)
 objects.delete = _if_generation_match(objects.delete,
                                       lambda request: request.params['object_id'])
+
+# One thread a connection. gcsfs keeps several keep-alive connections; the
+# emulator's single-threaded server blocks reading an idle one while the
+# request on another waits, and a recursive copy hung forever in CI so.
+# (This process is the emulator alone, so replacing the class is local.)
+http.server.HTTPServer = http.server.ThreadingHTTPServer
 
 from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
