@@ -24,16 +24,22 @@ from absl import flags
 from lit_navit import command_line
 from lit_navit import user_errors
 
-flags.DEFINE_string('topology', None, "TPU topology, e.g. 'v5e:16x16', 'v5p:4x4x4', "
-                    "'v4:2x2x2', 'v6e:16x16'.")
-flags.DEFINE_integer('num_slices', 1, 'Slices of the topology (multi-slice).')
-flags.DEFINE_bool('json', False, 'Print the plan as one JSON object.')
-flags.DEFINE_bool('cost_model', True, 'Compile the unrolled depth-1/2 copies the '
-                  'projected step time needs (three more, smaller compiles).')
-flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
-flags.DEFINE_string('config', None, 'Config file, as path.py[:args]; '
-                    '--config.a.b=value overrides a key.')
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """The command's flags, defined when it runs, not on import: the plan's
+  functions are imported beside lit_navit.train, whose flags share names."""
+  flags.DEFINE_string('topology', None, "TPU topology, e.g. 'v5e:16x16', 'v5p:4x4x4', "
+                      "'v4:2x2x2', 'v6e:16x16'.")
+  flags.DEFINE_integer('num_slices', 1, 'Slices of the topology (multi-slice).')
+  flags.DEFINE_bool('json', False, 'Print the plan as one JSON object.')
+  flags.DEFINE_bool('cost_model', True, 'Compile the unrolled depth-1/2 copies the '
+                    'projected step time needs (two or three more, smaller compiles).')
+  flags.DEFINE_bool('debug', False, 'Show the traceback of a user error.')
+  flags.DEFINE_string('config', None, 'Config file, as path.py[:args]; '
+                      '--config.a.b=value overrides a key.')
+
 
 FITS, DOES_NOT_FIT = 0, 1
 
@@ -243,6 +249,7 @@ def _plan(spec, overrides):
 
 
 def main():
+  _define_flags()
   command_line.run(_main)
 
 
