@@ -37,22 +37,15 @@ def _generation(storage, bucket, name) -> int:
     return 0
 
 
-# Requests run on threads (below): a conditional write's check and write
-# must not interleave with another's.
-_CONDITIONAL = threading.Lock()
-
-
 def _if_generation_match(handler, name_of):
   def checked(request, response, storage, *args, **kwargs):
     expected = request.query.get('ifGenerationMatch')
-    if expected is None:
-      return handler(request, response, storage, *args, **kwargs)
-    with _CONDITIONAL:
+    if expected is not None:
       bucket = request.params['bucket_name']
       if _generation(storage, bucket, name_of(request)) != int(expected[0]):
         response.status = http.HTTPStatus.PRECONDITION_FAILED
         return None
-      return handler(request, response, storage, *args, **kwargs)
+    return handler(request, response, storage, *args, **kwargs)
   return checked
 
 
@@ -73,7 +66,25 @@ objects.delete = _if_generation_match(objects.delete,
 # emulator's single-threaded server blocks reading an idle one while the
 # request on another waits, and a recursive copy hung forever in CI so.
 # (This process is the emulator alone, so replacing the class is local.)
+# The emulator's state is not thread-safe (resumable uploads lost their
+# sessions), so requests are still handled one at a time: only the waiting
+# for a connection's next request runs in parallel.
 http.server.HTTPServer = http.server.ThreadingHTTPServer
+_ONE_AT_A_TIME = threading.Lock()
+
+from gcp_storage_emulator import server as emulator_server  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _serialised(method):
+  def handle(self):
+    with _ONE_AT_A_TIME:
+      return method(self)
+  return handle
+
+
+for _verb in ('GET', 'POST', 'DELETE', 'PUT', 'PATCH'):
+  setattr(emulator_server.RequestHandler, f'do_{_verb}',
+          _serialised(getattr(emulator_server.RequestHandler, f'do_{_verb}')))
 
 from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
