@@ -111,7 +111,10 @@ class NaViT(nn.Module):
   posemb_grid: tuple[int, int] | None = None
 
   @nn.compact
-  def __call__(self, patches, yx, segment, grid):
+  def __call__(self, patches, yx, segment, grid, *, return_tokens: bool = False):
+    """[B, E, D] per-slot vectors; with `return_tokens` also the encoder's
+    un-pooled output [B, L, width] (after its final LayerNorm), which the
+    per-token objectives (captioning decoder, masked prediction) read."""
     if self.pool not in pooling.POOLS:
       raise ValueError(f'unknown image pool {self.pool!r}; expected one of {pooling.POOLS}')
     segment, grid = jnp.asarray(segment), jnp.asarray(grid)
@@ -149,4 +152,5 @@ class NaViT(nn.Module):
       pooled = nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype,
                         name='head', **precision.dense_options())(pooled)
     nonempty = slot_mask.any(axis=-1, keepdims=True)
-    return jnp.where(nonempty, pooled, 0).astype(jnp.float32)
+    pooled = jnp.where(nonempty, pooled, 0).astype(jnp.float32)
+    return (pooled, x) if return_tokens else pooled
