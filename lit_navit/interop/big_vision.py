@@ -447,15 +447,22 @@ def _check_exportable(config) -> None:
     problems.append(f'image.posemb_grid {(rows, cols)} (NaFlex grids are square)')
   if img.get('stem', 'conv') == 'conv' and img.pool == 'max':
     problems.append("image.pool 'max' (ViT pools map, gap, tok or 0)")
-  for tower, c in (('image', img), ('text', txt)):
+  problems += layer_refusals(config)
+  if problems:
+    raise ValueError('big_vision has no counterpart for ' + ', '.join(problems))
+
+
+def layer_refusals(config) -> list[str]:
+  """The layer options that neither big_vision nor transformers has."""
+  problems = []
+  for tower, c in (('image', config.image), ('text', config.text)):
     if c.qk_norm:
       problems.append(f'{tower}.qk_norm')
     if not c.use_bias:
       problems.append(f'{tower}.use_bias=False')
-  if txt.causal:
+  if config.text.causal:
     problems.append('text.causal')
-  if problems:
-    raise ValueError('big_vision has no counterpart for ' + ', '.join(problems))
+  return problems
 
 
 def from_params(params, config, scan: bool | None = None) -> dict:

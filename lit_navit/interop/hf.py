@@ -65,13 +65,7 @@ def check_exportable(model_config) -> None:
     problems.append(f"text.pool {txt.pool!r} (transformers pools the last position)")
   if not txt.get('head', True):
     problems.append('text.head=False (transformers always projects the text)')
-  if txt.causal:
-    problems.append('text.causal')
-  for tower, c in (('image', img), ('text', txt)):
-    if c.qk_norm:
-      problems.append(f'{tower}.qk_norm')
-    if not c.use_bias:
-      problems.append(f'{tower}.use_bias=False')
+  problems += big_vision.layer_refusals(model_config)
   if problems:
     raise Unsupported('transformers has no counterpart for ' + ', '.join(problems))
 
