@@ -30,8 +30,8 @@ prediction (`masking.py`, `image/masked`). Eval mode makes neither.
 Every random choice is keyed: an image's resolution by (seed, index, epoch),
 its drop rate and dropped patches by (seed, index, step), its crops' boxes
 by (seed, index, epoch, crop number), its token mask by (seed, index,
-epoch), the patch size by (seed, step), where `index` is the record's stable example id (see
-`readers.example_id`). The state therefore holds only positions and record
+epoch), the patch size by (seed, step), where `index` is the record's
+stable example id (see `readers.example_id`). The state therefore holds only positions and record
 references, never pixels, and a restored pipeline recomputes everything else.
 
 Resuming needs the same number of hosts: each host's stream position is
@@ -274,10 +274,8 @@ class Pipeline:
       raise StopIteration
     step = self._step
     patch_size = self.patch_size_at(step)
-    jobs = []  # (pending image, grid, tokens kept) for each buffer entry.
-    for item in self._buffer:
-      grid = self._grid(item, patch_size)
-      jobs.append((item, grid, self._kept_tokens(item, grid, step)))
+    kept = [self._kept_tokens(item, self._grid(item, patch_size), step)
+            for item in self._buffer]
     # Plan from token counts alone; only the chosen images are patchified.
     # An image and its crops are one unit: their tokens, a slot each.
     spec = self.batch_spec(patch_size)
@@ -287,7 +285,7 @@ class Pipeline:
                        text_rows=spec.text_rows, text_len=spec.text_len)
     sizes = [keep + sum(math.prod(crop.grids[patch_size])
                         for crop in item.image.crops)
-             for item, _, keep in jobs]
+             for item, keep in zip(self._buffer, kept)]
     unit_slots = [1 + len(item.image.crops) for item in self._buffer]
     planned = packing.plan(sizes, spec.rows, spec.tokens_per_row, spec.slots,
                            groups=spec.groups, captions=spec.captions,
@@ -295,8 +293,8 @@ class Pipeline:
     plan = planned.rows
     images = iter(self._map(
         lambda position: self._packed_image(
-            jobs[position][0], jobs[position][2], planned.text_row.get(position),
-            patch_size=patch_size, step=step),
+            self._buffer[position], kept[position],
+            planned.text_row.get(position), patch_size=patch_size, step=step),
         [position for row in plan for position in row]))
     rows = [[next(images) for _ in row] for row in plan]
     batch = packing.pack_batch(rows, spec, self._tokenizer.pad_id)
