@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.pad_id = ml_collections.config_dict.placeholder(int)
   config.lowercase = False  # Lowercase captions first (SigLIP, SigLIP 2).
   config.tokens_per_row = 256  # L, image tokens per packed row.
-  config.images_per_row = 16  # E, image slots per row.
+  config.images_per_row = 16  # E, image slots per row (a local crop takes one).
   config.text_len = 16  # T, tokens per caption.
   # Caption rows per packed row, on average over a caption group (a device
   # shard's rows): the text tower encodes only these, so size it a little
