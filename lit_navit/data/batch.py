@@ -54,8 +54,10 @@ present only when its feature is on (train mode, `input.local_crops.count`
                 local crop (`crops.py`) in slot k of row b, the slot (1..E)
                 of the image it was cut from, in the same row b, before k
   image/masked  bool  [B, L]  the tokens of a global image that the student's
-                masked-prediction pass replaces with the mask token
-                (`masking.py`); never a crop's or padding
+                masked-prediction pass replaces with the mask token: of its
+                n tokens, round(input.mask_ratio * n) (half up), at least 1
+                and at most n - 1 when n > 1, none when n == 1
+                (`masking.masked_count`); never a crop's token or padding
 
 A local crop is an image slot like any other (`image/*`, `valid`), and its
 `index` is its parent's (the example its pixels came from: `index` of the
