@@ -245,6 +245,24 @@ def test_pack_batch_writes_crops_after_their_parent():
   assert batch['text/valid'].tolist() == [[True, True, False, False, False]]
 
 
+def test_pack_batch_refuses_crops_and_masks_the_batch_cannot_hold():
+  patches = patches_lib.patchify(np.zeros((1, 2, 3), np.uint8), 1)
+  caption = np.zeros(2, np.int32)
+  with_crops = packing.PackedImage(patches, caption, 0, crops=(patches,))
+  with_mask = packing.PackedImage(patches, caption, 0,
+                                  masked=np.array([True, False]))
+  plain = batch_lib.BatchSpec(rows=1, tokens_per_row=8, slots=3, text_len=2,
+                              patch_size=1)
+  with pytest.raises(ValueError, match='no image/parent'):
+    packing.pack_batch([[with_crops]], plain, 0)
+  with pytest.raises(ValueError, match='no image/masked'):
+    packing.pack_batch([[with_mask]], plain, 0)
+  crops = batch_lib.BatchSpec(rows=1, tokens_per_row=8, slots=3, text_len=2,
+                              patch_size=1, local_crops=True)
+  with pytest.raises(ValueError, match='3 slots'):  # 2 + 2 slots.
+    packing.pack_batch([[with_crops, with_crops]], crops, 0)
+
+
 def parent_outside_the_row(batch):
   batch['image/parent'][0, 1] = 6
 

@@ -176,7 +176,8 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
   for r, images in enumerate(rows):
     used_slots = sum(1 + len(image.crops) for image in images)
     if used_slots > spec.slots:
-      raise ValueError(f'row {r}: {used_slots} images exceed {spec.slots} slots')
+      raise ValueError(f'row {r}: {used_slots} images and crops exceed '
+                       f'{spec.slots} slots')
     group, row_in_group = divmod(r, spec.rows_per_group)
     offset, k = 0, 0
     for image in images:
