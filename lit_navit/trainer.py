@@ -46,7 +46,9 @@ log = logging.getLogger('lit_navit')
 MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
               'valid', 'text/tokens', 'text/slot', 'text/valid',
               # Text packing only (batch.py).
-              'text/segment', 'text/position', 'text/row', 'text/row_segment')
+              'text/segment', 'text/position', 'text/row', 'text/row_segment',
+              # Local crops and masked prediction only (batch.py).
+              'image/parent', 'image/masked')
 
 
 def model_inputs(batch: dict) -> dict:

@@ -19,21 +19,27 @@ def plans(draw):
   groups = draw(st.integers(1, 3))
   rows = groups * draw(st.integers(1, 3))
   captions = draw(st.none() | st.integers(1, 12))
-  return sizes, rows, tokens_per_row, draw(st.integers(1, 5)), groups, captions
+  slots = draw(st.integers(1, 5))
+  # Local crops: an image and its crops take several slots (None: one).
+  unit_slots = draw(st.none() | st.lists(st.integers(1, slots),
+                                         min_size=len(sizes),
+                                         max_size=len(sizes)))
+  return sizes, rows, tokens_per_row, slots, groups, captions, unit_slots
 
 
 @settings(max_examples=300, deadline=None)
 @given(plans())
 def test_plan_respects_rows_tokens_slots_and_captions(case):
-  sizes, rows, tokens_per_row, slots, groups, captions = case
-  plan = packing.plan_rows(sizes, rows, tokens_per_row, slots, groups=groups,
-                           captions=captions)
+  sizes, rows, tokens_per_row, slots, groups, captions, unit_slots = case
+  plan = packing.plan(sizes, rows, tokens_per_row, slots, groups=groups,
+                      captions=captions, unit_slots=unit_slots).rows
+  needs = unit_slots or [1] * len(sizes)
   assert len(plan) == rows
   placed = [position for row in plan for position in row]
-  assert len(placed) == len(set(placed))  # At most one slot per image.
+  assert len(placed) == len(set(placed))  # At most one row per image.
   for row in plan:
     assert row == sorted(row)  # Slots follow the buffer's order.
-    assert len(row) <= slots
+    assert sum(needs[p] for p in row) <= slots
     assert sum(sizes[p] for p in row) <= tokens_per_row
   group_rows = rows // groups
   used = [sum(len(row) for row in plan[g * group_rows:(g + 1) * group_rows])
@@ -45,7 +51,8 @@ def test_plan_respects_rows_tokens_slots_and_captions(case):
   # An image left out fits in no row with a caption row left in its group.
   room = [tokens_per_row - sum(sizes[p] for p in row) for row in plan]
   for position in set(range(len(sizes))) - set(placed):
-    assert not any(r >= sizes[position] and len(row) < slots
+    assert not any(r >= sizes[position]
+                   and sum(needs[p] for p in row) + needs[position] <= slots
                    and (captions is None or used[i // group_rows] < captions)
                    for i, (r, row) in enumerate(zip(room, plan)))
 

@@ -116,13 +116,19 @@ def test_train_batches_follow_the_contract(tokenizer, groups, captions_per_row):
     assert images > 5.5 and pipe.stats['empty_caption_fraction'] < 0.05
 
 
-def test_restore_from_every_state_gives_the_same_batches(tokenizer):
-  """grain-style: restore from each intermediate state, compare all that follows."""
+@pytest.mark.parametrize('self_distillation', [False, True])
+def test_restore_from_every_state_gives_the_same_batches(tokenizer,
+                                                         self_distillation):
+  """grain-style: restore from each intermediate state, compare all that
+  follows; also with SigLIP 2's local crops and token masks on."""
   source = DamagedSource(small_source(size=40), garbage={3, 17},
                          unreadable={25})
   config = small_config(**{'patch_sizes': (4, 8), 'token_drop.kind': 'beta',
                            'token_drop.rate': 0.3, 'pack_buffer': 16,
                            'captions_per_row': 2.5})
+  if self_distillation:
+    config.local_crops.update(count=2, max_tokens=4)
+    config.mask_ratio = 0.5
   steps = 24
   with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5,
                              groups=2) as pipe:
@@ -133,6 +139,8 @@ def test_restore_from_every_state_gives_the_same_batches(tokenizer):
     final_state = pipe.get_state()
   assert final_state['stream']['epoch'] >= 2  # The run wrapped over epochs.
   assert {b['image/patches'].shape[-1] for b in batches} == {4 * 4 * 3, 8 * 8 * 3}
+  assert ('image/parent' in batches[0]) == ('image/masked' in batches[0]) == (
+      self_distillation)
   for step, state in enumerate(states):
     with pipeline_lib.Pipeline(source, tokenizer, config, rows=2,
                                seed=5, groups=2) as restored:

@@ -45,6 +45,27 @@ the filled slot `text/slot`, so the pairs stay exactly the filled slots. A
 caption is its tokens up to its last non-pad one (at least one token, so an
 all-pad caption keeps a segment), positions 0, 1, ...; within a row its
 segments are contiguous runs 1..n and padding only follows the last one.
+
+Two keys serve SigLIP 2's self-distillation and masked prediction; each is
+present only when its feature is on (train mode, `input.local_crops.count`
+> 0, `input.mask_ratio` > 0), and a batch without them is as above:
+
+  image/parent  int32 [B, E]  0 for a global image or an empty slot; for a
+                local crop (`crops.py`) in slot k of row b, the slot (1..E)
+                of the image it was cut from, in the same row b, before k
+  image/masked  bool  [B, L]  the tokens of a global image that the student's
+                masked-prediction pass replaces with the mask token: of its
+                n tokens, round(input.mask_ratio * n) (half up), at least 1
+                and at most n - 1 when n > 1, none when n == 1
+                (`masking.masked_count`); never a crop's token or padding
+
+A local crop is an image slot like any other (`image/*`, `valid`), and its
+`index` is its parent's (the example its pixels came from: `index` of the
+valid slots stays >= 0 and names a source example). The pipeline packs a
+parent and its crops as one unit: parent first, its crops in the slots right
+after it. Crops have no caption: the caption rows belong to the global
+images (valid slots with `image/parent` 0), so `text/slot` never names a
+crop and the pairs `text/valid` marks are exactly the global images.
 """
 
 import dataclasses
@@ -69,6 +90,8 @@ class BatchSpec:
   patch_dtype: str = 'float32'  # or 'uint8'
   # R, text rows per group with text packing; None: one caption a row.
   text_rows: int | None = None
+  local_crops: bool = False  # The batch has image/parent.
+  masks: bool = False        # The batch has image/masked.
 
   def __post_init__(self):
     if self.patch_dtype not in PATCH_DTYPES:
@@ -113,7 +136,7 @@ class BatchSpec:
                    for key in ('text/row', 'text/row_segment')})
     else:
       text = {'text/tokens': ((g, c, t), np.int32)}
-    return {
+    shapes = {
         'image/patches': ((b, l, self.patch_dim), np.dtype(self.patch_dtype)),
         'image/yx': ((b, l, 2), np.int32),
         'image/grid': ((b, e, 2), np.int32),
@@ -124,6 +147,11 @@ class BatchSpec:
         'text/slot': ((g, c), np.int32),
         'text/valid': ((g, c), np.bool_),
     }
+    if self.local_crops:
+      shapes['image/parent'] = ((b, e), np.int32)
+    if self.masks:
+      shapes['image/masked'] = ((b, l), np.bool_)
+    return shapes
 
   def empty(self, pad_id: int = 0) -> dict:
     """An all-padding batch: every slot and caption row empty."""
@@ -143,7 +171,18 @@ def spec_of(batch) -> BatchSpec:
   return BatchSpec(rows=b, tokens_per_row=l, slots=e, text_len=t, patch_size=p,
                    groups=g, captions_per_group=c,
                    patch_dtype=np.dtype(batch['image/patches'].dtype).name,
-                   text_rows=rows if 'text/segment' in batch else None)
+                   text_rows=rows if 'text/segment' in batch else None,
+                   local_crops='image/parent' in batch,
+                   masks='image/masked' in batch)
+
+
+def global_slots(batch) -> np.ndarray:
+  """bool [B, E]: the slots that hold a global image (not a local crop),
+  the ones with captions."""
+  valid = np.asarray(batch['valid'])
+  if 'image/parent' not in batch:
+    return valid
+  return valid & (np.asarray(batch['image/parent']) == 0)
 
 
 def caption_slots(valid) -> list[np.ndarray]:
@@ -165,7 +204,9 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
   contiguous runs 1..n followed by padding only, that valid slots are exactly
   the segments present, that yx lies inside each image's grid, and that the
   caption rows are exactly the filled slots, in order, with pad captions in
-  the empty rows.
+  the empty rows. With local crops: that each crop's parent is a global
+  image before it in its row, and the caption rows are the global images';
+  with masks: that only global images' tokens are masked.
   """
   if spec is None:
     spec = spec_of(batch)
@@ -220,10 +261,43 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
       slot_grid = grid[r][real - 1]
       if np.any(yx[r][~pad] < 0) or np.any(yx[r][~pad] >= slot_grid):
         raise ValueError(f'row {r}: a token yx lies outside its image grid')
-  _validate_captions(batch, spec, valid, pad_id)
+  if spec.local_crops:
+    _validate_parents(np.asarray(batch['image/parent']), valid)
+  if spec.masks:
+    is_crop = np.zeros_like(valid) if not spec.local_crops else (
+        np.asarray(batch['image/parent']) > 0)
+    _validate_masked(np.asarray(batch['image/masked']), segment, is_crop)
+  _validate_captions(batch, spec, global_slots(batch), pad_id)
+
+
+def _validate_parents(parent, valid):
+  """Each crop's parent: a global image of its own row, in an earlier slot."""
+  slots = valid.shape[1]
+  if np.any(parent[~valid] != 0):
+    raise ValueError('image/parent: an empty slot has a parent')
+  for r, k in zip(*np.nonzero(parent)):
+    p = int(parent[r, k])
+    # Slots are filled in order, so one before a filled slot is filled too.
+    if not 1 <= p <= k:
+      raise ValueError(f'row {r} slot {k + 1}: image/parent {p} is not a '
+                       f'filled slot of its row before it (1..{k} of {slots})')
+    if parent[r, p - 1]:
+      raise ValueError(f'row {r} slot {k + 1}: image/parent {p} is a crop, '
+                       'not a global image')
+
+
+def _validate_masked(masked, segment, is_crop):
+  """Masks only on global images' tokens: never padding, never a crop."""
+  if np.any(masked & (segment == PAD_SEGMENT)):
+    raise ValueError('image/masked: a padding token is masked')
+  rows = np.arange(segment.shape[0])[:, None]
+  crop_token = is_crop[rows, np.maximum(segment - 1, 0)] & (segment != PAD_SEGMENT)
+  if np.any(masked & crop_token):
+    raise ValueError('image/masked: a local crop\'s token is masked')
 
 
 def _validate_captions(batch, spec: BatchSpec, valid, pad_id: int):
+  """`valid`: the slots that own a caption (the global images)."""
   if spec.packed_text:
     _validate_text_rows(batch, spec, pad_id)
   tokens = np.asarray(batch['text/tokens'])

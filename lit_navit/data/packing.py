@@ -5,7 +5,9 @@ which row of the next batch; `pack_batch` then writes the chosen images and
 their captions into one batch that satisfies the contract in `batch.py`.
 With text packing, `plan` also places each chosen image's caption, best-fit,
 in a text row of its group, and an image whose caption fits no text row
-there waits like one whose tokens fit no row.
+there waits like one whose tokens fit no row. With local crops an image and
+its crops are one unit: planned by their tokens together, taking a slot
+each, one caption, written parent first, its crops in the slots after it.
 """
 
 import dataclasses
@@ -47,7 +49,7 @@ def plan_rows(sizes, rows: int, tokens_per_row: int, slots: int, *,
 def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
          groups: int = 1, captions: int | None = None,
          caption_lengths=None, text_rows: int | None = None,
-         text_len: int | None = None) -> Plan:
+         text_len: int | None = None, unit_slots=None) -> Plan:
   """Best-fit of images into `rows` rows: oldest first, then largest first.
 
   Each image goes into the row that it leaves with the least room (ties:
@@ -67,7 +69,7 @@ def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
 
   Args:
     sizes: token count of each pending image, oldest first; each in
-      1..tokens_per_row.
+      1..tokens_per_row (with local crops, of the image and its crops).
     rows, tokens_per_row, slots: B, L and E of the batch.
     groups, captions: G, the groups the rows split into (consecutive, of
       B/G rows each), and C, the caption rows of each group; None: no limit
@@ -76,6 +78,8 @@ def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
       image's caption length (`caption_length`) and R text rows of T tokens
       in each group; an image also needs room for its caption there, and
       its caption goes to the text row it leaves with the least room.
+    unit_slots: the slots each pending image takes (1 + its local crops);
+      None: one each. Each image still takes one caption row.
 
   Returns:
     A `Plan`.
@@ -84,6 +88,11 @@ def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
   if sizes.size and (sizes.min() < 1 or sizes.max() > tokens_per_row):
     raise ValueError(f'image token counts must be in 1..{tokens_per_row}, '
                      f'got {sizes.min()}..{sizes.max()}')
+  needs = (np.ones(len(sizes), np.int64) if unit_slots is None
+           else np.asarray(unit_slots, np.int64))
+  if needs.size and (needs.min() < 1 or needs.max() > slots):
+    raise ValueError(f'slots per image must be in 1..{slots}, got '
+                     f'{needs.min()}..{needs.max()}')
   room = np.full(rows, tokens_per_row, np.int64)
   free_slots = np.full(rows, slots, np.int64)
   group_of_row = np.arange(rows) // (rows // groups)
@@ -103,13 +112,14 @@ def plan(sizes, rows: int, tokens_per_row: int, slots: int, *,
 
   def place(position, spare):
     size = sizes[position]
-    fits = (room >= size) & (free_slots > 0) & (captions_left[group_of_row] > spare)
+    fits = ((room >= size) & (free_slots >= needs[position])
+            & (captions_left[group_of_row] > spare))
     if packed_text:
       fits &= (text_room.max(axis=1) >= lengths[position])[group_of_row]
     row = int(np.argmin(np.where(fits, room, too_much)))
     if fits[row]:
       room[row] -= size
-      free_slots[row] -= 1
+      free_slots[row] -= needs[position]
       group = group_of_row[row]
       captions_left[group] -= 1
       placed[row].append(position)
@@ -137,6 +147,10 @@ class PackedImage:
   tokens: np.ndarray  # int32 [T]
   index: int
   text_row: int | None = None  # Text packing: its caption's text row (`Plan`).
+  # Local crops: each crop's patches, for the slots after this image's.
+  crops: tuple = ()
+  # Masked prediction: bool [len(patches)], its tokens to mask.
+  masked: np.ndarray | None = None
 
 
 def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
@@ -144,7 +158,10 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
   """Writes rows of images into one contract batch (numpy arrays).
 
   Row b's k-th image fills slot k + 1: its tokens are contiguous, followed by
-  the next image's; the rest of the row is padding (segment 0). Its caption
+  the next image's; the rest of the row is padding (segment 0). An image's
+  local crops (`spec.local_crops`) take the slots right after its own, with
+  `image/parent` naming its slot and `index` its index; then the next image
+  follows. Its mask (`spec.masks`) goes to `image/masked`. Its caption
   takes the next caption row of the row's group; with text packing
   (`spec.text_rows`) its tokens also follow the previous caption's in its
   `text_row`. Rows beyond `len(rows)`, unused slots and unused caption rows
@@ -153,47 +170,69 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
   if len(rows) > spec.rows:
     raise ValueError(f'{len(rows)} rows do not fit a batch of {spec.rows}')
   batch = spec.empty(pad_id)
-  patch_dim = spec.patch_dim
   captions_used = np.zeros(spec.groups, np.int64)
   if spec.packed_text:
     text_used = np.zeros((spec.groups, spec.text_rows), np.int64)
   for r, images in enumerate(rows):
-    if len(images) > spec.slots:
-      raise ValueError(f'row {r}: {len(images)} images exceed {spec.slots} slots')
+    used_slots = sum(1 + len(image.crops) for image in images)
+    if used_slots > spec.slots:
+      raise ValueError(f'row {r}: {used_slots} images and crops exceed '
+                       f'{spec.slots} slots')
     group, row_in_group = divmod(r, spec.rows_per_group)
-    offset = 0
-    for k, image in enumerate(images):
-      n = len(image.patches)
-      if offset + n > spec.tokens_per_row:
-        raise ValueError(f'row {r}: images exceed {spec.tokens_per_row} tokens')
-      if image.patches.pixels.shape[1] != patch_dim:
-        raise ValueError(f'example {image.index}: patch dim '
-                         f'{image.patches.pixels.shape[1]}, expected {patch_dim}')
-      if image.patches.pixels.dtype != batch['image/patches'].dtype:
-        # numpy would cast [-1, 1] floats into uint8 silently.
-        raise ValueError(f'example {image.index}: patches are '
-                         f'{image.patches.pixels.dtype}, the batch holds '
-                         f'{batch["image/patches"].dtype}')
+    offset, k = 0, 0
+    for image in images:
+      if image.crops and not spec.local_crops:
+        raise ValueError(f'example {image.index}: local crops, but the batch '
+                         'has no image/parent')
+      if image.masked is not None and not spec.masks:
+        raise ValueError(f'example {image.index}: a token mask, but the batch '
+                         'has no image/masked')
       caption = captions_used[group]
       if caption == spec.captions:
         raise ValueError(f'group {group}: more images than its {spec.captions} '
                          'caption rows')
-      tokens = slice(offset, offset + n)
-      batch['image/patches'][r, tokens] = image.patches.pixels
-      batch['image/yx'][r, tokens] = image.patches.yx
-      batch['image/segment'][r, tokens] = k + 1
-      batch['image/grid'][r, k] = image.patches.grid
-      batch['valid'][r, k] = True
-      batch['index'][r, k] = image.index
+      parent = k
+      offset = _pack_patches(batch, spec, r, k, offset, image.patches, image.index)
+      if image.masked is not None:
+        batch['image/masked'][r, offset - len(image.patches):offset] = image.masked
+      for crop in image.crops:
+        k += 1
+        offset = _pack_patches(batch, spec, r, k, offset, crop, image.index)
+        batch['image/parent'][r, k] = parent + 1
+      k += 1
       if spec.packed_text:
         _pack_caption(batch, text_used, group, caption, image, pad_id)
       else:
         batch['text/tokens'][group, caption] = image.tokens
-      batch['text/slot'][group, caption] = row_in_group * spec.slots + k
+      batch['text/slot'][group, caption] = row_in_group * spec.slots + parent
       batch['text/valid'][group, caption] = True
       captions_used[group] += 1
-      offset += n
   return batch
+
+
+def _pack_patches(batch, spec: batch_lib.BatchSpec, r: int, k: int,
+                  offset: int, patches: patches_lib.Patches, index: int) -> int:
+  """Writes one image's patches into slot k + 1 of row r at `offset`;
+  returns the offset after them."""
+  n = len(patches)
+  if offset + n > spec.tokens_per_row:
+    raise ValueError(f'row {r}: images exceed {spec.tokens_per_row} tokens')
+  if patches.pixels.shape[1] != spec.patch_dim:
+    raise ValueError(f'example {index}: patch dim '
+                     f'{patches.pixels.shape[1]}, expected {spec.patch_dim}')
+  if patches.pixels.dtype != batch['image/patches'].dtype:
+    # numpy would cast [-1, 1] floats into uint8 silently.
+    raise ValueError(f'example {index}: patches are '
+                     f'{patches.pixels.dtype}, the batch holds '
+                     f'{batch["image/patches"].dtype}')
+  tokens = slice(offset, offset + n)
+  batch['image/patches'][r, tokens] = patches.pixels
+  batch['image/yx'][r, tokens] = patches.yx
+  batch['image/segment'][r, tokens] = k + 1
+  batch['image/grid'][r, k] = patches.grid
+  batch['valid'][r, k] = True
+  batch['index'][r, k] = index
+  return offset + n
 
 
 def _pack_caption(batch, text_used, group: int, caption: int,

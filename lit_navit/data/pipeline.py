@@ -21,10 +21,17 @@ Images are prepared on a thread pool (`workers`) or in worker processes
 (`worker_processes`); results are taken in submission order, so batches do
 not depend on the kind or number of workers.
 
+In train mode, SigLIP 2's self-distillation inputs, each off by default:
+`local_crops` gives each image `count` small crops (`crops.py`), cut from the
+decoded image and packed in its row right after it (`image/parent`);
+`mask_ratio` marks that fraction of each image's tokens for masked
+prediction (`masking.py`, `image/masked`). Eval mode makes neither.
+
 Every random choice is keyed: an image's resolution by (seed, index, epoch),
-its drop rate and dropped patches by (seed, index, step), the patch size by
-(seed, step), where `index` is the record's stable example id (see
-`readers.example_id`). The state therefore holds only positions and record
+its drop rate and dropped patches by (seed, index, step), its crops' boxes
+by (seed, index, epoch, crop number), its token mask by (seed, index,
+epoch), the patch size by (seed, step), where `index` is the record's
+stable example id (see `readers.example_id`). The state therefore holds only positions and record
 references, never pixels, and a restored pipeline recomputes everything else.
 
 Resuming needs the same number of hosts: each host's stream position is
@@ -42,8 +49,10 @@ import ml_collections
 import numpy as np
 
 from lit_navit.data import batch as batch_lib
+from lit_navit.data import crops as crops_lib
 from lit_navit.data import decode
 from lit_navit.data import dropping
+from lit_navit.data import masking
 from lit_navit.data import packing
 from lit_navit.data import patches as patches_lib
 from lit_navit.data import readers
@@ -70,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.pad_id = ml_collections.config_dict.placeholder(int)
   config.lowercase = False  # Lowercase captions first (SigLIP, SigLIP 2).
   config.tokens_per_row = 256  # L, image tokens per packed row.
-  config.images_per_row = 16  # E, image slots per row.
+  config.images_per_row = 16  # E, image slots per row (a local crop takes one).
   config.text_len = 16  # T, tokens per caption.
   # Caption rows per packed row, on average over a caption group (a device
   # shard's rows): the text tower encodes only these, so size it a little
@@ -115,6 +124,17 @@ def default_config() -> ml_collections.ConfigDict:
       schedule_steps=0,  # Rates scale linearly from 1x at step 0 to
       schedule_end_factor=1.0,  # this factor at schedule_steps; 0 = off.
   ))
+  # SILC / SigLIP 2 local crops (train mode): `count` crops of each image
+  # (0 = off), packed in its row after it, with no caption (crops.py). A
+  # crop covers a fraction of the image's area uniform in [min_scale,
+  # max_scale], aspect ratio log-uniform in [3/4, 4/3], and is sized to at
+  # most max_tokens patches with its aspect kept. An image's own budget is
+  # then resolution.max_tokens, or when unset what its crops leave of a row.
+  config.local_crops = ml_collections.ConfigDict(dict(
+      count=0, min_scale=0.05, max_scale=0.4, max_tokens=16))
+  # Masked prediction (train mode): the fraction of each image's tokens
+  # marked in image/masked (masking.py); 0 = off, TIPS / SigLIP 2: 0.5.
+  config.mask_ratio = 0.0
   # Decoded images waiting to be packed. More packs tighter; it should
   # exceed rows * (images per row) by a good margin.
   config.pack_buffer = 256
@@ -218,11 +238,15 @@ class Pipeline:
       if self._resolution.mode not in resolution.EVAL_MODES:
         self._resolution.mode = 'fit'
       self._token_drop.kind = 'none'
-    self._max_tokens = self._resolution.max_tokens or config.tokens_per_row
+    self._crops = (crops_lib.from_config(config.local_crops) if self._train
+                   else None)
+    self._mask_ratio = config.mask_ratio if self._train else 0.0
+    self._max_tokens = self._resolution.max_tokens or (
+        config.tokens_per_row - _crop_budget(config, self._crops))
     self._sizing = workers.Sizing(
         seed=seed, patch_sizes=tuple(config.patch_sizes),
         resolution=self._resolution, max_tokens=self._max_tokens,
-        max_pixels=config.max_pixels)
+        max_pixels=config.max_pixels, crops=self._crops)
     self._pool = (concurrent.futures.ThreadPoolExecutor(config.workers)
                   if config.workers else None)
     self._processes = (workers.ProcessPool(config.worker_processes)
@@ -250,27 +274,29 @@ class Pipeline:
       raise StopIteration
     step = self._step
     patch_size = self.patch_size_at(step)
-    jobs = []  # (pending image, grid, tokens kept) for each buffer entry.
-    for item in self._buffer:
-      grid = self._grid(item, patch_size)
-      jobs.append((item, grid, self._kept_tokens(item, grid, step)))
+    kept = [self._kept_tokens(item, self._grid(item, patch_size), step)
+            for item in self._buffer]
     # Plan from token counts alone; only the chosen images are patchified.
+    # An image and its crops are one unit: their tokens, a slot each.
     spec = self.batch_spec(patch_size)
     text_rows = {}
     if spec.packed_text:
       text_rows = dict(caption_lengths=[item.caption_length for item in self._buffer],
                        text_rows=spec.text_rows, text_len=spec.text_len)
-    planned = packing.plan([keep for _, _, keep in jobs], spec.rows,
-                           spec.tokens_per_row, spec.slots, groups=spec.groups,
-                           captions=spec.captions, **text_rows)
+    sizes = [keep + sum(math.prod(crop.grids[patch_size])
+                        for crop in item.image.crops)
+             for item, keep in zip(self._buffer, kept)]
+    unit_slots = [1 + len(item.image.crops) for item in self._buffer]
+    planned = packing.plan(sizes, spec.rows, spec.tokens_per_row, spec.slots,
+                           groups=spec.groups, captions=spec.captions,
+                           unit_slots=unit_slots, **text_rows)
     plan = planned.rows
-    patches = iter(self._map(
-        lambda job: self._patchify(*job, patch_size=patch_size, step=step),
-        [jobs[position] for row in plan for position in row]))
-    rows = [[packing.PackedImage(next(patches), jobs[position][0].tokens,
-                                 jobs[position][0].index,
-                                 planned.text_row.get(position))
-             for position in row] for row in plan]
+    images = iter(self._map(
+        lambda position: self._packed_image(
+            self._buffer[position], kept[position],
+            planned.text_row.get(position), patch_size=patch_size, step=step),
+        [position for row in plan for position in row]))
+    rows = [[next(images) for _ in row] for row in plan]
     batch = packing.pack_batch(rows, spec, self._tokenizer.pad_id)
     taken = {position for row in plan for position in row}
     self._buffer = [item for position, item in enumerate(self._buffer)
@@ -302,12 +328,24 @@ class Pipeline:
         num_tokens=num_tokens, max_tokens=self._config.tokens_per_row)
     return dropping.kept_count(num_tokens, rate)
 
-  def _patchify(self, item: _Pending, grid, keep: int, *, patch_size: int,
-                step: int) -> patches_lib.Patches:
-    patches = patches_lib.patchify(item.image.resized[patch_size], patch_size,
-                                   self._config.patch_dtype)
-    return dropping.drop_patches(patches, keep, seed=self._seed,
-                                 index=item.index, step=step)
+  def _packed_image(self, item: _Pending, keep: int, text_row: int | None, *,
+                    patch_size: int, step: int) -> packing.PackedImage:
+    """An image patchified, its tokens dropped and masked, and its crops
+    patchified (whole: crops are never dropped nor masked)."""
+    dtype = self._config.patch_dtype
+    patches = dropping.drop_patches(
+        patches_lib.patchify(item.image.resized[patch_size], patch_size, dtype),
+        keep, seed=self._seed, index=item.index, step=step)
+    crops = tuple(patches_lib.patchify(crop.resized[patch_size], patch_size,
+                                       dtype)
+                  for crop in item.image.crops)
+    masked = None
+    if self._mask_ratio > 0:
+      masked = masking.token_mask(len(patches), self._mask_ratio,
+                                  seed=self._seed, index=item.index,
+                                  epoch=item.epoch)
+    return packing.PackedImage(patches, item.tokens, item.index, text_row,
+                               crops, masked)
 
   def _map(self, fn, items) -> list:
     """fn over items, in order, on the thread pool when there is one."""
@@ -400,7 +438,8 @@ class Pipeline:
     self._totals['rows'] += segment.shape[0]
     self._totals['tokens'] += segment.size
     self._totals['image_tokens'] += int(np.count_nonzero(segment))
-    self._totals['images'] += int(batch['valid'].sum())
+    # Global images only: a local crop has no caption.
+    self._totals['images'] += int(batch_lib.global_slots(batch).sum())
     self._totals['caption_rows'] += batch['text/valid'].size
     text = batch['text/tokens']
     self._totals['text_tokens'] += text.size
@@ -528,7 +567,8 @@ def batch_spec(config, *, rows: int, groups: int,
 
   Each group gets ceil(captions_per_row * rows per group) caption rows, at
   most one per slot, and with text packing ceil(text_rows_per_caption * C)
-  text rows, at most C.
+  text rows, at most C. In train mode, `image/parent` and `image/masked`
+  when local crops and masks are on.
   """
   slots = config.images_per_row
   captions = None
@@ -541,11 +581,20 @@ def batch_spec(config, *, rows: int, groups: int,
     per_group = captions or rows // groups * slots
     text_rows = min(per_group,
                     math.ceil(config.text_rows_per_caption * per_group))
+  train = config.mode == 'train'
+  local_crops = config.get('local_crops')
   return batch_lib.BatchSpec(
       rows=rows, tokens_per_row=config.tokens_per_row, slots=slots,
       text_len=config.text_len, patch_size=patch_size, groups=groups,
       captions_per_group=captions, patch_dtype=config.patch_dtype,
-      text_rows=text_rows)
+      text_rows=text_rows,
+      local_crops=train and local_crops is not None and local_crops.count > 0,
+      masks=train and config.get('mask_ratio', 0.0) > 0)
+
+
+def _crop_budget(config, crops: crops_lib.CropConfig | None) -> int:
+  """The most tokens an image's local crops take in its row."""
+  return 0 if crops is None else crops.count * crops.max_tokens
 
 
 def _check_config(config):
@@ -581,6 +630,7 @@ def _check_config(config):
   need(res.max_tokens is None or 1 <= res.max_tokens <= config.tokens_per_row,
        'resolution.max_tokens', res.max_tokens,
        f'must be None or in 1..tokens_per_row ({config.tokens_per_row})')
+  _check_crops_and_masks(config, need)
   drop = config.token_drop
   need(drop.kind in dropping.KINDS, 'token_drop.kind', drop.kind,
        f'expected one of {dropping.KINDS}')
@@ -601,3 +651,34 @@ def _check_config(config):
        config.bad_record_budget, 'must be in [0, 1)')
   need(config.bad_record_window >= 1, 'bad_record_window',
        config.bad_record_window, 'must be >= 1')
+
+
+def _check_crops_and_masks(config, need):
+  """`input.local_crops` and `input.mask_ratio`: valid values always, and in
+  train mode an image with its crops fits a row."""
+  crops = config.local_crops
+  need(crops.count >= 0, 'local_crops.count', crops.count, 'must be >= 0')
+  need(0 < crops.min_scale <= 1, 'local_crops.min_scale', crops.min_scale,
+       'must be in (0, 1]')
+  need(0 < crops.max_scale <= 1, 'local_crops.max_scale', crops.max_scale,
+       'must be in (0, 1]')
+  need(crops.min_scale <= crops.max_scale, 'local_crops.min_scale',
+       (crops.min_scale, crops.max_scale), 'need min_scale <= max_scale')
+  need(crops.max_tokens >= 1, 'local_crops.max_tokens', crops.max_tokens,
+       'must be >= 1')
+  need(0 <= config.mask_ratio < 1, 'mask_ratio', config.mask_ratio,
+       'must be in [0, 1)')
+  if config.mode != 'train' or crops.count == 0:
+    return
+  need(1 + crops.count <= config.images_per_row, 'local_crops.count',
+       crops.count, f'an image and its crops need 1 + count slots of a row '
+       f'(images_per_row = {config.images_per_row})')
+  budget = crops.count * crops.max_tokens
+  need(budget < config.tokens_per_row, 'local_crops.max_tokens',
+       crops.max_tokens, f'count * max_tokens = {budget} leaves the image no '
+       f'room in a row of {config.tokens_per_row} tokens')
+  res_max = config.resolution.max_tokens
+  need(res_max is None or res_max + budget <= config.tokens_per_row,
+       'resolution.max_tokens', res_max,
+       f'with its local crops ({budget} tokens at most) an image would not fit '
+       f'a row of {config.tokens_per_row} tokens')

@@ -1,8 +1,9 @@
 """Image preparation (decode, size, resize) in threads or worker processes.
 
 `prepare_image` is the per-image work of the pipeline: decode the bytes,
-sample the image's grid for each patch size, and resize it to that grid.
-What comes back is bounded by the token budget (grid * patch pixels, uint8),
+sample the image's grid for each patch size, and resize it to that grid;
+with local crops (`crops.py`), also cut each crop from the decoded image
+and resize it to its own grid. What comes back is bounded by the token budget (grid * patch pixels, uint8),
 not by the source image, so it crosses a process boundary cheaply.
 
 The pipeline runs it on its threads (`input.workers`) or, when
@@ -21,6 +22,7 @@ import multiprocessing
 
 import numpy as np
 
+from lit_navit.data import crops as crops_lib
 from lit_navit.data import decode
 from lit_navit.data import patches as patches_lib
 from lit_navit.data import resolution
@@ -36,6 +38,7 @@ class Sizing:
   resolution: object  # the input.resolution ConfigDict
   max_tokens: int
   max_pixels: int
+  crops: crops_lib.CropConfig | None = None  # Train mode with local crops.
 
 
 @dataclasses.dataclass
@@ -43,13 +46,15 @@ class Prepared:
   """An image at its grid for each patch size: uint8 [rows*p, cols*p, 3]."""
   grids: dict    # patch size -> (rows, cols)
   resized: dict  # patch size -> uint8 image
+  crops: tuple = ()  # Its local crops, each a Prepared (with no crops).
 
 
 def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
   """(Prepared, None), or (None, the skip reason) for a bad image.
 
-  The grid is keyed by (seed, index, epoch), so a restored pipeline and
-  any worker compute the same one.
+  The grid is keyed by (seed, index, epoch) and each crop's box by (seed,
+  index, epoch, crop number), so a restored pipeline and any worker compute
+  the same ones.
   """
   try:
     image = decode.decode_image(data, sizing.max_pixels)
@@ -62,7 +67,22 @@ def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
     grids[p] = resolution.sample_grid(rng, height, width, p, sizing.resolution,
                                       sizing.max_tokens)
     resized[p] = patches_lib.resize_image(image, (grids[p][0] * p, grids[p][1] * p))
-  return Prepared(grids, resized), None
+  crops = ()
+  if sizing.crops is not None:
+    boxes = crops_lib.crop_boxes(sizing.crops, seed=sizing.seed, index=index,
+                                 epoch=epoch, height=height, width=width)
+    crops = tuple(_prepare_crop(image, box, sizing) for box in boxes)
+  return Prepared(grids, resized, crops), None
+
+
+def _prepare_crop(image: np.ndarray, box, sizing: Sizing) -> Prepared:
+  """One crop cut from the decoded `image`, at its grid for each patch size."""
+  pixels = crops_lib.cut(image, box)
+  grid = crops_lib.crop_grid(box, sizing.crops.max_tokens)
+  return Prepared(
+      {p: grid for p in sizing.patch_sizes},
+      {p: patches_lib.resize_image(pixels, (grid[0] * p, grid[1] * p))
+       for p in sizing.patch_sizes})
 
 
 def _call(job):
