@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -123,3 +124,40 @@ def test_flexivit_evaluates_every_arm_at_every_patch_size(tmp_path):
                                   for p in (8, 12, 16, 24)}
   assert os.path.getsize(tmp_path / 'flexivit.png') > 1000
   assert os.path.getsize(tmp_path / 'flexivit_heldout.png') > 1000
+
+
+def test_colour_map_labels_the_patches_the_object_covers():
+  from experiments import siglip2_losses  # pylint: disable=g-import-not-at-top
+  from lit_navit.data import synthetic  # pylint: disable=g-import-not-at-top
+  # A red circle of radius 12 at (8, 8) covers all of the top-left 16 px
+  # patch and under half of any other; in a 128 x 64 image stretched to
+  # 64 x 64, a circle at (16, 8) covers most of the same patch.
+  red = 1 + synthetic.COLOURS.index('red')
+  expected = np.zeros((4, 4), int)
+  expected[0, 0] = red
+  for width, cx in ((64, 8.0), (128, 16.0)):
+    attributes = dict(shape='circle', colour='red', width=width, height=64,
+                      centre=(cx, 8.0), radius=12.0, tilt=0.0, rgb=(255, 0, 0))
+    labels = siglip2_losses.colour_map(attributes, 4, 64)
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_the_dense_probe_reads_a_linear_code_and_not_noise(monkeypatch):
+  from experiments import siglip2_losses  # pylint: disable=g-import-not-at-top
+  config = common.tiny_config(steps=1, seed=0)
+  grid = siglip2_losses.PROBE_SIDE // config.input.patch_sizes[0]
+  source = common.eval_sources(config, 48)['seen']
+  labels = np.stack([siglip2_losses.colour_map(source.attributes(i), grid,
+                                               siglip2_losses.PROBE_SIDE)
+                     for i in range(len(source))]).reshape(len(source), -1)
+  rng = np.random.default_rng(0)
+  coded = np.eye(16)[labels] + 0.1 * rng.standard_normal((*labels.shape, 16))
+  noise = rng.standard_normal((*labels.shape, 16))
+  for features, good in ((coded, True), (noise, False)):
+    monkeypatch.setattr(siglip2_losses, 'patch_tokens',
+                        lambda *args, features=features: features)
+    probe = siglip2_losses.dense_probe(config, None, len(source))
+    if good:  # the few misses: a colour none of its fit images shows a patch of
+      assert probe['object'] > 0.9 and probe['all'] > 0.99
+    else:
+      assert probe['object'] < 0.5
