@@ -48,23 +48,23 @@ def image(rng, rows, cols, caption, index):
   return packing.PackedImage(patches_lib.patchify(pixels, P), tokens, index)
 
 
-def batches(seed=0, groups=2, rows=4):
+def batches(seed=0, groups=2, rows=4, captions=7, text_rows=4):
   """The same pairs, captions one a row and packed: G groups of rows, several
   images a row, token padding, empty caption places, an all-pad caption."""
   rng = np.random.default_rng(seed)
-  n = 7 * groups
+  n = captions * groups
   lengths = rng.integers(1, T + 1, n)
   lengths[3] = 0  # An all-pad caption still pairs with its image.
   images = [image(rng, int(rng.integers(1, 4)), int(rng.integers(1, 4)),
                   rng.integers(1, VOCAB, k).tolist(), i)
             for i, k in enumerate(lengths)]
   spec = batch_lib.BatchSpec(rows=rows, tokens_per_row=24, slots=4, text_len=T,
-                             patch_size=P, groups=groups, captions_per_group=7)
-  packed_spec = dataclasses.replace(spec, text_rows=4)
+                             patch_size=P, groups=groups, captions_per_group=captions)
+  packed_spec = dataclasses.replace(spec, text_rows=text_rows)
   caption_lengths = [packing.caption_length(i.tokens, PAD) for i in images]
   plan = packing.plan([len(i.patches) for i in images], rows, 24, 4, groups=groups,
-                      captions=7, caption_lengths=caption_lengths, text_rows=4,
-                      text_len=T)
+                      captions=captions, caption_lengths=caption_lengths,
+                      text_rows=text_rows, text_len=T)
   one_a_row = packing.pack_batch([[images[p] for p in row] for row in plan.rows],
                                  spec, PAD)
   packed = packing.pack_batch(
@@ -75,7 +75,8 @@ def batches(seed=0, groups=2, rows=4):
   assert np.any(one_a_row['image/segment'] == 0)
   assert one_a_row['valid'].sum(axis=1).max() >= 2
   assert np.any(np.diff(packed['text/row'][packed['text/valid']]) == 0)
-  return {'one_a_row': inputs(one_a_row), 'packed': inputs(packed)}
+  assert not one_a_row['text/valid'].all()
+  return {'one_a_row': one_a_row, 'packed': packed}
 
 
 def inputs(batch):
@@ -86,7 +87,8 @@ def inputs(batch):
 def model_and_params(**decoder_overrides):
   c = config(**decoder_overrides)
   model = two_towers.TwoTowers(c)
-  params = jax.jit(model.init)(jax.random.key(1), batches()['one_a_row'])['params']
+  params = jax.jit(model.init)(jax.random.key(1),
+                               inputs(batches()['one_a_row']))['params']
   # Non-trivial BOS and [MASK] vectors, so swapping them shows.
   params = dict(params, dec=dict(params['dec'], bos=params['dec']['bos'] * 30,
                                  mask=params['dec']['mask'] * 30))
@@ -205,18 +207,111 @@ def packed_loss(model, params, batch, key=None):
   return model.apply({'params': params}, batch, caption_key=key)[2]['caption_loss']
 
 
+def assert_trees_close(a, b, **tolerance):
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a),
+                               jax.tree_util.tree_leaves_with_path(b)):
+    np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tolerance)
+
+
 @pytest.mark.parametrize('layout', ['one_a_row', 'packed'])
 def test_packed_loss_and_gradient_equal_the_dense_reference(layout):
   model, params = model_and_params()
-  batch = batches()[layout]
+  batch = inputs(batches()[layout])
   loss, grads = jax.jit(jax.value_and_grad(
       lambda p: packed_loss(model, p, batch)))(params)
   ref, ref_grads = reference_loss(model, params, batch)
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
-  for tower in ('dec', 'img'):
-    flat, ref_flat = (jax.tree_util.tree_leaves_with_path(g[tower])
-                      for g in (grads, ref_grads))
-    for (path, a), (_, b) in zip(flat, ref_flat):
-      np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4,
-                                 err_msg=f'{tower}{jax.tree_util.keystr(path)}')
+  assert_trees_close({k: grads[k] for k in ref_grads}, ref_grads, atol=2e-6, rtol=1e-4)
   assert np.abs(grads['img']['embedding']['kernel']).max() > 1e-4
+
+
+# --- isolation ----------------------------------------------------------------
+
+def per_token(model, params, batch, key=None):
+  """The decoder's (cross-entropy, targets) per text token of a batch."""
+  def ce(module, batch):
+    _, image_tokens = module._slot_embeddings(batch, return_tokens=True)
+    return module.caption_cross_entropy(image_tokens, batch, key)
+  return model.apply({'params': params}, batch, method=ce)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_per_token():
+  model, params = model_and_params()
+  return jax.jit(lambda batch: per_token(model, params, batch))
+
+
+def caption_ce(batch, g, c):
+  """Caption place c of group g's per-token CE in a packed batch, in order."""
+  ce, _ = jitted_per_token()(inputs(batch))
+  row = batch['text/row'][g, c]
+  mine = batch['text/segment'][g, row] == batch['text/row_segment'][g, c]
+  return np.asarray(ce[g, row])[mine]
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(which=st.integers(0, 2 ** 16), seed=st.integers(0, 2 ** 16))
+def test_a_caption_sees_only_its_own_image_and_caption(which, seed):
+  batch = batches()['packed']
+  spec = batch_lib.spec_of(batch)
+  # The captions with a target (not the all-pad one).
+  places = [(g, c) for g, c, _, _, tokens in captions_of(batch) if np.any(tokens != PAD)]
+  g, c = places[which % len(places)]
+  r, k = divmod(int(batch['text/slot'][g, c]), spec.slots)
+  row = g * spec.rows_per_group + r
+  before = caption_ce(batch, g, c)
+  rng = np.random.default_rng(seed)
+
+  # Every other image's pixels (of its row and every other row) and every
+  # other caption's tokens (of its text row and the others) change.
+  others = {key: np.array(v) for key, v in batch.items()}
+  own = batch['image/segment'][row] == k + 1
+  real = others['image/segment'] != 0
+  real[row] &= ~own
+  others['image/patches'][real] = rng.uniform(-1, 1, (real.sum(), P * P * 3))
+  text_row = batch['text/row'][g, c]
+  other_text = others['text/segment'] != 0
+  other_text[g, text_row] &= batch['text/segment'][g, text_row] != batch['text/row_segment'][g, c]
+  others['text/tokens'][other_text] = rng.integers(1, VOCAB, other_text.sum())
+  np.testing.assert_allclose(caption_ce(others, g, c), before, atol=1e-5, rtol=1e-5)
+
+  # Its own image's pixels change its loss.
+  mine = {key: np.array(v) for key, v in batch.items()}
+  mine['image/patches'][row, own] = rng.uniform(-1, 1, (own.sum(), P * P * 3))
+  assert np.abs(caption_ce(mine, g, c) - before).max() > 1e-4
+
+
+# --- CapPa --------------------------------------------------------------------
+
+def test_parallel_captions_equal_the_reference_with_mask_inputs():
+  _, params = model_and_params()
+  model = two_towers.TwoTowers(config(parallel_fraction=1.0))
+  batch = inputs(batches()['packed'])
+  loss = jax.jit(lambda key: packed_loss(model, params, batch, key))
+  parallel = np.ones(batch['text/valid'].shape, bool)
+  np.testing.assert_allclose(loss(jax.random.key(7)),
+                             reference_loss(model, params, batch, parallel)[0],
+                             rtol=1e-5)
+  # Without a key (evaluation) no caption is parallel.
+  np.testing.assert_allclose(loss(None), reference_loss(model, params, batch)[0],
+                             rtol=1e-5)
+
+
+def test_parallel_draws_are_keyed_by_step():
+  _, params = model_and_params()
+  model = two_towers.TwoTowers(config(parallel_fraction=0.5))
+  batch = inputs(batches()['packed'])
+  loss = jax.jit(lambda key: packed_loss(model, params, batch, key))
+  step_key = lambda step: jax.random.fold_in(jax.random.key(0), step)
+  draws = {step: np.asarray(jax.random.bernoulli(step_key(step), 0.5,
+                                                 batch['text/valid'].shape))
+           for step in (3, 4)}
+  valid = np.asarray(batch['text/valid'])
+  assert 0 < draws[3][valid].sum() < valid.sum()
+  assert not np.array_equal(draws[3][valid], draws[4][valid])
+  for step, parallel in draws.items():
+    np.testing.assert_allclose(loss(step_key(step)),
+                               reference_loss(model, params, batch, parallel)[0],
+                               rtol=1e-5)
+  assert loss(step_key(3)) == loss(step_key(3))
+  assert loss(step_key(3)) != loss(step_key(4))
