@@ -4,21 +4,28 @@ draws, sharding, FLOPs, config errors."""
 
 import dataclasses
 import functools
+import json
+import os
 
 import hypothesis
 from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
+from lit_navit import checkpoint
+from lit_navit import config as config_lib
 from lit_navit import sharding
+from lit_navit import trainer as trainer_lib
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import packing
 from lit_navit.data import patches as patches_lib
 from lit_navit.models import decoder
 from lit_navit.models import flops
 from lit_navit.models import two_towers
+import tiny_config
 
 PAD = 0
 T = 8
@@ -34,8 +41,8 @@ def config(**decoder_overrides):
   c.text.vocab_size = VOCAB
   c.text.max_len = T
   c.embed_dim = 16
-  c.decoder.update(dict(weight=1.0, width=32, depth=2, mlp_dim=64, num_heads=2,
-                        **decoder_overrides))
+  c.decoder.update({**dict(weight=1.0, width=32, depth=2, mlp_dim=64, num_heads=2),
+                    **decoder_overrides})
   return c
 
 
@@ -72,11 +79,18 @@ def batches(seed=0, groups=2, rows=4, captions=7, text_rows=4):
        for row in plan.rows], packed_spec, PAD)
   for b, s in ((one_a_row, spec), (packed, packed_spec)):
     batch_lib.validate_batch(b, s, PAD)
-  assert np.any(one_a_row['image/segment'] == 0)
-  assert one_a_row['valid'].sum(axis=1).max() >= 2
-  assert np.any(np.diff(packed['text/row'][packed['text/valid']]) == 0)
-  assert not one_a_row['text/valid'].all()
   return {'one_a_row': one_a_row, 'packed': packed}
+
+
+def test_the_test_batch_has_what_packing_makes_hard():
+  one_a_row, packed = batches().values()
+  assert np.any(one_a_row['image/segment'] == 0)  # token padding
+  assert one_a_row['valid'].sum(axis=1).min() >= 2  # images sharing rows
+  assert np.any(np.diff(packed['text/row'][packed['text/valid']]) == 0)  # and text rows
+  assert not one_a_row['text/valid'].all()  # empty caption places
+  lengths = [len(tokens) for *_, tokens in captions_of(one_a_row)]
+  assert 1 in lengths and T in lengths
+  assert one_a_row['text/valid'].sum() >= 10
 
 
 def inputs(batch):
@@ -315,3 +329,149 @@ def test_parallel_draws_are_keyed_by_step():
                                rtol=1e-5)
   assert loss(step_key(3)) == loss(step_key(3))
   assert loss(step_key(3)) != loss(step_key(4))
+
+
+# --- sharding, FLOPs, config --------------------------------------------------
+
+def test_the_loss_sharded_over_data_and_fsdp_is_the_single_device_loss():
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      {'mesh': [('data', 2), ('fsdp', 4)]}))
+  model, params = model_and_params()
+  host = batches(groups=8, rows=8, captions=4, text_rows=2)['packed']
+  assert host['text/valid'].sum() >= 16
+
+  def loss_and_grads(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jax.value_and_grad(lambda p: packed_loss(model, p, batch))(params)
+
+  loss, grads = jax.jit(jax.value_and_grad(
+      lambda p: packed_loss(model, p, inputs(host))))(params)
+  sharded_params = jax.device_put(params, sharding.param_shardings(
+      params, [('.*', 'fsdp')], mesh))
+  batch = sharding.make_global_batch(
+      {k: v for k, v in host.items() if k != 'index'}, mesh)
+  sharded_loss, sharded_grads = jax.jit(loss_and_grads)(sharded_params, batch)
+  np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
+  assert_trees_close(sharded_grads, grads, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize('text_rows', [None, 3])
+def test_flops_match_xla_cost_analysis(text_rows):
+  # Unrolled layers (XLA counts a scan body once); the decoder's share is
+  # the difference of the model with and without it.
+  spec = batch_lib.BatchSpec(rows=4, tokens_per_row=16, slots=3, text_len=T,
+                             patch_size=P, groups=2, captions_per_group=5,
+                             text_rows=text_rows)
+
+  def xla_flops(c):
+    c.image.scan = c.text.scan = False
+    compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
+        two_towers.param_shapes(c, spec), two_towers.dummy_batch(spec)).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+  on = config(width=64, mlp_dim=256, num_heads=2)
+  counted = flops.decoder_forward_flops(on, spec)
+  measured = xla_flops(on) - xla_flops(config(weight=0.0))
+  # The analytic count leaves out element-wise work: a little under XLA's.
+  assert 0.95 * measured < counted <= measured
+  assert flops.forward_flops(on, spec) == (flops.image_forward_flops(on, spec)
+                                           + flops.text_forward_flops(on, spec)
+                                           + counted)
+  assert flops.training_flops(on, spec, frozen=['img']) == (
+      flops.image_forward_flops(on, spec) + 3 * flops.text_forward_flops(on, spec)
+      + 3 * counted)
+  assert flops.decoder_forward_flops(config(weight=0.0), spec) == 0
+
+
+def test_no_decoder_params_when_off():
+  off = two_towers.param_shapes(config(weight=0.0))['params']
+  assert 'dec' not in off
+  assert off.keys() == two_towers.param_shapes(two_towers.default_config())['params'].keys()
+  assert 'dec' in two_towers.param_shapes(config())['params']
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('weight', -1.0, 'model.decoder.weight'),
+    ('parallel_fraction', 1.5, 'model.decoder.parallel_fraction'),
+    ('depth', 0, 'model.decoder.depth'),
+    ('num_heads', 5, 'model.decoder.width=32 is not divisible'),
+    ('attention', 'flash', 'model.decoder.attention')])
+def test_config_errors_name_the_key(key, value, match):
+  full = config_lib.default_config()
+  full.model = config(**{key: value})
+  with pytest.raises(ValueError, match=match):
+    config_lib.check_config(full)
+  with pytest.raises(ValueError, match=match):
+    two_towers.param_shapes(full.model)
+
+
+def test_caption_perplexity_needs_a_decoder_and_heldout_batches():
+  full = config_lib.default_config()
+  full.evals.caption_perplexity = True
+  full.evals.heldout.kind = 'synthetic'
+  with pytest.raises(ValueError, match='evals.caption_perplexity'):
+    trainer_lib.check_evals(full)
+  full.model.decoder.weight = 0.5
+  trainer_lib.check_evals(full)
+  full.evals.heldout.kind = ''
+  with pytest.raises(ValueError, match='evals.caption_perplexity'):
+    trainer_lib.check_evals(full)
+
+
+# --- training -----------------------------------------------------------------
+
+class Stop(Exception):
+  pass
+
+
+def train_config():
+  c = tiny_config.get_config('steps=4,every=2')
+  c.input.text_packing = True
+  c.model.decoder.update(dict(weight=0.5, width=32, depth=1, mlp_dim=64,
+                              num_heads=2, parallel_fraction=0.5))
+  c.evals.heldout.kind = 'synthetic'
+  c.evals.heldout.size = 32
+  c.evals.heldout_batches = 2
+  c.evals.caption_perplexity = True
+  config_lib.check_config(c)
+  return c
+
+
+def metrics_of(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def params_of(workdir):
+  return jax.tree.map(np.asarray, checkpoint.load_for_inference(workdir)[1])
+
+
+@pytest.mark.slow
+def test_training_logs_the_caption_loss_and_resumes_bitwise(tmp_path):
+  reference = str(tmp_path / 'reference')
+  trainer_lib.Trainer(train_config(), reference).run()
+  records = metrics_of(reference)
+  steps = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in steps] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['caption_loss']) and r['caption_loss'] > 0 for r in steps)
+  # Untrained, the loss is about log(vocabulary); it goes down from there.
+  assert steps[0]['caption_loss'] == pytest.approx(np.log(512), rel=0.3)
+  assert steps[-1]['caption_loss'] < steps[0]['caption_loss']
+  evals = [r for r in records if 'eval/caption_perplexity' in r]
+  assert len(evals) == 1 and 1 < evals[0]['eval/caption_perplexity'] < 2 * 512
+
+  # Stopped after the checkpoint of step 2, then resumed to step 4.
+  resumed = str(tmp_path / 'resumed')
+
+  def stop_at_2(step, _):
+    if step == 2:
+      raise Stop
+  with pytest.raises(Stop):
+    trainer_lib.Trainer(train_config(), resumed).run(hooks=[stop_at_2])
+  trainer_lib.Trainer(train_config(), resumed).run()
+  assert [r['caption_loss'] for r in metrics_of(resumed) if 'loss' in r] == [
+      r['caption_loss'] for r in steps]
+  for a, b in zip(jax.tree.leaves(params_of(reference)),
+                  jax.tree.leaves(params_of(resumed))):
+    np.testing.assert_array_equal(a, b)
