@@ -333,6 +333,7 @@ def test_parallel_draws_are_keyed_by_step():
 
 # --- sharding, FLOPs, config --------------------------------------------------
 
+@pytest.mark.slow
 def test_the_loss_sharded_over_data_and_fsdp_is_the_single_device_loss():
   mesh = sharding.make_mesh(ml_collections.ConfigDict(
       {'mesh': [('data', 2), ('fsdp', 4)]}))
@@ -458,6 +459,20 @@ def test_training_logs_the_caption_loss_and_resumes_bitwise(tmp_path):
   # Untrained, the loss is about log(vocabulary); it goes down from there.
   assert steps[0]['caption_loss'] == pytest.approx(np.log(512), rel=0.3)
   assert steps[-1]['caption_loss'] < steps[0]['caption_loss']
+  # The caption loss trains the decoder: its BOS vector (no weight decay)
+  # moves from its initial value.
+  fresh = trainer_lib.Trainer(train_config(), str(tmp_path / 'init'))
+  initial = fresh._init_fn()['params']
+  trained_bos = params_of(reference)['dec']['bos']
+  assert np.abs(trained_bos - np.asarray(initial['dec']['bos'])).max() > 1e-4
+  # The CapPa captions are drawn afresh each step, the same on a rerun.
+  try:
+    batch = sharding.make_global_batch(
+        trainer_lib.model_inputs(next(fresh.pipeline)), fresh.mesh)
+  finally:
+    fresh.pipeline.close()
+  caption_loss = jax.jit(lambda step: fresh._loss(initial, batch, step)[1]['caption_loss'])
+  assert caption_loss(3) == caption_loss(3) != caption_loss(4)
   evals = [r for r in records if 'eval/caption_perplexity' in r]
   assert len(evals) == 1 and 1 < evals[0]['eval/caption_perplexity'] < 2 * 512
 
