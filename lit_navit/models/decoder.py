@@ -16,7 +16,8 @@ Masks, all segment ids except the causal part:
                    image token of segment k in the group's row r has id
                    r*E + k (padding 0), a caption token the id of its slot
                    + 1 (`text/slot` is r*E + k-1): a caption sees exactly
-                   its own image. Queries and keys are reshaped per group, so
+                   its own image. Text padding takes the id of the group's
+                   first image token, so that no query row is empty. Queries and keys are reshaped per group, so
                    with groups split over devices nothing crosses devices.
 Teacher forcing: the input at a caption's position 0 is a learned BOS, at t
 its token t-1; the targets are its tokens (pad excluded). CapPa (parallel
@@ -225,9 +226,12 @@ class CaptionDecoder(nn.Module):
                      **precision.dense_options())(image_tokens)
     batch, tokens_per_row = image_segment.shape
     image = image.reshape(groups, batch // groups * tokens_per_row, self.width)
+    kv_ids = image_ids(image_segment, groups, slots)
+    # Tokens of no valid caption (their outputs are no target) take the id of
+    # the group's first image token, so no query row is empty (attention.py).
     cross_ids = attention_lib.Segments(
-        jnp.where(mine, per_caption(slot, caption) + 1, 0).reshape(groups, -1),
-        image_ids(image_segment, groups, slots))
+        jnp.where(mine, per_caption(slot, caption) + 1,
+                  kv_ids[:, :1, None]).reshape(groups, -1), kv_ids)
 
     x = x.astype(self.dtype)
     for i in range(self.depth):
