@@ -22,9 +22,11 @@ from lit_navit import trainer as trainer_lib
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import packing
 from lit_navit.data import patches as patches_lib
+from lit_navit.models import attention as attention_lib
 from lit_navit.models import decoder
 from lit_navit.models import flops
 from lit_navit.models import two_towers
+import model_batches
 import tiny_config
 
 PAD = 0
@@ -293,6 +295,36 @@ def test_a_caption_sees_only_its_own_image_and_caption(which, seed):
   mine = {key: np.array(v) for key, v in batch.items()}
   mine['image/patches'][row, own] = rng.uniform(-1, 1, (own.sum(), P * P * 3))
   assert np.abs(caption_ce(mine, g, c) - before).max() > 1e-4
+
+
+def test_no_attention_row_is_empty_in_full_rows():
+  # Both rows of the group are full (no image padding), and two caption
+  # rows are empty: their tokens too must find a key (attention.py).
+  rng = np.random.default_rng(0)
+  batch = inputs(model_batches.pack(
+      [[model_batches.random_image(rng, 2, 3, P), model_batches.random_image(rng, 2, 2, P)],
+       [model_batches.random_image(rng, 2, 5, P)]], tokens_per_row=10, slots=2,
+      captions=[[[3, 4, 5], [6]], [[7, 8]]], text_len=T, captions_per_group=5))
+  assert np.all(batch['image/segment'] != 0) and not batch['text/valid'].all()
+  masks = []
+
+  def spy(q, k, v, mask):
+    masks.append(np.asarray(attention_lib.as_mask(mask)))
+    return attention_lib.dense_attention(q, k, v, mask)
+
+  c = config(depth=1)
+  model = two_towers.TwoTowers(c)
+  params = model_and_params()[1]
+  params = dict(params, dec={k: v for k, v in params['dec'].items() if k != 'block_1'})
+  decoder_module = dataclasses.replace(two_towers.caption_decoder(c), attention=spy)
+  _, image_tokens = model.apply({'params': params}, batch, True,
+                                method=model._slot_embeddings)
+  decoder_module.apply({'params': params['dec']}, image_tokens, batch['image/segment'],
+                       2, decoder.caption_layout(batch, PAD), batch['text/slot'],
+                       batch['text/valid'])
+  assert len(masks) == 2  # Self- and cross-attention.
+  for mask in masks:
+    assert mask.any(axis=-1).all()
 
 
 # --- CapPa --------------------------------------------------------------------
