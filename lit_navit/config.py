@@ -24,6 +24,7 @@ from lit_navit import sharding
 from lit_navit import xla_options
 from lit_navit.data import pipeline
 from lit_navit.data import sources
+from lit_navit.models import decoder
 from lit_navit.models import two_towers
 
 
@@ -58,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
       # (kind '' = no held-out loss).
       heldout=sources.default_source_config(),
       heldout_batches=4,
+      # exp(mean token cross-entropy) of the captioning decoder on those
+      # held-out batches (needs model.decoder.weight > 0 and evals.heldout).
+      caption_perplexity=False,
       # Synthetic zero-shot and retrieval (synthetic training source, one host).
       zero_shot_examples=0,
   ))
@@ -175,6 +179,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.optim.lr >= 0:  # NaN too
     raise ValueError(f'config key optim.lr must be >= 0, got {config.optim.lr}')
   sharding.check_mesh(config.mesh)
+  decoder.check_config(config.model)
   if config.input.text_packing and not config.model.text.mask_padding:
     raise ValueError('input.text_packing=True cannot be combined with '
                      'model.text.mask_padding=False (the big_vision-exact tower '

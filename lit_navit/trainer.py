@@ -108,10 +108,19 @@ def check_divisibility(config, mesh) -> None:
 def check_kernels(config, mesh) -> None:
   """Rejects an attention kernel the mesh's devices cannot run."""
   platform = sharding.platform(mesh)
-  for tower in ('image', 'text'):
+  for tower in ('image', 'text', 'decoder'):
     if config.model[tower].attention == 'splash' and platform != 'tpu':
       raise ValueError(f"config key model.{tower}.attention='splash' is a TPU "
                        f'kernel; the mesh\'s devices are {platform}')
+
+
+def check_evals(config) -> None:
+  """Rejects an evaluation the config cannot run."""
+  if config.evals.caption_perplexity and not (
+      two_towers.has_decoder(config.model) and config.evals.heldout.kind):
+    raise ValueError('config key evals.caption_perplexity=True needs a captioning '
+                     'decoder (model.decoder.weight > 0) and held-out batches '
+                     '(evals.heldout.kind)')
 
 
 class Trainer:
@@ -132,6 +141,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(config, devices)
     check_divisibility(config, self.mesh)
     check_kernels(config, self.mesh)
+    check_evals(config)
     self.process_count = sharding.process_count(self.mesh)
     self.local_rows = config.batch_size // self.process_count
     self.local_groups = caption_groups(self.mesh) // self.process_count
@@ -244,13 +254,26 @@ class Trainer:
 
   # --- the step ------------------------------------------------------------
 
-  def _loss(self, params, batch):
-    """(loss, metrics) of the model on one batch."""
-    zimg, ztxt, _ = self.model.apply({'params': params}, batch, train=True)
+  def _loss(self, params, batch, step=None):
+    """(loss, metrics) of the model on one batch.
+
+    The captioning decoder's loss, with a decoder, is added at its weight;
+    `step` keys its CapPa draw (None: no parallel captions, as in evaluation).
+    metrics['caption_targets'] is the token count its mean is over.
+    """
+    key = None if step is None else jax.random.fold_in(
+        jax.random.key(self.config.seed), step)
+    zimg, ztxt, extras = self.model.apply({'params': params}, batch, train=True,
+                                          caption_key=key)
     # t and b are stored as shape (1,), as in big_vision checkpoints.
     b = params['b'].reshape(()) if 'b' in params else None
-    return self.loss_fn(zimg, ztxt, batch['text/valid'].reshape(-1),
-                        params['t'].reshape(()), b)
+    loss, metrics = self.loss_fn(zimg, ztxt, batch['text/valid'].reshape(-1),
+                                 params['t'].reshape(()), b)
+    if 'caption_loss' in extras:
+      loss = loss + self.config.model.decoder.weight * extras['caption_loss']
+      metrics = dict(metrics, caption_loss=extras['caption_loss'],
+                     caption_targets=extras['caption_targets'])
+    return loss, metrics
 
   def _train_step(self, state, batch):
     valid = batch['valid'].reshape(-1)
@@ -258,7 +281,7 @@ class Trainer:
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
         precision.f32_grads(self.config.model.f32_grads):
       (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
-          state['params'], batch)
+          state['params'], batch, state['step'])
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
@@ -408,10 +431,11 @@ class Trainer:
     return step == self.config.total_steps or bool(every and step % every == 0)
 
   def _evaluate(self, writer, step: int, state) -> dict:
-    """Held-out loss and synthetic zero-shot, as configured; logged under eval/."""
+    """Held-out loss (and caption perplexity) and synthetic zero-shot, as
+    configured; logged under eval/."""
     results = {}
     if self.config.evals.heldout.kind:
-      results['eval/loss'] = self.heldout_loss(state['params'])
+      results.update(self.heldout_metrics(state['params']))
     if self.config.evals.zero_shot_examples:
       results.update(self.zero_shot(state['params']))
     if results:
@@ -423,17 +447,36 @@ class Trainer:
 
   def heldout_loss(self, params) -> float:
     """Mean loss over evals.heldout_batches batches of the held-out source."""
-    if not hasattr(self, '_heldout_loss_fn'):
-      self._heldout_loss_fn = jax.jit(lambda p, batch: self._loss(p, batch)[0])
+    return self.heldout_metrics(params)['eval/loss']
+
+  def heldout_metrics(self, params) -> dict:
+    """Over evals.heldout_batches batches of the held-out source:
+    'eval/loss', their mean loss, and with evals.caption_perplexity
+    'eval/caption_perplexity', exp of the mean token cross-entropy of the
+    captioning decoder over all their caption tokens (no CapPa captions)."""
+    if not hasattr(self, '_heldout_fn'):
+      def heldout(p, batch):
+        loss, metrics = self._loss(p, batch)
+        if 'caption_loss' not in metrics:
+          return loss, 0.0, 0
+        count = metrics['caption_targets']
+        return loss, metrics['caption_loss'] * count, count
+      self._heldout_fn = jax.jit(heldout)
     source = sources.make_source(self.config.evals.heldout)
-    losses_ = []
+    losses_, caption_ce, caption_targets = [], 0.0, 0
     with make_pipeline(self.config, source, rows=self.local_rows,
-                       groups=self.local_groups) as heldout:
+                       groups=self.local_groups) as heldout_batches:
       for _ in range(self.config.evals.heldout_batches):
-        local = next(heldout)
+        local = next(heldout_batches)
         batch = sharding.make_global_batch(model_inputs(local), self.mesh)
-        losses_.append(float(self._heldout_loss_fn(params, batch)))
-    return float(np.mean(losses_))
+        loss, ce, count = jax.device_get(self._heldout_fn(params, batch))
+        losses_.append(float(loss))
+        caption_ce, caption_targets = caption_ce + float(ce), caption_targets + int(count)
+    results = {'eval/loss': float(np.mean(losses_))}
+    if self.config.evals.caption_perplexity:
+      results['eval/caption_perplexity'] = math.exp(
+          caption_ce / max(caption_targets, 1))
+    return results
 
   def zero_shot(self, params) -> dict:
     """Synthetic zero-shot and retrieval, the demo's numbers."""

@@ -5,7 +5,10 @@ runs: patch embedding (and its once-per-step PI-resize), resized position
 embeddings, q/k/v/out projections, both attention einsums over the full
 L x L (T x T) grid the masked kernels compute (the masked-out part of a
 packed row is computed and thrown away), MLPs, MAP heads and the projection
-heads. Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
+heads; with a captioning decoder (decoder.py) also its image projection,
+causal self-attention over each text row, cross-attention of each caption
+group's text tokens to all the group's image tokens (the segment-masked
+grid the kernels compute), MLPs and vocabulary logits. Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
 lookups are left out: they are a few percent at real widths.
 """
 
@@ -67,9 +70,32 @@ def text_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   return spec.groups * (encoder + spec.captions * per_caption)
 
 
+def decoder_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
+  """Forward FLOPs of the captioning decoder on one batch of `spec` (0 without one)."""
+  if not two_towers.has_decoder(config):
+    return 0
+  c = config.decoder
+  width, mlp_dim = c.width, c.mlp_dim
+  image_width = variants.tower_size(config.image, 'image')['width']
+  image_tokens = spec.rows * spec.tokens_per_row
+  length = spec.text_len
+  text_rows = spec.groups * (spec.text_rows if spec.packed_text else spec.captions)
+  text_tokens = text_rows * length
+  group_keys = spec.rows_per_group * spec.tokens_per_row
+  per_layer = (text_rows * _encoder_flops(length, width, 1, mlp_dim)  # self-attn, MLP
+               + 2 * text_tokens * width * 2 * width      # cross q, out projections
+               + 2 * image_tokens * width * 2 * width     # cross k, v projections
+               + 2 * 2 * text_tokens * group_keys * width)  # cross-attention
+  return (2 * image_tokens * image_width * width          # image projection
+          + c.depth * per_layer
+          + 2 * text_tokens * width * config.text.vocab_size)  # logits
+
+
 def forward_flops(config, spec: batch_lib.BatchSpec) -> int:
-  """Forward FLOPs of TwoTowers(config) on one batch of `spec` (both towers)."""
-  return image_forward_flops(config, spec) + text_forward_flops(config, spec)
+  """Forward FLOPs of TwoTowers(config) on one batch of `spec` (both towers
+  and the captioning decoder)."""
+  return (image_forward_flops(config, spec) + text_forward_flops(config, spec)
+          + decoder_forward_flops(config, spec))
 
 
 def training_flops(config, spec: batch_lib.BatchSpec,
@@ -77,7 +103,7 @@ def training_flops(config, spec: batch_lib.BatchSpec,
   """FLOPs of one training step: forward, plus backward = 2 x forward.
 
   A tower named in `frozen` ('img', 'txt') runs forward only (LiT): nothing
-  below it needs a gradient. Remat's recompute is not counted (model FLOPs
+  below it needs a gradient. The captioning decoder always trains. Remat's recompute is not counted (model FLOPs
   utilisation, not hardware utilisation).
   """
   unknown = set(frozen) - {'img', 'txt'}
@@ -85,4 +111,5 @@ def training_flops(config, spec: batch_lib.BatchSpec,
     raise ValueError(f'unknown towers {sorted(unknown)} in frozen; expected img, txt')
   img = image_forward_flops(config, spec)
   txt = text_forward_flops(config, spec)
-  return (img if 'img' in frozen else 3 * img) + (txt if 'txt' in frozen else 3 * txt)
+  return ((img if 'img' in frozen else 3 * img) + (txt if 'txt' in frozen else 3 * txt)
+          + 3 * decoder_forward_flops(config, spec))

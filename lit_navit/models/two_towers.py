@@ -1,7 +1,9 @@
 """The two-tower image-text model (SigLIP / CLIP / LiT) and its config.
 
 Parameters: 'img' (NaViT), 'txt' (text transformer), 't' (log temperature)
-and, for the sigmoid loss, 'b' (logit bias), as in big_vision.
+and, for the sigmoid loss, 'b' (logit bias), as in big_vision; with
+`decoder.weight` > 0 also 'dec', the LocCa captioning decoder (decoder.py),
+which reads the image tower's tokens of the same forward pass.
 """
 
 import math
@@ -13,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from lit_navit.data import batch as batch_lib
+from lit_navit.models import decoder as decoder_lib
 from lit_navit.models import navit
 from lit_navit.models import text
 from lit_navit.models import variants
@@ -78,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Initial log temperature; unset: log 10 (sigmoid) or log(1/0.07) (softmax).
   c.t_init = ml_collections.config_dict.placeholder(float)
   c.b_init = -10.0                # Initial logit bias (sigmoid only).
+  # LocCa captioning loss (weight 0: off, no decoder params); its compute
+  # dtype is `dtype`, its vocabulary and caption length the text tower's.
+  c.decoder = decoder_lib.default_config()
   return c
 
 
@@ -133,6 +139,21 @@ def text_tower(config) -> text.TextTransformer:
       scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype))
 
 
+def has_decoder(config) -> bool:
+  """Whether `config` (model) trains a captioning decoder."""
+  return 'decoder' in config and config.decoder.weight > 0
+
+
+def caption_decoder(config) -> decoder_lib.CaptionDecoder:
+  """The captioning decoder of `config.decoder` over the text tower's vocabulary."""
+  c = config.decoder
+  return decoder_lib.CaptionDecoder(
+      vocab_size=config.text.vocab_size, max_len=config.text.max_len,
+      width=c.width, depth=c.depth, mlp_dim=c.mlp_dim, num_heads=c.num_heads,
+      pad_id=config.text.pad_id, attention=c.attention,
+      dtype=jnp.dtype(config.dtype))
+
+
 def l2_normalize(x, eps: float = 1e-12):
   """x / |x| along the last axis; zero stays zero, with finite gradients."""
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
@@ -150,6 +171,10 @@ class TwoTowers(nn.Module):
       raise ValueError(f'unknown loss {self.config.loss!r}; expected one of {LOSSES}')
     self.img = image_tower(self.config)
     self.txt = text_tower(self.config)
+    if 'decoder' in self.config:
+      decoder_lib.check_config(self.config)
+    if has_decoder(self.config):
+      self.dec = caption_decoder(self.config)
     t_init = self.config.t_init
     if t_init is None:
       t_init = DEFAULT_T_INIT[self.config.loss]
@@ -163,30 +188,60 @@ class TwoTowers(nn.Module):
     z = self._slot_embeddings(batch)
     return l2_normalize(z.reshape(-1, z.shape[-1]))
 
-  def _slot_embeddings(self, batch):
-    """Unnormalised per-slot image embeddings [B, E, D]."""
+  def _slot_embeddings(self, batch, return_tokens: bool = False):
+    """Unnormalised per-slot image embeddings [B, E, D] (and, with
+    `return_tokens`, the encoder's tokens [B, L, width])."""
     return self.img(batch['image/patches'], batch['image/yx'],
-                    batch['image/segment'], batch['image/grid'])
+                    batch['image/segment'], batch['image/grid'],
+                    return_tokens=return_tokens)
+
+  def caption_cross_entropy(self, image_tokens, batch, caption_key=None):
+    """The decoder's (cross-entropy float32 [G, N, T], targets bool [G, N, T])
+    per text token. `caption_key` draws the CapPa parallel captions (None:
+    none, as in evaluation)."""
+    parallel = None
+    fraction = self.config.decoder.parallel_fraction
+    if caption_key is not None and fraction > 0:
+      parallel = jax.random.bernoulli(caption_key, fraction,
+                                      batch['text/valid'].shape)
+    return self.dec(
+        image_tokens, batch['image/segment'], batch['image/grid'].shape[1],
+        decoder_lib.caption_layout(batch, self.config.text.pad_id),
+        batch['text/slot'], batch['text/valid'], parallel)
+
+  def caption_loss(self, image_tokens, batch, caption_key=None):
+    """{'caption_loss': mean token cross-entropy, 'caption_targets': the
+    tokens it averages}."""
+    ce, targets = self.caption_cross_entropy(image_tokens, batch, caption_key)
+    count = jnp.sum(targets)
+    return {'caption_loss': jnp.sum(ce) / jnp.maximum(count, 1),
+            'caption_targets': count}
 
   def embed_texts(self, tokens):
     """Tokens int [..., T] -> L2-normalised z_txt [prod(...), embed_dim]."""
     z = self.txt(tokens.reshape(-1, tokens.shape[-1]))
     return l2_normalize(z)
 
-  def __call__(self, batch, train: bool = False):
+  def __call__(self, batch, train: bool = False, caption_key=None):
     """Returns (z_img [G*C, D], z_txt [G*C, D], extras), one row per caption row.
 
     Only the batch's caption rows (or, packed, text rows) are encoded; each image embedding is
     gathered, within its group, to its caption's row. extras: 't' (the
     temperature exp(t)), 'b' (the bias; sigmoid loss only) and 'valid' bool
-    [G*C], the rows that hold a pair. The model has no dropout, so `train`
-    changes nothing; it is accepted so trainers call every model alike.
+    [G*C], the rows that hold a pair; with a decoder, those of
+    `caption_loss` (`caption_key` as there). The model has no dropout, so
+    `train` changes nothing; it is accepted so trainers call every model alike.
     """
     del train
     extras = {'t': jnp.exp(self.t[0]), 'valid': batch['text/valid'].reshape(-1)}
     if self.config.loss == 'sigmoid':
       extras['b'] = self.b[0]
-    zimg = gather_to_captions(self._slot_embeddings(batch), batch['text/slot'])
+    if has_decoder(self.config):
+      slots, tokens = self._slot_embeddings(batch, return_tokens=True)
+      extras.update(self.caption_loss(tokens, batch, caption_key))
+    else:
+      slots = self._slot_embeddings(batch)
+    zimg = gather_to_captions(slots, batch['text/slot'])
     if 'text/segment' in batch:
       ztxt = l2_normalize(self.txt(*packed_text(batch)))
     else:

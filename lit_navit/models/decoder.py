@@ -1,0 +1,246 @@
+"""LocCa captioning decoder on packed rows: teacher-forced next-token loss.
+
+A small pre-LN transformer decoder reads each pair's caption and
+cross-attends to its image's un-pooled tokens (NaViT `return_tokens`, the
+same image forward as the contrastive loss). Both text layouts of batch.py
+work: one caption a row (`text/tokens` [G, C, T]) and packed text rows
+([G, R, T] with `text/segment`, `text/position`, `text/row`,
+`text/row_segment`). `caption_layout` turns either into per-token arrays;
+everything after it is layout-free.
+
+Masks, all segment ids except the causal part:
+  self-attention   tokens of one caption of a text row (its segment), causal
+                   by position in the row, which within one caption is its
+                   position in the caption; a CapPa caption is non-causal.
+  cross-attention  per caption group g (B/G image rows, N text rows), the
+                   image token of segment k in the group's row r has id
+                   r*E + k (padding 0), a caption token the id of its slot
+                   + 1 (`text/slot` is r*E + k-1): a caption sees exactly
+                   its own image. Text padding takes the id of the group's
+                   first image token, so that no query row is empty. Queries and keys are reshaped per group, so
+                   with groups split over devices nothing crosses devices.
+Teacher forcing: the input at a caption's position 0 is a learned BOS, at t
+its token t-1; the targets are its tokens (pad excluded). CapPa (parallel
+prediction): a caption drawn parallel gets a learned [MASK] at every
+position and attends to its whole self, predicting every token at once.
+The loss is the mean float32 cross-entropy over the real targets of valid
+captions (`text/valid`).
+
+Self-attention needs a mask array (causal), which the splash kernel does not
+take: with attention 'splash' it runs the dense kernel (T x T per text row,
+small); the cross-attention, the large one, runs the configured kernel.
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lit_navit.models import attention as attention_lib
+from lit_navit.models import encoder
+from lit_navit.models import partitioning
+from lit_navit.models import precision
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`model.decoder`: off (weight 0) by default, and then it has no params."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.0,          # Caption loss weight in the total loss; 0: no decoder.
+      # LocCa's decoder is a fraction of the text tower (B: 6 of 12 layers).
+      width=384,
+      depth=2,
+      mlp_dim=1536,
+      num_heads=6,
+      parallel_fraction=0.0,  # CapPa: share of captions predicted in parallel.
+      attention='dense',   # The cross-attention's kernel (attention.py).
+  ))
+
+
+def check_config(config) -> None:
+  """ValueError naming the `model.decoder` key whose value is unusable."""
+  c = config.decoder
+  if not c.weight >= 0:
+    raise ValueError(f'config key model.decoder.weight must be >= 0, got {c.weight}')
+  if not 0 <= c.parallel_fraction <= 1:
+    raise ValueError('config key model.decoder.parallel_fraction must be in '
+                     f'[0, 1], got {c.parallel_fraction}')
+  for key in ('width', 'depth', 'mlp_dim', 'num_heads'):
+    if c[key] < 1:
+      raise ValueError(f'config key model.decoder.{key} must be >= 1, got {c[key]}')
+  if c.width % c.num_heads:
+    raise ValueError(f'config key model.decoder.width={c.width} is not divisible '
+                     f'by model.decoder.num_heads={c.num_heads}')
+  if c.attention not in attention_lib.ATTENTION_FNS:
+    raise ValueError(f'config key model.decoder.attention={c.attention!r}: expected '
+                     f'one of {sorted(attention_lib.ATTENTION_FNS)}')
+
+
+class CaptionLayout(NamedTuple):
+  """Per text token, int [G, N, T] (N = C caption rows, or R text rows).
+
+  tokens: the text rows as they are; position: in its caption; segment: its
+  caption within the row (0 = padding); caption: its caption place c in the
+  group, -1 for padding.
+  """
+  tokens: Any
+  position: Any
+  segment: Any
+  caption: Any
+
+
+def caption_layout(batch, pad_id: int) -> CaptionLayout:
+  """The per-token layout of either text layout of a batch."""
+  tokens = batch['text/tokens']
+  groups, rows, length = tokens.shape
+  if 'text/segment' not in batch:
+    # A caption is its tokens up to its last non-pad one, at least one
+    # (batch.py), as packed; the pad after it is no part of it.
+    at = jnp.arange(length)
+    last = jnp.max(jnp.where(tokens != pad_id, at, 0), axis=-1, keepdims=True)
+    segment = (at <= last).astype(jnp.int32)
+    caption = jnp.where(segment > 0, jnp.arange(rows)[:, None], -1)
+    return CaptionLayout(tokens, jnp.broadcast_to(at, tokens.shape), segment,
+                         jnp.broadcast_to(caption, tokens.shape))
+  segment, row, row_segment = (batch[k] for k in (
+      'text/segment', 'text/row', 'text/row_segment'))
+  # Which caption place each (row, segment) of a group holds: a table
+  # scattered from the places, then read per token. Empty places (segment
+  # 0) write out of bounds, so padding reads -1.
+  places = row.shape[1]
+  where = jnp.where(row_segment > 0, row * (length + 1) + row_segment,
+                    rows * (length + 1))
+  table = jax.vmap(lambda w: jnp.full(rows * (length + 1), -1, jnp.int32).at[w].set(
+      jnp.arange(places, dtype=jnp.int32), mode='drop'))(where)
+  token_place = jnp.arange(rows)[:, None] * (length + 1) + segment
+  caption = jnp.take_along_axis(table, token_place.reshape(groups, -1), axis=1)
+  return CaptionLayout(tokens, batch['text/position'], segment,
+                       caption.reshape(tokens.shape))
+
+
+def per_caption(values, caption):
+  """values [G, C] read at each token's caption place [G, N, T] (-1 -> index 0)."""
+  groups = values.shape[0]
+  index = jnp.maximum(caption, 0).reshape(groups, -1)
+  return jnp.take_along_axis(values, index, axis=1).reshape(caption.shape)
+
+
+def image_ids(image_segment, groups: int, slots: int):
+  """Cross-attention ids of the image tokens [G, B/G*L]: r*E + k for the
+  token of slot k (1..E) in the group's row r, padding 0 (which no caption
+  token's id, its slot r*E + k-1 plus 1, ever is)."""
+  batch, length = image_segment.shape
+  row_in_group = (jnp.arange(batch) % (batch // groups))[:, None]
+  ids = jnp.where(image_segment > 0, row_in_group * slots + image_segment, 0)
+  return ids.reshape(groups, -1)
+
+
+class DecoderBlock(nn.Module):
+  """x + self-attention, x + cross-attention to the image, x + MLP; pre-LN."""
+  mlp_dim: int
+  num_heads: int
+  attention: Any = 'dense'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, self_mask, image, cross_ids):
+    """x [G*N, T, D]; image [G, Lg, D]; cross_ids (q [G, N*T], kv [G, Lg])."""
+    groups = image.shape[0]
+    rows, length, width = x.shape
+    x = partitioning.constrain_batch(x)
+    self_kernel = 'dense' if self.attention == 'splash' else self.attention
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
+    x = x + encoder.MultiHeadAttention(
+        self.num_heads, attention=self_kernel, dtype=self.dtype,
+        name='SelfAttention')(y, y, self_mask)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_1')(x)
+    y = y.reshape(groups, rows // groups * length, width)
+    y = encoder.MultiHeadAttention(
+        self.num_heads, attention=self.attention, dtype=self.dtype,
+        name='CrossAttention')(y, image, cross_ids)
+    x = x + y.reshape(rows, length, width)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
+    y = encoder.MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock')(y)
+    return partitioning.constrain_batch(x + y)
+
+
+class CaptionDecoder(nn.Module):
+  """Per-token caption cross-entropy of the captions of a packed batch.
+
+  Attributes:
+    vocab_size, max_len: the text tower's vocabulary and caption length.
+    width, depth, mlp_dim, num_heads: the decoder's size.
+    pad_id: the padding token (never a target).
+    attention: the cross-attention's kernel (see the module docstring).
+    dtype: compute dtype; the log-softmax is float32.
+  """
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  pad_id: int = 0
+  attention: Any = 'dense'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image_tokens, image_segment, slots: int,
+               layout: CaptionLayout, slot, valid, parallel=None):
+    """Returns (cross-entropy float32 [G, N, T], targets bool [G, N, T]).
+
+    image_tokens [B, L, W] and image_segment [B, L]: the image tower's
+    output and the batch's segments; slots: E; slot, valid [G, C]: `text/slot`,
+    `text/valid`; parallel bool [G, C] or None: the CapPa captions.
+    """
+    tokens, position, segment, caption = layout
+    groups, rows, length = tokens.shape
+    if length > self.max_len:
+      raise ValueError(f'text length {length} exceeds max_len {self.max_len}')
+    if parallel is None:
+      parallel = jnp.zeros(valid.shape, bool)
+    mine = (caption >= 0) & per_caption(valid, caption)
+    targets = mine & (tokens != self.pad_id)
+    token_parallel = per_caption(parallel, caption) & mine
+
+    # Inputs: BOS at position 0, else the previous token of the row (of the
+    # caption, when the position is not 0); [MASK] everywhere for CapPa.
+    embed = nn.Embed(self.vocab_size, self.width, name='Embed')
+    previous = jnp.pad(tokens, ((0, 0), (0, 0), (1, 0)))[..., :-1]
+    x = embed(previous)
+    bos = self.param('bos', nn.initializers.normal(0.02), (self.width,))
+    mask_token = self.param('mask', nn.initializers.normal(0.02), (self.width,))
+    x = jnp.where((position == 0)[..., None], bos, x)
+    x = jnp.where(token_parallel[..., None], mask_token, x)
+    pos = self.param('pos_embedding', nn.initializers.normal(self.width ** -0.5),
+                     (self.max_len, self.width))
+    x = (x + pos[position]).reshape(groups * rows, length, self.width)
+
+    flat = lambda a: a.reshape(groups * rows, length)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    self_mask = attention_lib.segment_mask(flat(segment), flat(segment)) & (
+        causal | flat(token_parallel)[:, None, :, None])
+
+    image = nn.Dense(self.width, dtype=self.dtype, name='image_projection',
+                     **precision.dense_options())(image_tokens)
+    batch, tokens_per_row = image_segment.shape
+    image = image.reshape(groups, batch // groups * tokens_per_row, self.width)
+    kv_ids = image_ids(image_segment, groups, slots)
+    # Tokens of no valid caption (their outputs are no target) take the id of
+    # the group's first image token, so no query row is empty (attention.py).
+    cross_ids = attention_lib.Segments(
+        jnp.where(mine, per_caption(slot, caption) + 1,
+                  kv_ids[:, :1, None]).reshape(groups, -1), kv_ids)
+
+    x = x.astype(self.dtype)
+    for i in range(self.depth):
+      x = DecoderBlock(self.mlp_dim, self.num_heads, self.attention, self.dtype,
+                       name=f'block_{i}')(x, self_mask, image, cross_ids)
+    x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
+    logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head',
+                      **precision.dense_options())(x).astype(jnp.float32)
+    logits = logits.reshape(groups, rows, length, self.vocab_size)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
+    return jnp.where(targets, ce, 0.0), targets
