@@ -85,7 +85,8 @@ def global_tokens(batch):
   if 'image/parent' not in batch:
     return real
   rows = jnp.arange(segment.shape[0])[:, None]
-  return real & (batch['image/parent'][rows, jnp.maximum(segment - 1, 0)] == 0)
+  parent = jnp.asarray(batch['image/parent'])
+  return real & (parent[rows, jnp.maximum(segment - 1, 0)] == 0)
 
 
 def batch_shapes(distill_config, spec) -> dict:
@@ -110,8 +111,9 @@ def require_keys(batch, distill_config) -> None:
                        f'{batch_key!r} in the batch ({how})')
 
 
-def losses(model_config, params, batch, slots, targets):
-  """(weighted sum of the losses that are on, {'distill_loss', 'masked_loss'}).
+def terms(model_config, params, batch, slots, targets) -> dict:
+  """Per-crop 'distill' [B, E] and per-masked-token 'masked' [B, L] CE terms of
+  the objectives that are on (zero elsewhere).
 
   `slots` [B, E, D] are the student's per-slot embeddings from its main
   forward (TwoTowers extras['slots']); `targets` the teacher's outputs
@@ -121,21 +123,32 @@ def losses(model_config, params, batch, slots, targets):
   d = model_config.distill
   require_keys(batch, d)
   heads = two_towers.distill_heads(model_config)
-  total, metrics = 0.0, {}
+  out = {}
   if d.weight > 0:
     logits = heads['distill_head'].apply({'params': params['distill_head']}, slots)
-    terms = crop_terms(logits, targets['logits'], batch['image/parent'],
-                       targets['center'], d)
-    metrics['distill_loss'] = mean_over(terms, batch['image/parent'] > 0)
-    total += d.weight * metrics['distill_loss']
+    out['distill'] = crop_terms(logits, targets['logits'], batch['image/parent'],
+                                targets['center'], d)
   if d.masked_weight > 0:
     _, tokens = two_towers.image_tower(model_config).apply(
         {'params': params['img']}, batch['image/patches'], batch['image/yx'],
         batch['image/segment'], batch['image/grid'], return_tokens=True,
         masked=batch['image/masked'])
     logits = heads['patch_head'].apply({'params': params['patch_head']}, tokens)
-    terms = masked_terms(logits, targets['patch_logits'], batch['image/masked'],
-                         targets['patch_center'], d)
-    metrics['masked_loss'] = mean_over(terms, batch['image/masked'])
+    out['masked'] = masked_terms(logits, targets['patch_logits'], batch['image/masked'],
+                                 targets['patch_center'], d)
+  return out
+
+
+def losses(model_config, params, batch, slots, targets):
+  """(weighted sum of the losses that are on, their metrics 'distill_loss'
+  (mean over the crops) and 'masked_loss' (mean over the masked tokens))."""
+  d = model_config.distill
+  by_kind = terms(model_config, params, batch, slots, targets)
+  total, metrics = 0.0, {}
+  if 'distill' in by_kind:
+    metrics['distill_loss'] = mean_over(by_kind['distill'], batch['image/parent'] > 0)
+    total += d.weight * metrics['distill_loss']
+  if 'masked' in by_kind:
+    metrics['masked_loss'] = mean_over(by_kind['masked'], batch['image/masked'])
     total += d.masked_weight * metrics['masked_loss']
   return total, metrics
