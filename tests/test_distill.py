@@ -404,3 +404,129 @@ def test_sharded_over_data_and_fsdp_equals_one_device():
                          in_shardings=(teacher_sh, batch_sh))(teacher, batch)
   for key in ('mean', 'patch_mean'):
     np.testing.assert_allclose(targets_sh[key], targets[key], rtol=1e-5, atol=1e-6)
+
+
+# --- the trainer: phases, the teacher in the state, resume ---------------
+
+class WithCropsAndMasks:
+  """The trainer's pipeline with stand-in crops and masks, until the pipeline
+  makes them (branch 21-crops): in a row of several images the last is taken
+  for a local crop of the first, and half of each global image's tokens are
+  masked, keyed by its example index (so a resumed run sees the same)."""
+
+  def __init__(self, pipeline):
+    self.pipeline = pipeline
+
+  @property
+  def skipped(self):
+    return self.pipeline.skipped
+
+  def __next__(self):
+    batch = dict(next(self.pipeline))
+    parent = np.zeros(batch['valid'].shape, np.int32)
+    for r, filled in enumerate(batch['valid'].sum(1)):
+      if filled >= 2:
+        parent[r, filled - 1] = 1
+    batch['image/parent'] = parent
+    masked = np.zeros(batch['image/segment'].shape, bool)
+    for (r, k), index in np.ndenumerate(batch['index']):
+      tokens = np.flatnonzero(batch['image/segment'][r] == k + 1)
+      if index >= 0 and not parent[r, k]:
+        rng = np.random.default_rng(int(index))
+        masked[r, rng.choice(tokens, max(1, tokens.size // 2), replace=False)] = True
+    batch['image/masked'] = masked
+    return batch
+
+  def get_state(self):
+    return self.pipeline.get_state()
+
+  def set_state(self, state):
+    self.pipeline.set_state(state)
+
+  def close(self):
+    self.pipeline.close()
+
+
+START = 2
+
+
+def _train_config():
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(tiny_config.__file__ + ':steps=4,every=2,fsdp=2')
+  d = config.model.distill
+  d.weight, d.masked_weight, d.start_step = 0.5, 0.5, START
+  d.head.hidden_dim, d.head.bottleneck_dim, d.head.prototypes = 16, 8, K
+  config_lib.check_config(config)
+  return config
+
+
+def _trainer(workdir):
+  from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  trainer = trainer_lib.Trainer(_train_config(), workdir)
+  trainer.pipeline = WithCropsAndMasks(trainer.pipeline)
+  return trainer
+
+
+def _host(state):
+  return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.slow
+def test_training_across_start_step_and_an_exact_resume(tmp_path):
+  trainer = _trainer(str(tmp_path / 'reference'))
+  assert set(trainer.abstract_state) == {'step', 'params', 'opt_state', 'teacher'}
+  states = [_host(trainer._init_fn())]  # what run() starts from  # pylint: disable=protected-access
+  trainer.run(hooks=[lambda step, state: states.append(_host(state))])
+  with open(tmp_path / 'reference' / 'metrics.jsonl', encoding='utf-8') as f:
+    records = [__import__('json').loads(line) for line in f]
+
+  # Before start_step no teacher objective runs; from it on both do.
+  assert [('distill_loss' in r, 'masked_loss' in r) for r in records] == (
+      [(False, False)] * START + [(True, True)] * 2)
+  for r in records[START:]:
+    assert np.isfinite(r['distill_loss']) and np.isfinite(r['masked_loss'])
+    assert r['distill_loss'] > 0 and r['masked_loss'] > 0
+  # The teacher is the EMA of the student's trajectory, from a copy of it.
+  ema = _ema_formula(trainer.config.model.distill.ema_momentum)
+  teacher = teacher_lib.student_part(states[0]['params'])
+  jax.tree.map(np.testing.assert_array_equal, states[0]['teacher']['params'], teacher)
+  for step, state in enumerate(states[1:], 1):
+    teacher = ema(teacher, teacher_lib.student_part(state['params']))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-9),
+                 state['teacher']['params'], teacher)
+    # The centers move only from start_step on.
+    moved = [np.any(state['teacher'][c] != 0) for c in ('center', 'patch_center')]
+    assert moved == [step > START] * 2, step
+
+  # Killed after the checkpoint at step 2, then resumed: bitwise the same
+  # state, the teacher and its centers included.
+  workdir = str(tmp_path / 'resumed')
+  killed = _trainer(workdir)
+
+  def stop(step, state):
+    del state
+    if step == 3:
+      raise _Stop
+  with pytest.raises(_Stop):
+    killed.run(hooks=[stop])
+  resumed = _trainer(workdir)
+  result = resumed.run()
+  assert result.steps == 2
+  final = _host(resumed.state)
+  assert jax.tree.structure(final) == jax.tree.structure(states[-1])
+  jax.tree.map(np.testing.assert_array_equal, final, states[-1])
+
+
+def test_without_distill_the_state_has_no_teacher(tmp_path):
+  from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  config = _train_config()
+  config.model.distill.weight = config.model.distill.masked_weight = 0.0
+  trainer = trainer_lib.Trainer(config, str(tmp_path))
+  assert set(trainer.abstract_state) == {'step', 'params', 'opt_state'}
+  assert not {'distill_head', 'patch_head'} & set(trainer.abstract_state['params'])
+  assert 'mask_token' not in trainer.abstract_state['params']['img']
