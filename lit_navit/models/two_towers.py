@@ -1,7 +1,10 @@
 """The two-tower image-text model (SigLIP / CLIP / LiT) and its config.
 
 Parameters: 'img' (NaViT), 'txt' (text transformer), 't' (log temperature)
-and, for the sigmoid loss, 'b' (logit bias), as in big_vision.
+and, for the sigmoid loss, 'b' (logit bias), as in big_vision. With
+model.distill on: 'distill_head' (self-distillation) and 'patch_head'
+(masked prediction), DINO heads that lit_navit/distill.py runs, and
+'img/mask_token' (masked prediction).
 """
 
 import math
