@@ -180,6 +180,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config key optim.lr must be >= 0, got {config.optim.lr}')
   sharding.check_mesh(config.mesh)
   decoder.check_config(config.model)
+  two_towers.check_distill(config.model)
   if config.input.text_packing and not config.model.text.mask_padding:
     raise ValueError('input.text_packing=True cannot be combined with '
                      'model.text.mask_padding=False (the big_vision-exact tower '

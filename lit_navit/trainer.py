@@ -21,11 +21,13 @@ from jax.experimental import multihost_utils
 
 from lit_navit.interop import big_vision
 from lit_navit import checkpoint
+from lit_navit import distill
 from lit_navit import losses
 from lit_navit import metrics as metrics_lib
 from lit_navit import optim
 from lit_navit import rules
 from lit_navit import sharding
+from lit_navit import teacher as teacher_lib
 from lit_navit import xla_options
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import pipeline as pipeline_lib
@@ -47,7 +49,7 @@ MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
               'valid', 'text/tokens', 'text/slot', 'text/valid',
               # Text packing only (batch.py).
               'text/segment', 'text/position', 'text/row', 'text/row_segment',
-              # Local crops and masked prediction only (batch.py).
+              # Local crops and token masks only, for model.distill (batch.py).
               'image/parent', 'image/masked')
 
 
@@ -149,7 +151,7 @@ class Trainer:
     self.loss_fn = losses.make_loss(config.model.loss, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = NamedSharding(self.mesh, P())
-    self._compiled = {}  # patch size -> compiled train step
+    self._compiled = {}  # (patch size, distilling) -> compiled train step
     self._stop_requested = False
     self._init_state()
 
@@ -176,8 +178,9 @@ class Trainer:
     spec = pipeline_lib.batch_spec(self.config.input, rows=self.config.batch_size,
                                    groups=caption_groups(self.mesh),
                                    patch_size=patch_size)
+    shapes = {**distill.batch_shapes(self.config.model.distill, spec), **spec.shapes()}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding)
-            for k, (s, d) in spec.shapes().items() if k in MODEL_KEYS}
+            for k, (s, d) in shapes.items() if k in MODEL_KEYS}
 
   def _init_state(self) -> None:
     example = self.abstract_batch(self.config.input.patch_sizes[0])
@@ -190,8 +193,11 @@ class Trainer:
 
     def init_state():
       params = init_params()
-      return {'step': jnp.zeros((), jnp.int32), 'params': params,
-              'opt_state': self.tx.init(params)}
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+               'opt_state': self.tx.init(params)}
+      if self.distilling_ever:
+        state['teacher'] = teacher_lib.init(params, self.config.model)
+      return state
 
     abstract_state = jax.eval_shape(init_state)
     param_sh = sharding.param_shardings(
@@ -202,6 +208,8 @@ class Trainer:
         'opt_state': sharding.state_shardings(
             abstract_state['opt_state'], abstract_params, param_sh, self.mesh),
     }
+    if self.distilling_ever:
+      self.state_sharding['teacher'] = teacher_lib.shardings(param_sh, self.replicated)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, self.state_sharding)
@@ -216,6 +224,10 @@ class Trainer:
       state = self._init_fn()
       if self.config.init_from:
         state['params'] = self._load_init_params(state['params'])
+        if 'teacher' in state:  # the teacher starts as the loaded student
+          state['teacher'] = jax.jit(
+              lambda params: teacher_lib.init(params, self.config.model),
+              out_shardings=self.state_sharding['teacher'])(state['params'])
       return state
     step, state, data_state = restored
     self.pipeline.set_state(self._own_data_state(data_state))
@@ -254,12 +266,22 @@ class Trainer:
 
   # --- the step ------------------------------------------------------------
 
-  def _loss(self, params, batch, step=None):
+  @property
+  def distilling_ever(self) -> bool:
+    """Whether model.distill is on: the state then holds a teacher."""
+    return two_towers.distill_on(self.config.model)
+
+  def distilling_at(self, step: int) -> bool:
+    """Whether the step from `step` to step + 1 runs the teacher objectives."""
+    return self.distilling_ever and step >= self.config.model.distill.start_step
+
+  def _loss(self, params, batch, step=None, targets=None):
     """(loss, metrics) of the model on one batch.
 
     The captioning decoder's loss, with a decoder, is added at its weight;
     `step` keys its CapPa draw (None: no parallel captions, as in evaluation).
-    metrics['caption_targets'] is the token count its mean is over.
+    metrics['caption_targets'] is the token count its mean is over. With the
+    teacher's `targets`, the distillation losses are added (distill.py).
     """
     key = None if step is None else jax.random.fold_in(
         jax.random.key(self.config.seed), step)
@@ -273,15 +295,21 @@ class Trainer:
       loss = loss + self.config.model.decoder.weight * extras['caption_loss']
       metrics = dict(metrics, caption_loss=extras['caption_loss'],
                      caption_targets=extras['caption_targets'])
+    if targets is not None:
+      extra, distill_metrics = distill.losses(self.config.model, params, batch,
+                                              extras['slots'], targets)
+      loss, metrics = loss + extra, {**metrics, **distill_metrics}
     return loss, metrics
 
-  def _train_step(self, state, batch):
+  def _train_step(self, state, batch, distilling: bool = False):
     valid = batch['valid'].reshape(-1)
     # The model pins its activations to this mesh's batch axes (partitioning.py).
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
         precision.f32_grads(self.config.model.f32_grads):
+      targets = (teacher_lib.targets(self.config.model, state['teacher'], batch)
+                 if distilling else None)
       (loss, step_metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
-          state['params'], batch, state['step'])
+          state['params'], batch, state['step'], targets)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     real_tokens = jnp.sum(batch['image/segment'] != batch_lib.PAD_SEGMENT)
@@ -301,32 +329,43 @@ class Trainer:
             batch['text/tokens'] != self.config.model.text.pad_id)
         / batch['text/tokens'].shape[-1] / jnp.maximum(jnp.sum(batch['text/valid']), 1))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    if 'teacher' in state:
+      new_state['teacher'] = teacher_lib.update(
+          state['teacher'], params, self.config.model.distill, targets)
     return new_state, step_metrics
 
-  def lower_step(self, patch_size: int):
-    """The train step lowered for the abstract state and batch at `patch_size`."""
-    jitted = jax.jit(self._train_step, donate_argnums=0,
+  def lower_step(self, patch_size: int, distilling: bool = False):
+    """The train step lowered for the abstract state and batch at `patch_size`,
+    with the teacher objectives when `distilling`."""
+    jitted = jax.jit(functools.partial(self._train_step, distilling=distilling),
+                     donate_argnums=0,
                      in_shardings=(self.state_sharding, self.batch_sharding),
                      out_shardings=(self.state_sharding, self.replicated))
     return jitted.lower(self.abstract_state, self.abstract_batch(patch_size))
 
-  def compile_step(self, patch_size: int):
+  def compile_step(self, patch_size: int, distilling: bool = False):
     """The compiled train step; CPU-only XLA options apply on CPU meshes only."""
-    return xla_options.compile_step(self.lower_step(patch_size),
+    return xla_options.compile_step(self.lower_step(patch_size, distilling),
                                     self.config.cpu_compiler_options,
                                     sharding.platform(self.mesh))
 
-  def compiled_step(self, state, batch):
+  def compiled_step(self, state, batch, step: int | None = None):
     """(compiled step, its model FLOPs) for this batch's patch size (FlexiViT:
-    one per p)."""
-    del state  # the step is compiled for the abstract state, which it matches
+    one per p) and phase: before model.distill.start_step the step has no
+    teacher forward, from it on it does. `step` is the state's, when the
+    caller knows it (else it is read off the state, only with distill on)."""
+    if step is None and self.distilling_ever:
+      step = int(jax.device_get(state['step']))
+    distilling = self.distilling_ever and self.distilling_at(step)
     spec = batch_lib.spec_of(batch)
-    if spec.patch_size not in self._compiled:
+    key = (spec.patch_size, distilling)
+    if key not in self._compiled:
       flops = flops_lib.training_flops(self.config.model, spec,
-                                       frozen=self.frozen_towers)
-      self._compiled[spec.patch_size] = (self.compile_step(spec.patch_size),
-                                         float(flops))
-    return self._compiled[spec.patch_size]
+                                       frozen=self.frozen_towers,
+                                       distilling=distilling)
+      self._compiled[key] = (self.compile_step(spec.patch_size, distilling),
+                             float(flops))
+    return self._compiled[key]
 
   # --- the loop ------------------------------------------------------------
 
@@ -381,7 +420,7 @@ class Trainer:
           break
         local = next(self.pipeline)
         batch = sharding.make_global_batch(model_inputs(local), self.mesh)
-        compiled, flops = self.compiled_step(state, batch)
+        compiled, flops = self.compiled_step(state, batch, step)
         state, device_metrics = compiled(state, batch)
         step += 1
         if pending is not None:

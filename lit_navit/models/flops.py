@@ -8,7 +8,9 @@ packed row is computed and thrown away), MLPs, MAP heads and the projection
 heads; with a captioning decoder (decoder.py) also its image projection,
 causal self-attention over each text row, cross-attention of each caption
 group's text tokens to all the group's image tokens (the segment-masked
-grid the kernels compute), MLPs and vocabulary logits. Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
+grid the kernels compute), MLPs and vocabulary logits; with model.distill
+on, the EMA teacher's forward, the DINO heads and the masked-prediction
+pass (`distill_flops`). Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
 lookups are left out: they are a few percent at real widths.
 """
 
@@ -33,8 +35,9 @@ def _map_head_flops(queries: int, tokens: int, width: int, mlp_dim: int) -> int:
           + 2 * 2 * queries * width * mlp_dim)       # MLP
 
 
-def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
-  """Forward FLOPs of the image tower on one batch of `spec`."""
+def image_forward_flops(config, spec: batch_lib.BatchSpec, pooled: bool = True) -> int:
+  """Forward FLOPs of the image tower on one batch of `spec`; without
+  `pooled`, up to its un-pooled tokens (a pass whose pooling is unused)."""
   c = config.image
   size = variants.tower_size(c, 'image')
   width, mlp_dim = size['width'], size['mlp_dim']
@@ -45,9 +48,9 @@ def image_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
     rows, cols = two_towers.posemb_grid(c)
     per_row += 2 * tokens * rows * cols * width
   per_row += _encoder_flops(tokens, width, size['depth'], mlp_dim)
-  if c.pool == 'map':
+  if pooled and c.pool == 'map':
     per_row += _map_head_flops(slots, tokens, width, mlp_dim)
-  if c.get('head', True):
+  if pooled and c.get('head', True):
     per_row += 2 * slots * width * config.embed_dim
   pi_resize = 2 * p * p * p0 * p0 * 3 * width if p != p0 else 0
   return spec.rows * per_row + pi_resize
@@ -98,12 +101,40 @@ def forward_flops(config, spec: batch_lib.BatchSpec) -> int:
           + decoder_forward_flops(config, spec))
 
 
+def _dino_head_flops(vectors: int, in_dim: int, head) -> int:
+  return 2 * vectors * (in_dim * head.hidden_dim + head.hidden_dim * head.hidden_dim
+                        + head.hidden_dim * head.bottleneck_dim
+                        + head.bottleneck_dim * head.prototypes)
+
+
+def distill_flops(config, spec: batch_lib.BatchSpec, frozen: Sequence[str] = ()) -> int:
+  """The FLOPs model.distill adds to a step from its start_step on: the EMA
+  teacher's image tower and heads (forward only) and the student's heads and,
+  for masked prediction, its second image-tower pass (forward and backward)."""
+  d = config.distill
+  if not two_towers.distill_on(config):
+    return 0
+  width = variants.tower_size(config.image, 'image')['width']
+  slot_dim = config.embed_dim if config.image.get('head', True) else width
+  backward = 1 if 'img' in frozen else 3
+  total = image_forward_flops(config, spec, pooled=d.weight > 0)  # the teacher
+  # Each head: the teacher's forward (1) and the student's forward and backward (3).
+  if d.weight > 0:
+    total += 4 * _dino_head_flops(spec.rows * spec.slots, slot_dim, d.head)
+  if d.masked_weight > 0:
+    total += 4 * _dino_head_flops(spec.rows * spec.tokens_per_row, width, d.head)
+    total += backward * image_forward_flops(config, spec, pooled=False)
+  return total
+
+
 def training_flops(config, spec: batch_lib.BatchSpec,
-                   frozen: Sequence[str] = ()) -> int:
+                   frozen: Sequence[str] = (), distilling: bool = False) -> int:
   """FLOPs of one training step: forward, plus backward = 2 x forward.
 
   A tower named in `frozen` ('img', 'txt') runs forward only (LiT): nothing
-  below it needs a gradient. The captioning decoder always trains. Remat's recompute is not counted (model FLOPs
+  below it needs a gradient. The captioning decoder always trains.
+  `distilling`: a step from model.distill's start_step on
+  (`distill_flops`). Remat's recompute is not counted (model FLOPs
   utilisation, not hardware utilisation).
   """
   unknown = set(frozen) - {'img', 'txt'}
@@ -111,5 +142,6 @@ def training_flops(config, spec: batch_lib.BatchSpec,
     raise ValueError(f'unknown towers {sorted(unknown)} in frozen; expected img, txt')
   img = image_forward_flops(config, spec)
   txt = text_forward_flops(config, spec)
+  extra = distill_flops(config, spec, frozen) if distilling else 0
   return ((img if 'img' in frozen else 3 * img) + (txt if 'txt' in frozen else 3 * txt)
-          + 3 * decoder_forward_flops(config, spec))
+          + 3 * decoder_forward_flops(config, spec) + extra)

@@ -90,6 +90,8 @@ class NaViT(nn.Module):
     out_dim: width of a final linear 'head'; None for no head.
     qk_norm, use_bias, attention, scan, remat_policy, dtype: see encoder.py.
     resize_fn: the pipeline's image resize, for the PI-resize matrix.
+    mask_token: a learned 'mask_token' [width] param, which replaces the
+      patch embedding of the tokens a call marks `masked` (iBOT / TIPS).
   """
   width: int
   depth: int
@@ -109,12 +111,17 @@ class NaViT(nn.Module):
   resize_fn: flexi.ResizeFn = patches_lib.resize_image
   stem: str = 'conv'
   posemb_grid: tuple[int, int] | None = None
+  mask_token: bool = False
 
   @nn.compact
-  def __call__(self, patches, yx, segment, grid, *, return_tokens: bool = False):
+  def __call__(self, patches, yx, segment, grid, *, return_tokens: bool = False,
+               masked=None):
     """[B, E, D] per-slot vectors; with `return_tokens` also the encoder's
     un-pooled output [B, L, width] (after its final LayerNorm), which the
-    per-token objectives (captioning decoder, masked prediction) read."""
+    per-token objectives (captioning decoder, masked prediction) read.
+    `masked` bool [B, L]: tokens whose patch embedding becomes the mask
+    token, before the position embedding is added (so a masked token still
+    says where it is)."""
     if self.pool not in pooling.POOLS:
       raise ValueError(f'unknown image pool {self.pool!r}; expected one of {pooling.POOLS}')
     segment, grid = jnp.asarray(segment), jnp.asarray(grid)
@@ -128,6 +135,13 @@ class NaViT(nn.Module):
     x = PatchEmbedding(self.width, self.base_patch_size, self.use_bias,
                        self.resize_fn, self.dtype, self.stem,
                        name='embedding')(patches)
+    if self.mask_token:
+      token = self.param('mask_token', nn.initializers.normal(0.02), (self.width,))
+      if masked is not None:
+        x = jnp.where(jnp.asarray(masked)[..., None], token.astype(self.dtype), x)
+    elif masked is not None:
+      raise ValueError('masked tokens need NaViT(mask_token=True) '
+                       '(model.distill.masked_weight > 0)')
 
     # Each token's image size; padding reads slot 1's, which nothing uses.
     token_grid = grid[jnp.arange(batch)[:, None], jnp.maximum(segment - 1, 0)]

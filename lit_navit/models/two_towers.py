@@ -3,7 +3,10 @@
 Parameters: 'img' (NaViT), 'txt' (text transformer), 't' (log temperature)
 and, for the sigmoid loss, 'b' (logit bias), as in big_vision; with
 `decoder.weight` > 0 also 'dec', the LocCa captioning decoder (decoder.py),
-which reads the image tower's tokens of the same forward pass.
+which reads the image tower's tokens of the same forward pass. With
+model.distill on: 'distill_head' (self-distillation) and 'patch_head'
+(masked prediction), DINO heads that lit_navit/distill.py runs, and
+'img/mask_token' (masked prediction).
 """
 
 import math
@@ -16,6 +19,7 @@ import numpy as np
 
 from lit_navit.data import batch as batch_lib
 from lit_navit.models import decoder as decoder_lib
+from lit_navit.models import distill_head
 from lit_navit.models import navit
 from lit_navit.models import text
 from lit_navit.models import variants
@@ -84,7 +88,52 @@ def default_config() -> ml_collections.ConfigDict:
   # LocCa captioning loss (weight 0: off, no decoder params); its compute
   # dtype is `dtype`, its vocabulary and caption length the text tower's.
   c.decoder = decoder_lib.default_config()
+  # SILC self-distillation and TIPS masked prediction against an EMA teacher
+  # of the image tower (lit_navit/distill.py, lit_navit/teacher.py). Each is
+  # off at weight 0; both off: no extra params, no teacher in the state.
+  c.distill = ml_collections.ConfigDict(dict(
+      weight=0.0,          # Local crops (image/parent) vs the teacher's global view.
+      masked_weight=0.0,   # Masked tokens (image/masked) vs the teacher's patch features.
+      # Both losses, and the teacher forward, run from this step on (SigLIP 2:
+      # 80% of training); the EMA follows the student from step 0.
+      start_step=0,
+      ema_momentum=0.996,  # teacher <- m * teacher + (1 - m) * student, every step.
+      # DINO head: MLP of hidden_dim -> L2-normalised bottleneck -> prototypes.
+      head=ml_collections.ConfigDict(dict(hidden_dim=2048, bottleneck_dim=256,
+                                          prototypes=65536)),
+      teacher_temp=0.04,   # Sharpens the teacher's (centred) softmax.
+      student_temp=0.1,
+      center_momentum=0.9,  # EMA of the teacher's batch-mean logits.
+  ))
   return c
+
+
+def distill_on(config) -> bool:
+  """Whether either teacher objective is on (model config)."""
+  d = config.get('distill')
+  return d is not None and (d.weight > 0 or d.masked_weight > 0)
+
+
+def check_distill(config) -> None:
+  """Raises ValueError naming the model.distill key whose value is bad."""
+  d = config.distill
+  values = {**{k: v for k, v in d.items() if k != 'head'},
+            **{f'head.{k}': v for k, v in d.head.items()}}
+  checks = [
+      ('weight', lambda v: v >= 0, 'must be >= 0 (0 turns it off)'),
+      ('masked_weight', lambda v: v >= 0, 'must be >= 0 (0 turns it off)'),
+      ('start_step', lambda v: v >= 0, 'must be >= 0'),
+      ('ema_momentum', lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+      ('center_momentum', lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+      ('teacher_temp', lambda v: v > 0, 'must be > 0'),
+      ('student_temp', lambda v: v > 0, 'must be > 0'),
+      ('head.hidden_dim', lambda v: v >= 1, 'must be >= 1'),
+      ('head.bottleneck_dim', lambda v: v >= 1, 'must be >= 1'),
+      ('head.prototypes', lambda v: v >= 1, 'must be >= 1'),
+  ]
+  for key, ok, why in checks:
+    if not ok(values[key]):  # a NaN fails every check
+      raise ValueError(f'config key model.distill.{key}={values[key]!r}: {why}')
 
 
 def base_patch_size(image_config) -> int:
@@ -115,8 +164,10 @@ def posemb_grid(image_config) -> tuple[int, int]:
 
 
 def image_tower(config) -> navit.NaViT:
-  """The NaViT described by `config.image`, projecting to `config.embed_dim`."""
+  """The NaViT described by `config.image`, projecting to `config.embed_dim`;
+  with a learned mask token when masked prediction is on."""
   c = config.image
+  distill = config.get('distill')
   size = variants.tower_size(c, 'image')
   return navit.NaViT(
       **size, base_patch_size=base_patch_size(c), posemb=c.posemb,
@@ -124,7 +175,24 @@ def image_tower(config) -> navit.NaViT:
       out_dim=_out_dim(config, 'image', size['width']),
       qk_norm=c.qk_norm, use_bias=c.use_bias, attention=c.attention,
       scan=c.scan, remat_policy=c.remat_policy, dtype=jnp.dtype(config.dtype),
-      stem=c.get('stem', 'conv'), posemb_grid=posemb_grid(c))
+      stem=c.get('stem', 'conv'), posemb_grid=posemb_grid(c),
+      mask_token=distill is not None and distill.masked_weight > 0)
+
+
+def distill_heads(config) -> dict:
+  """{'distill_head': ..., 'patch_head': ...}: the DINO heads of the objectives
+  that are on, keyed by their name in the params."""
+  d = config.get('distill')
+  if d is None:
+    return {}
+  head = lambda: distill_head.DINOHead(d.head.hidden_dim, d.head.bottleneck_dim,
+                                       d.head.prototypes, jnp.dtype(config.dtype))
+  heads = {}
+  if d.weight > 0:
+    heads['distill_head'] = head()
+  if d.masked_weight > 0:
+    heads['patch_head'] = head()
+  return heads
 
 
 def text_tower(config) -> text.TextTransformer:
@@ -182,6 +250,12 @@ class TwoTowers(nn.Module):
     if self.config.loss == 'sigmoid':
       self.b = self.param('b', nn.initializers.constant(self.config.b_init),
                           (1,), jnp.float32)
+    if self.config.get('distill') is not None:
+      check_distill(self.config)
+    # The distillation heads: params of the model, run by lit_navit/distill.py.
+    heads = distill_heads(self.config)
+    self.distill_head = heads.get('distill_head')
+    self.patch_head = heads.get('patch_head')
 
   def embed_images(self, batch):
     """Packed image batch -> L2-normalised z_img [B*E, embed_dim] (zero for empty slots)."""
@@ -241,12 +315,23 @@ class TwoTowers(nn.Module):
       extras.update(self.caption_loss(tokens, batch, caption_key))
     else:
       slots = self._slot_embeddings(batch)
+    extras['slots'] = slots
+    if self.is_initializing():  # the heads' params; distill.py runs them
+      self._init_heads(slots)
     zimg = gather_to_captions(slots, batch['text/slot'])
     if 'text/segment' in batch:
       ztxt = l2_normalize(self.txt(*packed_text(batch)))
     else:
       ztxt = self.embed_texts(batch['text/tokens'])
     return l2_normalize(zimg), ztxt, extras
+
+
+  def _init_heads(self, slots):
+    if self.distill_head is not None:
+      self.distill_head(slots)
+    if self.patch_head is not None:
+      width = variants.tower_size(self.config.image, 'image')['width']
+      self.patch_head(jnp.zeros((1, width), slots.dtype))
 
 
 def packed_text(batch):
