@@ -309,19 +309,24 @@ def test_no_attention_row_is_empty_in_full_rows():
   masks = []
 
   def spy(q, k, v, mask):
-    masks.append(np.asarray(attention_lib.as_mask(mask)))
+    jax.debug.callback(lambda m: masks.append(np.asarray(m)),
+                       attention_lib.as_mask(mask))
     return attention_lib.dense_attention(q, k, v, mask)
 
   c = config(depth=1)
-  model = two_towers.TwoTowers(c)
   params = model_and_params()[1]
   params = dict(params, dec={k: v for k, v in params['dec'].items() if k != 'block_1'})
-  decoder_module = dataclasses.replace(two_towers.caption_decoder(c), attention=spy)
-  _, image_tokens = model.apply({'params': params}, batch, True,
-                                method=model._slot_embeddings)
-  decoder_module.apply({'params': params['dec']}, image_tokens, batch['image/segment'],
+  model = two_towers.TwoTowers(c)
+  spied = dataclasses.replace(two_towers.caption_decoder(c), attention=spy)
+
+  @jax.jit
+  def run(params, batch):
+    _, image_tokens = model.apply({'params': params}, batch, True,
+                                  method=model._slot_embeddings)
+    return spied.apply({'params': params['dec']}, image_tokens, batch['image/segment'],
                        2, decoder.caption_layout(batch, PAD), batch['text/slot'],
                        batch['text/valid'])
+  jax.block_until_ready(run(params, batch))
   assert len(masks) == 2  # Self- and cross-attention.
   for mask in masks:
     assert mask.any(axis=-1).all()
