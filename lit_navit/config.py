@@ -181,11 +181,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   sharding.check_mesh(config.mesh)
   decoder.check_config(config.model)
   two_towers.check_distill(config.model)
+  _check_views(config)
   if config.input.text_packing and not config.model.text.mask_padding:
     raise ValueError('input.text_packing=True cannot be combined with '
                      'model.text.mask_padding=False (the big_vision-exact tower '
                      'attends to padding, so it needs one caption a row)')
   xla_options.parse(config.cpu_compiler_options)
+
+
+def _check_views(config) -> None:
+  """The input views and the objectives that read them come together: a
+  loss without its view has nothing to learn from, a view without its loss
+  is compute spent for nothing."""
+  distill, crops, mask_ratio = config.model.distill, config.input.local_crops, \
+      config.input.mask_ratio
+  pairs = ((distill.weight > 0, 'model.distill.weight',
+            crops.count > 0, 'input.local_crops.count'),
+           (distill.masked_weight > 0, 'model.distill.masked_weight',
+            mask_ratio > 0, 'input.mask_ratio'))
+  for loss_on, loss_key, view_on, view_key in pairs:
+    if loss_on != view_on:
+      on, off = (loss_key, view_key) if loss_on else (view_key, loss_key)
+      raise ValueError(f'config key {on} is set but {off} is 0: set both '
+                       '(self-distillation reads local crops, masked prediction '
+                       'reads token masks) or neither')
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:

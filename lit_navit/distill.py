@@ -25,7 +25,6 @@ sharded axis is global, so every device shard gives the one-device result.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lit_navit.models import two_towers
 
@@ -87,17 +86,6 @@ def global_tokens(batch):
   rows = jnp.arange(segment.shape[0])[:, None]
   parent = jnp.asarray(batch['image/parent'])
   return real & (parent[rows, jnp.maximum(segment - 1, 0)] == 0)
-
-
-def batch_shapes(distill_config, spec) -> dict:
-  """Key -> (shape, dtype) of the batch keys the objectives that are on read
-  (batch.py's contract), for a BatchSpec that does not list them."""
-  shapes = {}
-  if distill_config.weight > 0:
-    shapes['image/parent'] = ((spec.rows, spec.slots), np.int32)
-  if distill_config.masked_weight > 0:
-    shapes['image/masked'] = ((spec.rows, spec.tokens_per_row), np.bool_)
-  return shapes
 
 
 def require_keys(batch, distill_config) -> None:

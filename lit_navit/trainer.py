@@ -178,9 +178,8 @@ class Trainer:
     spec = pipeline_lib.batch_spec(self.config.input, rows=self.config.batch_size,
                                    groups=caption_groups(self.mesh),
                                    patch_size=patch_size)
-    shapes = {**distill.batch_shapes(self.config.model.distill, spec), **spec.shapes()}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding)
-            for k, (s, d) in shapes.items() if k in MODEL_KEYS}
+            for k, (s, d) in spec.shapes().items() if k in MODEL_KEYS}
 
   def _init_state(self) -> None:
     example = self.abstract_batch(self.config.input.patch_sizes[0])
@@ -302,7 +301,9 @@ class Trainer:
     return loss, metrics
 
   def _train_step(self, state, batch, distilling: bool = False):
-    valid = batch['valid'].reshape(-1)
+    # The images with captions: local crops (image/parent > 0) are views, not images.
+    valid = batch['valid'] & (batch['image/parent'] == 0) if 'image/parent' in batch \
+        else batch['valid']
     # The model pins its activations to this mesh's batch axes (partitioning.py).
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
         precision.f32_grads(self.config.model.f32_grads):
@@ -317,7 +318,7 @@ class Trainer:
         step_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
         images=jnp.sum(valid), tokens=real_tokens,
         padding_fraction=1.0 - real_tokens / batch['image/segment'].size,
-        images_per_row=jnp.sum(valid) / batch['valid'].shape[0],
+        images_per_row=jnp.sum(valid) / valid.shape[0],
         empty_caption_fraction=1.0 - jnp.mean(batch['text/valid']),
         # The text tower's share of pad tokens: what shorter captions
         # (a smaller text_len) or text packing would save.

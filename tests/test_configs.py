@@ -29,7 +29,8 @@ def _abstract_params(config):
 
 def test_every_config_file_is_covered():
   names = {os.path.basename(p) for p in SHIPPED}
-  assert names == {'demo.py', 'siglip_navit.py', 'clip_navit.py', 'lit_navit.py'}
+  assert names == {'demo.py', 'siglip_navit.py', 'clip_navit.py', 'lit_navit.py',
+                   'siglip2_navit.py'}
 
 
 # spec: (total_steps, batch_size, image variant, text variant, loss, frozen towers)
@@ -40,6 +41,8 @@ BUILT = {
     'siglip_navit.py:variant=S/16,text_variant=S,batch=1024':
         (100_000, 1024, 'S/16', 'S', 'sigmoid', ()),
     'clip_navit.py': (100_000, 4096, 'B/16', 'B', 'softmax', ()),
+    'siglip2_navit.py:variant=S/16,text_variant=S,steps=1000':
+        (1000, 4096, 'S/16', 'S', 'sigmoid', ()),
     'lit_navit.py:locked=img': (100_000, 4096, 'B/16', 'B', 'sigmoid', ('img',)),
     'lit_navit.py:locked=txt,variant=L/16': (100_000, 4096, 'L/16', 'B', 'sigmoid', ('txt',)),
 }
@@ -75,6 +78,14 @@ def test_recipes_follow_the_papers():
   assert two_towers.param_count(_abstract_params(siglip)['img']) == pytest.approx(93.4e6, rel=0.01)
   clip = config_lib.load_config_file(os.path.join(CONFIGS, 'clip_navit.py'))
   assert clip.model.loss == 'softmax'
+  # SigLIP 2: the decoder throughout, the teacher's objectives over the last
+  # 20%, on siglip_navit's recipe.
+  siglip2 = config_lib.load_config_file(os.path.join(CONFIGS, 'siglip2_navit.py') +
+                                        ':steps=1000,crops=3')
+  assert siglip2.model.decoder.weight > 0 and siglip2.model.distill.start_step == 800
+  assert siglip2.model.distill.weight > 0 and siglip2.model.distill.masked_weight > 0
+  assert (siglip2.input.local_crops.count, siglip2.input.mask_ratio) == (3, 0.5)
+  assert siglip2.input.text_packing and siglip2.optim.lr == siglip.optim.lr
 
 
 @pytest.mark.parametrize('lock', ['img', 'txt'])
@@ -98,3 +109,19 @@ def test_loading_a_config_leaves_sys_path_alone(path):
   before = list(sys.path)
   config_lib.load_config_file(path)
   assert sys.path == before
+
+
+@pytest.mark.parametrize('loss_key, view_key', [
+    ('model.distill.weight', 'input.local_crops.count'),
+    ('model.distill.masked_weight', 'input.mask_ratio')])
+def test_an_objective_and_its_view_come_together(loss_key, view_key):
+  from lit_navit import config as config_lib  # pylint: disable=g-import-not-at-top
+  value = {'model.distill.weight': 1.0, 'model.distill.masked_weight': 1.0,
+           'input.local_crops.count': 1, 'input.mask_ratio': 0.5}
+  for on, off in ((loss_key, view_key), (view_key, loss_key)):
+    config = config_lib.default_config()
+    config_lib.apply_overrides(config, [(on, str(value[on]))])
+    with pytest.raises(ValueError, match=f'{on} is set but {off} is 0'):
+      config_lib.check_config(config)
+  config_lib.apply_overrides(config, [(off, str(value[off]))])
+  config_lib.check_config(config)

@@ -418,45 +418,6 @@ def test_sharded_over_data_and_fsdp_equals_one_device():
 
 # --- the trainer: phases, the teacher in the state, resume ---------------
 
-class WithCropsAndMasks:
-  """The trainer's pipeline with stand-in crops and masks, until the pipeline
-  makes them (branch 21-crops): in a row of several images the last is taken
-  for a local crop of the first, and half of each global image's tokens are
-  masked, keyed by its example index (so a resumed run sees the same)."""
-
-  def __init__(self, pipeline):
-    self.pipeline = pipeline
-
-  @property
-  def skipped(self):
-    return self.pipeline.skipped
-
-  def __next__(self):
-    batch = dict(next(self.pipeline))
-    parent = np.zeros(batch['valid'].shape, np.int32)
-    for r, filled in enumerate(batch['valid'].sum(1)):
-      if filled >= 2:
-        parent[r, filled - 1] = 1
-    batch['image/parent'] = parent
-    masked = np.zeros(batch['image/segment'].shape, bool)
-    for (r, k), index in np.ndenumerate(batch['index']):
-      tokens = np.flatnonzero(batch['image/segment'][r] == k + 1)
-      if index >= 0 and not parent[r, k]:
-        rng = np.random.default_rng(int(index))
-        masked[r, rng.choice(tokens, max(1, tokens.size // 2), replace=False)] = True
-    batch['image/masked'] = masked
-    return batch
-
-  def get_state(self):
-    return self.pipeline.get_state()
-
-  def set_state(self, state):
-    self.pipeline.set_state(state)
-
-  def close(self):
-    self.pipeline.close()
-
-
 START = 2
 
 
@@ -467,15 +428,16 @@ def _train_config():
   d = config.model.distill
   d.weight, d.masked_weight, d.start_step = 0.5, 0.5, START
   d.head.hidden_dim, d.head.bottleneck_dim, d.head.prototypes = 16, 8, K
+  # The pipeline's own local crops and token masks (data/crops.py, masking.py).
+  config.input.local_crops.update(count=1, max_tokens=4)
+  config.input.mask_ratio = 0.5
   config_lib.check_config(config)
   return config
 
 
 def _trainer(workdir):
   from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  trainer = trainer_lib.Trainer(_train_config(), workdir)
-  trainer.pipeline = WithCropsAndMasks(trainer.pipeline)
-  return trainer
+  return trainer_lib.Trainer(_train_config(), workdir)
 
 
 def _host(state):
@@ -536,6 +498,7 @@ def test_without_distill_the_state_has_no_teacher(tmp_path):
   from lit_navit import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   config = _train_config()
   config.model.distill.weight = config.model.distill.masked_weight = 0.0
+  config.input.local_crops.count, config.input.mask_ratio = 0, 0.0
   trainer = trainer_lib.Trainer(config, str(tmp_path))
   assert set(trainer.abstract_state) == {'step', 'params', 'opt_state'}
   assert not {'distill_head', 'patch_head'} & set(trainer.abstract_state['params'])
