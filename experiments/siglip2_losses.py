@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NAME = 'siglip2_losses'
-DEFAULT_STEPS = 300   # the budget: this many steps of the most costly arm
+DEFAULT_STEPS = 100   # the budget: this many steps of the most costly arm
 START_FRACTION = 0.8  # SigLIP 2: self-distillation and masking in the last 20%
 PROBE_SIDE = 128      # probe images, stretched to a square of 8 x 8 patches
 PROBE_IMAGES = 96
@@ -45,17 +45,23 @@ EVAL_TOKENS = 16
 
 
 def _decoder(config):
-  config.model.decoder.weight = 1.0
+  config.model.decoder.update(weight=1.0, width=32, depth=1, mlp_dim=128, num_heads=2)
+
+
+def _teacher_heads(config):
+  config.model.distill.head.update(hidden_dim=256, bottleneck_dim=64, prototypes=1024)
 
 
 def _self_distill(config):
   config.model.distill.weight = 1.0
-  config.input.local_crops.count = 2
+  config.input.local_crops.update(count=2, max_tokens=4)
+  _teacher_heads(config)
 
 
 def _masked(config):
   config.model.distill.masked_weight = 1.0
   config.input.mask_ratio = 0.5
+  _teacher_heads(config)
 
 
 ARMS = {
@@ -68,11 +74,23 @@ ARMS = {
 
 def base_config(steps, seed, changes):
   config = common.tiny_config(steps=steps, seed=seed)
-  config.input.images_per_row = 8  # room for two local crops an image
+  # The demo's caption places a row, not one a slot: the decoder reads every
+  # caption place, empty or not.
+  config.input.captions_per_row = 7.5
   for change in changes:
     change(config)
   config.model.distill.start_step = int(START_FRACTION * steps)
   return config
+
+
+def step_flops(config, distilling: bool) -> float:
+  """Training FLOPs of one step (`models/flops.py`: towers, decoder and,
+  `distilling`, the teacher's forward and the masked pass)."""
+  from lit_navit.data import pipeline  # pylint: disable=g-import-not-at-top
+  from lit_navit.models import flops  # pylint: disable=g-import-not-at-top
+  spec = pipeline.batch_spec(config.input, rows=config.batch_size, groups=1,
+                             patch_size=config.input.patch_sizes[0])
+  return flops.training_flops(config.model, spec, distilling=distilling)
 
 
 def run_flops(changes, steps) -> float:
@@ -80,8 +98,8 @@ def run_flops(changes, steps) -> float:
   teacher's objectives, after it with them."""
   config = base_config(steps, 0, changes)
   start = config.model.distill.start_step
-  before = base_config(steps, 0, [c for c in changes if c is _decoder])
-  return start * common.step_flops(before) + (steps - start) * common.step_flops(config)
+  return (start * step_flops(config, False)
+          + (steps - start) * step_flops(config, True))
 
 
 def steps_at_budget(changes, budget) -> int:

@@ -161,3 +161,20 @@ def test_the_dense_probe_reads_a_linear_code_and_not_noise(monkeypatch):
       assert probe['object'] > 0.9 and probe['all'] > 0.99
     else:
       assert probe['object'] < 0.5
+
+
+@pytest.mark.slow
+def test_siglip2_losses_gives_every_arm_the_same_budget(tmp_path):
+  from experiments import siglip2_losses  # pylint: disable=g-import-not-at-top
+  arms = ['sigmoid', '+masked']
+  siglip2_losses.main(['--out', str(tmp_path), '--seeds', '1', '--steps', '2',
+                       '--eval_examples', '12', '--arms', ','.join(arms)])
+  results = read_json(tmp_path / 'siglip2_losses.json')
+  budget = results['setting']['budget_flops']
+  for name in arms:
+    arm = results['arms'][name]
+    per_step = arm['run_flops'] / arm['steps']
+    assert abs(arm['run_flops'] - budget) <= per_step / 2
+    assert sorted(arm['points']) == sorted(siglip2_losses.POINTS)
+  # The costlier arm trains fewer steps on the same budget.
+  assert results['arms']['sigmoid']['steps'] > results['arms']['+masked']['steps']
