@@ -103,9 +103,10 @@ def run_flops(changes, steps) -> float:
 
 
 def steps_at_budget(changes, budget) -> int:
-  """The steps whose run costs `budget` FLOPs (the run's mix of phases kept)."""
-  per_step = run_flops(changes, 1000) / 1000
-  return max(1, round(budget / per_step))
+  """The steps whose run, its phases included, costs closest to `budget` FLOPs."""
+  guess = max(1, round(budget * 1000 / run_flops(changes, 1000)))
+  candidates = range(max(1, guess - 3), guess + 4)
+  return min(candidates, key=lambda steps: abs(run_flops(changes, steps) - budget))
 
 
 def arm_config(changes, steps):

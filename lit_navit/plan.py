@@ -115,7 +115,11 @@ def plan(config, devices, cost_model: bool = True) -> dict:
   patch_size = config.input.patch_sizes[0]
   batch = trainer.abstract_batch(patch_size)
   spec = batch_lib.spec_of(batch)
-  model_flops = flops_lib.training_flops(config.model, spec, frozen=trainer.frozen_towers)
+  # With model.distill on, the step that must fit is the costliest: the one
+  # from start_step on, with the teacher's forward and the masked pass.
+  distilling = trainer.distilling_ever
+  model_flops = flops_lib.training_flops(config.model, spec, frozen=trainer.frozen_towers,
+                                         distilling=distilling)
   result = {
       'topology': {'chip': chip.name, 'chips': len(chip_ids),
                    'devices': len(devices), 'hosts': trainer.process_count,
@@ -128,7 +132,7 @@ def plan(config, devices, cost_model: bool = True) -> dict:
   }
   start = time.perf_counter()
   try:
-    compiled = trainer.compile_step(patch_size)
+    compiled = trainer.compile_step(patch_size, distilling)
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
       raise
@@ -155,7 +159,7 @@ def plan(config, devices, cost_model: bool = True) -> dict:
   costs = {}
   for depths in cost_lib.depths_to_compile(depth_img, depth_txt):
     shallow = trainer_lib.Trainer(_with_depths(config, *depths), None, devices=devices)
-    costs[depths] = cost_lib.cost_of(shallow.compile_step(patch_size))
+    costs[depths] = cost_lib.cost_of(shallow.compile_step(patch_size, distilling))
   cost = cost_lib.extrapolate(costs, depth_img, depth_txt)
   pallas = 0.0
   for tower, tokens, rows in (('image', spec.tokens_per_row, spec.rows),

@@ -152,3 +152,29 @@ def test_a_mistyped_config_argument_is_one_line_and_exit_2():
   assert done.returncode == 2
   assert done.stderr.strip().splitlines()[-1].startswith('error:')
   assert 'stepz' in done.stderr
+
+
+def test_siglip2_objectives_plan_their_costliest_step(v5e_2x2, monkeypatch):
+  # Decoder, self-distillation and masked prediction compile for TPU on a
+  # data x fsdp mesh, and the plan is of the step with the teacher (from
+  # model.distill.start_step on), the one that must fit.
+  from lit_navit import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from lit_navit.models import flops  # pylint: disable=import-outside-toplevel
+  config = tiny_config.get_config('batch=16,fsdp=2')
+  config.model.decoder.update(weight=1.0, width=32, depth=1, mlp_dim=64, num_heads=2)
+  config.model.distill.update(weight=1.0, masked_weight=1.0, start_step=10)
+  config.model.distill.head.update(hidden_dim=32, bottleneck_dim=16, prototypes=64)
+  config.input.local_crops.update(count=1, max_tokens=4)
+  config.input.mask_ratio = 0.5
+  phases = []
+  compile_step = trainer_lib.Trainer.compile_step
+  monkeypatch.setattr(trainer_lib.Trainer, 'compile_step',
+                      lambda self, p, distilling=False: phases.append(distilling)
+                      or compile_step(self, p, distilling))
+  result = plan.plan(config, v5e_2x2, cost_model=False)
+  assert phases == [True] and result['fits']
+  from lit_navit.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  spec = batch_lib.spec_of(trainer_lib.Trainer(config, None, devices=v5e_2x2)
+                           .abstract_batch(config.input.patch_sizes[0]))
+  assert result['model_flops_per_step'] == flops.training_flops(
+      config.model, spec, distilling=True) > flops.training_flops(config.model, spec)
