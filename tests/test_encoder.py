@@ -126,9 +126,29 @@ def test_remat_keeps_gradients():
     return jax.jit(jax.grad(loss))(params)
 
   expected = grads(plain)
-  got = grads(_encoder(remat_policy='nothing_saveable'))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               got, expected)
+  for policy in ('nothing_saveable', 'weights_saveable'):
+    got = grads(_encoder(remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 got, expected)
+
+
+def test_weights_saveable_saves_the_compute_dtype_kernels_and_nothing_else():
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=import-outside-toplevel
+  x, mask = _inputs()
+
+  def named_residuals(policy):
+    model = _encoder(scan=False, remat_policy=policy, dtype=jnp.bfloat16)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, mask)
+    loss = lambda p: jnp.sum(model.apply(p, x, mask).astype(jnp.float32))
+    saved = saved_residuals(loss, params)
+    return sorted((a.shape, a.dtype.name) for a, why in saved if 'gathered_weights' in why)
+
+  # Per block: query, key, value [32, 2, 16], out [2, 16, 32], the MLP's two.
+  block = [((2, 16, 32), 'bfloat16'), ((32, 2, 16), 'bfloat16'),
+           ((32, 2, 16), 'bfloat16'), ((32, 2, 16), 'bfloat16'),
+           ((32, 64), 'bfloat16'), ((64, 32), 'bfloat16')]
+  assert named_residuals('weights_saveable') == sorted(2 * block)
+  assert named_residuals('nothing_saveable') == []
 
 
 def test_unknown_remat_policy_raises():
