@@ -26,12 +26,17 @@ SPLASH = ('--config.model.image.attention=splash',)
 # The ViT baseline: one image and one caption a row, nothing packed.
 PADDED = ('--config.input.images_per_row=1', '--config.input.captions_per_row=1.0',
           '--config.input.text_packing=False')
+SAVE_WEIGHTS = ('--config.model.image.remat_policy=weights_saveable',
+                '--config.model.text.remat_policy=weights_saveable')
 FSDP16 = ("--config.mesh=[('data', 16), ('fsdp', 16)]",)
 
 # name: (config, topology, overrides)
 ARMS = {
     'so400m_v5e256_dense': (SO400M, 'v5e:16x16', FSDP16),
     'so400m_v5e256_splash': (SO400M, 'v5e:16x16', FSDP16 + SPLASH),
+    # Keep each layer's fsdp-gathered weights for the backward pass instead
+    # of gathering them again for remat's recompute.
+    'so400m_v5e256_dense_weights_saveable': (SO400M, 'v5e:16x16', FSDP16 + SAVE_WEIGHTS),
     'b16_navit_v5e256_dense': (B16, 'v5e:16x16', ()),
     'b16_navit_v5e256_splash': (B16, 'v5e:16x16', SPLASH),
     'b16_padded_vit_v5e256_splash': (B16, 'v5e:16x16', SPLASH + PADDED),
