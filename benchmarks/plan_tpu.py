@@ -34,6 +34,9 @@ FSDP16 = ("--config.mesh=[('data', 16), ('fsdp', 16)]",)
 ARMS = {
     'so400m_v5e256_dense': (SO400M, 'v5e:16x16', FSDP16),
     'so400m_v5e256_splash': (SO400M, 'v5e:16x16', FSDP16 + SPLASH),
+    # The recipe's sharding rules (attention kernels over heads), counted
+    # with collectives.py's TPU forms (async pieces, mesh replica groups).
+    'so400m_v5e256_dense_heads': (SO400M, 'v5e:16x16', FSDP16),
     # Keep each layer's fsdp-gathered weights for the backward pass instead
     # of gathering them again for remat's recompute.
     'so400m_v5e256_dense_weights_saveable': (SO400M, 'v5e:16x16', FSDP16 + SAVE_WEIGHTS),

@@ -165,3 +165,18 @@ def test_no_bias_and_qk_norm_params():
   attn = block['MultiHeadDotProductAttention_0']
   assert set(attn['query']) == {'kernel'} and set(block['MlpBlock_0']['Dense_0']) == {'kernel'}
   assert set(attn['query_ln']) == {'scale'} and attn['query_ln']['scale'].shape == (2, 16)
+
+
+def test_gathered_weights_leave_the_gradient_unconstrained():
+  # Constrained replicated in the backward pass too, a kernel's gradient is
+  # all-reduced whole instead of reduce-scattered to its fsdp shards.
+  from lit_navit.models import partitioning  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  kernel, scale = jnp.ones((8, 4)), jnp.arange(4.0)
+  loss = lambda k: jnp.sum(partitioning.gathered_weights(k) * scale)
+  with jax.set_mesh(mesh):
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(kernel))
+    grad = jax.jit(jax.grad(loss))(kernel)
+  assert grad_jaxpr.count('sharding_constraint') == 1  # the forward's only
+  np.testing.assert_array_equal(grad, jnp.broadcast_to(scale, (8, 4)))
+

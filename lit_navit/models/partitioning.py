@@ -41,11 +41,30 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, P(axes))
 
 
+@jax.custom_vjp
+def _replicated(kernel):
+  return jax.lax.with_sharding_constraint(kernel, P())
+
+
+def _replicated_fwd(kernel):
+  return _replicated(kernel), None
+
+
+def _replicated_bwd(_, grad):
+  # Left unconstrained, the gradient takes the parameter's fsdp sharding
+  # and XLA reduce-scatters it; constrained replicated (the transpose of
+  # the forward constraint) it would be all-reduced whole.
+  return (grad,)
+
+
+_replicated.defvjp(_replicated_fwd, _replicated_bwd)
+
+
 def gathered_weights(kernel):
   """kernel replicated over the ambient mesh (fsdp gathers it here), named
   GATHERED_WEIGHTS for the remat policy to save."""
   if not jax.sharding.get_abstract_mesh().empty:
-    kernel = jax.lax.with_sharding_constraint(kernel, P())
+    kernel = _replicated(kernel)
   return checkpoint_name(kernel, GATHERED_WEIGHTS)
 
 
