@@ -121,7 +121,8 @@ class Encoder(nn.Module):
 
   `scan` compiles one block and loops it (fast compiles, stacked params);
   `remat_policy` names a jax.checkpoint_policies policy to trade activation
-  memory for recompute in the backward pass ('none' keeps everything).
+  memory for recompute in the backward pass ('none' keeps everything;
+  'weights_saveable' recomputes all but the fsdp-gathered weights).
   """
   depth: int
   mlp_dim: int
