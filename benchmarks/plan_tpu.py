@@ -91,8 +91,15 @@ def table(results: dict) -> str:
           '| MFU (overlapped) | img/s/chip | compile s |')
   lines = [head, '|' + ' --- |' * 7]
   for name, r in results.items():
-    if 'projected_step_s' not in r:
-      lines.append(f"| {name} | does not fit: {r.get('compile_error', '')} | | | | | |")
+    if 'compile_error' in r:
+      lines.append(f"| {name} | does not fit: {r['compile_error']} | | | | | |")
+      continue
+    if 'projected_step_s' not in r:  # planned with --nocost_model
+      lines.append(
+          f"| {name} | {r['hbm_per_chip_bytes'] / 2**30:.2f} ({100 * r['hbm_headroom']:.0f}%"
+          f"{'' if r['fits'] else ', does not fit'}) "
+          f"| {r['collective_bytes_per_chip']['total'] / 2**30:.2f} | — | — | — "
+          f"| {r['compile_s']:.0f} + — |")
       continue
     lines.append(
         f"| {name} | {r['hbm_per_chip_bytes'] / 2**30:.2f} ({100 * r['hbm_headroom']:.0f}%"
