@@ -4,11 +4,18 @@ Config keys (`default_config` gives them):
 
   mesh             [(axis name, size)], -1 meaning "the remaining devices";
                    the batch is sharded over ('data', 'fsdp') together.
-  sharding_rules   [(regex, 'replicate' | 'fsdp')], first match wins, every
-                   parameter must match one. 'fsdp' shards a parameter's
-                   largest dimension that the fsdp axis size divides evenly
-                   (the first such if several tie) and replicates it when
-                   none does.
+  sharding_rules   [(regex, 'replicate' | 'fsdp' | 'fsdp:<dim>')], first
+                   match wins, every parameter must match one. 'fsdp' shards
+                   a parameter's largest dimension that the fsdp axis size
+                   divides evenly (the first such if several tie) and
+                   replicates it when none does. 'fsdp:<dim>' shards
+                   dimension <dim> (negative: from the end, so that scan's
+                   stacked copies match too) when the fsdp size divides it,
+                   else falls back to 'fsdp'. Which dimension is sharded
+                   decides whether XLA reduce-scatters a gradient or
+                   all-reduces it whole and slices it (2x the bytes): on TPU
+                   attention kernels [width, heads, head_dim] are reduced
+                   whole unless sharded over heads (BENCHMARKS.md).
 
 Shardings are data: the trainer gets abstract parameters from
 `jax.eval_shape(init)`, turns them into shardings with `param_shardings`, the
@@ -100,7 +107,25 @@ def platform(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
-def _fsdp_spec(shape, fsdp_size):
+def _rule_dim(rule: str):
+  """'fsdp:-2' -> -2; 'fsdp' -> None; ValueError for anything else."""
+  if rule in SHARDING_RULES:
+    return None
+  name, _, dim = rule.partition(':')
+  try:
+    if name == FSDP and dim:
+      return int(dim)
+  except ValueError:
+    pass
+  raise ValueError(f'Unknown rule {rule!r} in config.sharding_rules: expected one of '
+                   f"{SHARDING_RULES} or 'fsdp:<dim>'.")
+
+
+def _fsdp_spec(shape, fsdp_size, dim=None):
+  if dim is not None and -len(shape) <= dim < len(shape) and fsdp_size > 1:
+    dim %= len(shape)
+    if shape[dim] % fsdp_size == 0:
+      return P(*(FSDP if d == dim else None for d in range(len(shape))))
   divisible = [d for d, n in enumerate(shape) if n % fsdp_size == 0]
   if fsdp_size == 1 or not divisible:
     return P()
@@ -110,14 +135,13 @@ def _fsdp_spec(shape, fsdp_size):
 
 def param_shardings(params, sharding_rules, mesh: Mesh):
   """A tree of NamedSharding for `params` (arrays or ShapeDtypeStructs)."""
-  unknown = [rule for _, rule in sharding_rules if rule not in SHARDING_RULES]
-  if unknown:
-    raise ValueError(f'Unknown rules {unknown} in config.sharding_rules: '
-                     f'expected one of {SHARDING_RULES}.')
+  for _, rule in sharding_rules:
+    _rule_dim(rule)
   fsdp_size = mesh.shape.get(FSDP, 1)
 
   def sharding(param, rule):
-    spec = _fsdp_spec(param.shape, fsdp_size) if rule == 'fsdp' else P()
+    spec = P() if rule == 'replicate' else _fsdp_spec(param.shape, fsdp_size,
+                                                      _rule_dim(rule))
     return NamedSharding(mesh, spec)
 
   rule_tree = rules.match_rules(params, sharding_rules, 'config.sharding_rules')

@@ -126,9 +126,29 @@ def test_remat_keeps_gradients():
     return jax.jit(jax.grad(loss))(params)
 
   expected = grads(plain)
-  got = grads(_encoder(remat_policy='nothing_saveable'))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               got, expected)
+  for policy in ('nothing_saveable', 'weights_saveable'):
+    got = grads(_encoder(remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 got, expected)
+
+
+def test_weights_saveable_saves_the_compute_dtype_kernels_and_nothing_else():
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=import-outside-toplevel
+  x, mask = _inputs()
+
+  def named_residuals(policy):
+    model = _encoder(scan=False, remat_policy=policy, dtype=jnp.bfloat16)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, mask)
+    loss = lambda p: jnp.sum(model.apply(p, x, mask).astype(jnp.float32))
+    saved = saved_residuals(loss, params)
+    return sorted((a.shape, a.dtype.name) for a, why in saved if 'gathered_weights' in why)
+
+  # Per block: query, key, value [32, 2, 16], out [2, 16, 32], the MLP's two.
+  block = [((2, 16, 32), 'bfloat16'), ((32, 2, 16), 'bfloat16'),
+           ((32, 2, 16), 'bfloat16'), ((32, 2, 16), 'bfloat16'),
+           ((32, 64), 'bfloat16'), ((64, 32), 'bfloat16')]
+  assert named_residuals('weights_saveable') == sorted(2 * block)
+  assert named_residuals('nothing_saveable') == []
 
 
 def test_unknown_remat_policy_raises():
@@ -145,3 +165,18 @@ def test_no_bias_and_qk_norm_params():
   attn = block['MultiHeadDotProductAttention_0']
   assert set(attn['query']) == {'kernel'} and set(block['MlpBlock_0']['Dense_0']) == {'kernel'}
   assert set(attn['query_ln']) == {'scale'} and attn['query_ln']['scale'].shape == (2, 16)
+
+
+def test_gathered_weights_leave_the_gradient_unconstrained():
+  # Constrained replicated in the backward pass too, a kernel's gradient is
+  # all-reduced whole instead of reduce-scattered to its fsdp shards.
+  from lit_navit.models import partitioning  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  kernel, scale = jnp.ones((8, 4)), jnp.arange(4.0)
+  loss = lambda k: jnp.sum(partitioning.gathered_weights(k) * scale)
+  with jax.set_mesh(mesh):
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(kernel))
+    grad = jax.jit(jax.grad(loss))(kernel)
+  assert grad_jaxpr.count('sharding_constraint') == 1  # the forward's only
+  np.testing.assert_array_equal(grad, jnp.broadcast_to(scale, (8, 4)))
+

@@ -47,11 +47,57 @@ def test_replica_group_spellings():
   line = ' = f32[8,16]{1,0} all-reduce(%x), replica_groups={}'
   for groups, n in (("mesh['data'=4,'fsdp'=2] {'data','fsdp'}", 8),
                     ("mesh['data'=4,'fsdp'=2] {'fsdp'}", 2),
+                    ("mesh['data'=4,'fsdp'=2], device_ids=([2,4]T(1,0)) {'data'}", 4),
                     ('[2,4]<=[8]', 4), ('{{0,1,2},{3,4,5}}', 3)):
     text = ('ENTRY %main (p: f32[8,16]) -> f32[8,16] {\n  %r'
             + line.replace('{}', groups) + '\n}\n')
     assert collectives.from_hlo_text(text).bytes_by_kind['all-reduce'] == int(
         8 * 16 * 4 * 2 * (n - 1) / n)
+
+
+# TPU's forms: an all-gather run asynchronously as fusions that start,
+# continue and finish it, each holding a copy of the op under one channel;
+# a reduce-scatter as a fusion slicing its all-reduce to the chip's shard.
+_ASYNC_AND_SCATTER_HLO = '''
+%start (p0: bf16[4,8]) -> (bf16[4,8], bf16[16,8]) {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %all-gather.1 = bf16[16,8]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %cc.1 = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%continued (p1: bf16[4,8]) -> bf16[16,8] {
+  %p1 = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[16,8]{1,0} all-gather(%p1), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%done (p2: bf16[4,8]) -> bf16[16,8] {
+  %p2 = bf16[4,8]{1,0} parameter(0)
+  %all-gather.3 = bf16[16,8]{1,0} all-gather(%p2), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %cc.2 = bf16[16,8]{1,0} custom-call(%all-gather.3), custom_call_target="AsyncCollectiveDone"
+}
+
+%all-reduce-scatter (input: bf16[16,8]) -> bf16[4,8] {
+  %input = bf16[16,8]{1,0} parameter(0)
+  %all-reduce.1 = bf16[16,8]{1,0} all-reduce(%input), channel_id=9, replica_groups={{0,1,2,3}}, to_apply=%add
+  %zero = s32[] constant(0)
+  ROOT %ds = bf16[4,8]{1,0} dynamic-slice(%all-reduce.1, %zero, %zero), dynamic_slice_sizes={4,8}
+}
+
+ENTRY %main (p: bf16[4,8]) -> bf16[4,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  %s = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) fusion(%p), kind=kCustom, calls=%start
+  %c = bf16[16,8]{1,0} fusion(%p), kind=kOutput, calls=%continued
+  %d = bf16[16,8]{1,0} fusion(%p), kind=kCustom, calls=%done
+  ROOT %r = bf16[4,8]{1,0} fusion(%d), kind=kCustom, calls=%all-reduce-scatter
+}
+'''
+
+
+def test_async_collectives_count_once_and_scatters_as_reduce_scatter():
+  moved = collectives.from_hlo_text(_ASYNC_AND_SCATTER_HLO).bytes_by_kind
+  assert moved['all-gather'] == 16 * 8 * 2 * 3 // 4  # once, not once a fusion
+  assert moved['reduce-scatter'] == 16 * 8 * 2 * 3 // 4  # half an all-reduce
+  assert moved['all-reduce'] == 0
 
 
 def test_fsdp_gathers_weights_not_activations(v5e_2x2):
@@ -67,6 +113,11 @@ def test_fsdp_gathers_weights_not_activations(v5e_2x2):
   # fsdp: gather the weights forward and again backward, reduce-scatter the
   # gradients; data: all-reduce those; plus the loss's small ring.
   assert moved['total'] <= 6 * weights, (moved, weights)
+  # fsdp 2 gathers half of each weight at least once (in bf16: a quarter of
+  # its f32 bytes) and at most twice (forward, backward), and
+  # reduce-scatters the gradients.
+  assert weights / 4 <= moved['all-gather'] <= weights / 2, (moved, weights)
+  assert moved['reduce-scatter'] >= weights / 8, (moved, weights)
   assert result['fits'] and 0 < result['hbm_per_chip_bytes'] < result['hbm_capacity_bytes']
 
 

@@ -75,6 +75,18 @@ def test_fsdp_picks_the_largest_evenly_divisible_dimension():
   }
 
 
+def test_fsdp_with_a_dimension_shards_it_when_it_divides():
+  # Attention kernels, scanned: [depth, width, heads, head_dim] and
+  # [depth, heads, head_dim, width]; 'fsdp' alone would take the width.
+  params = _abstract({'qkv': (3, 32, 4, 8), 'out': (3, 4, 8, 32), 'few_heads': (3, 32, 2, 8)})
+  rules_ = [('qkv|few_heads', 'fsdp:-2'), ('out', 'fsdp:-3'), ('.*', 'fsdp')]
+  specs = _specs(sharding.param_shardings(params, rules_, _mesh([('data', 2), ('fsdp', 4)])))
+  assert specs == {'qkv': P(None, None, 'fsdp', None), 'out': P(None, 'fsdp', None, None),
+                   'few_heads': P(None, 'fsdp', None, None)}  # 2 heads: the width
+  with pytest.raises(ValueError, match="'fsdp:heads'"):
+    sharding.param_shardings(params, [('.*', 'fsdp:heads')], _mesh([('data', 8), ('fsdp', 1)]))
+
+
 def test_fsdp_of_size_one_and_replicate_rule_replicate():
   rules_ = [('img/.*', 'replicate'), ('.*', 'fsdp')]
   specs = _specs(sharding.param_shardings(

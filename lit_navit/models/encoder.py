@@ -16,8 +16,18 @@ from lit_navit.models import attention as attention_lib
 from lit_navit.models import partitioning
 from lit_navit.models import precision
 
-REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable',
+# 'weights_saveable': recompute everything but the fsdp-gathered weights
+# (partitioning.py), so the backward pass does not gather them again.
+REMAT_POLICIES = ('none', 'nothing_saveable', 'weights_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
+
+
+def _dense_options(save_weights: bool) -> dict:
+  options = precision.dense_options()
+  if save_weights:
+    options['dot_general'] = partitioning.saving_gathered_weights(
+        options.get('dot_general', jax.lax.dot_general))
+  return options
 
 _kernel_init = nn.initializers.xavier_uniform()
 _bias_init = nn.initializers.normal(stddev=1e-6)
@@ -28,13 +38,14 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   use_bias: bool = True
   dtype: Any = jnp.float32
+  save_weights: bool = False  # kernels through partitioning.gathered_weights
 
   @nn.compact
   def __call__(self, x):
     dense = lambda features, name: nn.Dense(
         features, use_bias=self.use_bias, dtype=self.dtype,
         kernel_init=_kernel_init, bias_init=_bias_init, name=name,
-        **precision.dense_options())
+        **_dense_options(self.save_weights))
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     return dense(x.shape[-1], 'Dense_1')(y)
 
@@ -49,6 +60,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   attention: Any = 'dense'  # A name in attention.ATTENTION_FNS or a callable.
   dtype: Any = jnp.float32
+  save_weights: bool = False  # kernels through partitioning.gathered_weights
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask):
@@ -58,7 +70,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = width // self.num_heads
     project = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
-        kernel_init=_kernel_init, name=name, **precision.dense_options())
+        kernel_init=_kernel_init, name=name, **_dense_options(self.save_weights))
     q = project('query')(inputs_q)
     k = project('key')(inputs_kv)
     v = project('value')(inputs_kv)
@@ -68,7 +80,7 @@ class MultiHeadAttention(nn.Module):
     out = attention_lib.get(self.attention)(q, k, v, mask)
     return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
                            dtype=self.dtype, kernel_init=_kernel_init,
-                           name='out', **precision.dense_options())(out)
+                           name='out', **_dense_options(self.save_weights))(out)
 
 
 class EncoderBlock(nn.Module):
@@ -79,6 +91,7 @@ class EncoderBlock(nn.Module):
   use_bias: bool = True
   attention: Any = 'dense'
   dtype: Any = jnp.float32
+  save_weights: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
@@ -87,16 +100,19 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y = MultiHeadAttention(
         self.num_heads, self.qk_norm, self.use_bias, self.attention, self.dtype,
-        name='MultiHeadDotProductAttention_0')(y, y, mask)
+        self.save_weights, name='MultiHeadDotProductAttention_0')(y, y, mask)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name='MlpBlock_0')(y)
+    y = MlpBlock(self.mlp_dim, self.use_bias, self.dtype, self.save_weights,
+                 name='MlpBlock_0')(y)
     return partitioning.constrain_batch(x + y), None
 
 
 def _remat_policy(name: str):
   if name not in REMAT_POLICIES:
     raise ValueError(f'unknown remat_policy {name!r}; expected one of {REMAT_POLICIES}')
+  if name == 'weights_saveable':
+    return jax.checkpoint_policies.save_only_these_names(partitioning.GATHERED_WEIGHTS)
   return getattr(jax.checkpoint_policies, name)
 
 
@@ -105,7 +121,8 @@ class Encoder(nn.Module):
 
   `scan` compiles one block and loops it (fast compiles, stacked params);
   `remat_policy` names a jax.checkpoint_policies policy to trade activation
-  memory for recompute in the backward pass ('none' keeps everything).
+  memory for recompute in the backward pass ('none' keeps everything;
+  'weights_saveable' recomputes all but the fsdp-gathered weights).
   """
   depth: int
   mlp_dim: int
@@ -127,7 +144,8 @@ class Encoder(nn.Module):
                        prevent_cse=not self.scan)
     block_args = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                       qk_norm=self.qk_norm, use_bias=self.use_bias,
-                      attention=self.attention, dtype=self.dtype)
+                      attention=self.attention, dtype=self.dtype,
+                      save_weights=self.remat_policy == 'weights_saveable')
     x = x.astype(self.dtype)
     if self.scan:
       blocks = nn.scan(block, variable_axes={'params': 0},

@@ -55,6 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
       qk_norm=False,
       use_bias=True,
       scan=True,
+      # encoder.REMAT_POLICIES; 'weights_saveable' keeps the fsdp-gathered
+      # weights for the backward pass instead of gathering them again.
       remat_policy='none',
       attention='dense',          # 'dense' | 'xla' | 'cudnn' | 'splash' (TPU).
   ))

@@ -11,6 +11,14 @@ group and the usual ring algorithms:
   all-reduce          bytes x 2(n-1)/n
   all-to-all          bytes x (n-1)/n
   collective-permute  bytes
+
+TPU spells a reduce-scatter as a fusion whose all-reduce it slices to the
+chip's shard (`%all-reduce-scatter`, its output 1/n of the all-reduce); it
+is counted as the reduce-scatter it is. TPU runs a collective asynchronously
+as fusions that start, continue and finish it, each holding a copy of the op:
+it is counted once, where it starts. Replica groups are read in each of their spellings, the mesh one with
+`device_ids=` included; a group that cannot be read would count as one
+device, moving nothing.
 """
 
 import collections
@@ -25,9 +33,11 @@ KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
          'collective-permute')
 
 _HEADER = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$')
-_OP = re.compile(r' = (.*?) (all-gather-start|all-gather|reduce-scatter|'
+_OP = re.compile(r'%([\w.\-]+) = (.*?) (all-gather-start|all-gather|reduce-scatter|'
                  r'all-reduce-start|all-reduce|all-to-all|'
                  r'collective-permute-start|collective-permute)\(')
+_CHANNEL = re.compile(r'\bchannel_id=(\d+)')
+_TYPE_LAYOUT = re.compile(r'\{[^{}]*\}')
 _ARRAY = re.compile(r'\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]')
 _CALLEE = re.compile(r'\b(?:body|calls|to_apply|true_computation|false_computation)'
                      r'=%([\w.\-]+)')
@@ -58,7 +68,9 @@ def _array_bytes(type_text: str) -> list[int]:
 
 def _group_size(line: str) -> int:
   """Devices in each replica group, in any of the HLO spellings."""
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  # mesh['a'=4,'b'=4] {'a'}, or with the devices' order between:
+  # mesh['a'=4,'b'=4], device_ids=([4,4]T(1,0)) {'a'} (TPU's usual spelling).
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{}]*\{([^}]*)\}", line)
   if mesh:
     sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
     axes = re.findall(r"'(\w+)'", mesh.group(2))
@@ -92,7 +104,9 @@ def _bytes_per_chip(kind: str, type_text: str, line: str) -> float:
 
 def from_hlo_text(text: str) -> Collectives:
   """The collectives of an optimized HLO module (`compiled.as_text()`)."""
-  own = collections.defaultdict(collections.Counter)
+  # computation -> {op name: [kind, bytes, key]}; key: (kind, channel, type)
+  ops = collections.defaultdict(dict)
+  async_starts = set()  # computations that start a TPU async collective
   calls = collections.defaultdict(list)  # computation -> [(callee, times)]
   bounds = collections.defaultdict(list)  # computation -> its s32 constants
   less_than = set()  # computations computing `x < constant`
@@ -102,6 +116,7 @@ def from_hlo_text(text: str) -> Collectives:
     header = _HEADER.match(line)
     if header:
       current = header.group(1)
+      out_bytes = sum(_array_bytes(line.rsplit(' -> ', 1)[-1]))
       if line.startswith('ENTRY'):
         entry = current
       continue
@@ -110,10 +125,20 @@ def from_hlo_text(text: str) -> Collectives:
     bounds[current] += [int(n) for n in _S32_CONSTANT.findall(line)]
     if 'ROOT' in line and 'direction=LT' in line:
       less_than.add(current)
+    if 'custom_call_target="AsyncCollectiveStart"' in line:
+      async_starts.add(current)
     op = _OP.search(line)
     if op:
-      own[current][op.group(2).removesuffix('-start')] += _bytes_per_chip(
-          op.group(2), op.group(1), line)
+      kind = op.group(3).removesuffix('-start')
+      channel = _CHANNEL.search(line)
+      key = (kind, channel and channel.group(1), _TYPE_LAYOUT.sub('', op.group(2)))
+      ops[current][op.group(1)] = [
+          kind, _bytes_per_chip(op.group(3), op.group(2), line), key]
+      if (kind == 'all-reduce' and _group_size(line) > 1
+          and sum(_array_bytes(op.group(2))) == _group_size(line) * out_bytes):
+        # TPU's reduce-scatter: a fusion whose all-reduce it slices to this
+        # chip's 1/n shard (`%all-reduce-scatter`); half an all-reduce's bytes.
+        ops[current][op.group(1)][:2] = 'reduce-scatter', ops[current][op.group(1)][1] / 2
     callees = _CALLEE.findall(line)
     for branches in _BRANCHES.findall(line):
       callees += re.findall(r'%([\w.\-]+)', branches)
@@ -127,6 +152,16 @@ def from_hlo_text(text: str) -> Collectives:
                     int(trips.group(1)) if trips else None))
       continue
     calls[current] += [(callee, 1) for callee in callees]
+
+  # TPU runs a collective asynchronously as a fusion that starts it, fusions
+  # that continue it beside other work and one that finishes it, each
+  # holding a copy of the op under the same channel: count it where it starts.
+  started = {key for c in async_starts for _, _, key in ops[c].values()}
+  own = collections.defaultdict(collections.Counter)
+  for computation, its_ops in ops.items():
+    for kind, moved, key in its_ops.values():
+      if computation in async_starts or key not in started:
+        own[computation][kind] += moved
 
   unknown = 0
   for caller, condition, body, trips in loops:
