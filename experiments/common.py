@@ -29,9 +29,12 @@ DEFAULT_EVAL_EXAMPLES = 144
 
 
 def parse_args(description, argv=None, *, steps, seeds=3,
-               eval_examples=DEFAULT_EVAL_EXAMPLES):
-  """The flags every study takes, with the study's defaults."""
+               eval_examples=DEFAULT_EVAL_EXAMPLES, extra_flags=()):
+  """The flags every study takes, with the study's defaults, and the
+  study's own `extra_flags`: (name, argparse kwargs) pairs."""
   parser = argparse.ArgumentParser(description=description)
+  for name, kwargs in extra_flags:
+    parser.add_argument(name, **kwargs)
   parser.add_argument('--out', default='experiments/results',
                       help='folder for NAME.json and NAME.png')
   parser.add_argument('--workdir', default=None,

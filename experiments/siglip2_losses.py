@@ -22,8 +22,9 @@ patches and over all).
 
   python experiments/siglip2_losses.py            # 4 arms x 3 seeds
   python experiments/siglip2_losses.py --scale 4  # a bigger machine
+  python experiments/siglip2_losses.py --equal_steps  # control: equal data
 
-Writes OUT/siglip2_losses.json.
+Writes OUT/siglip2_losses.json (OUT/siglip2_losses_equal_steps.json).
 """
 
 import os
@@ -200,21 +201,27 @@ POINTS = ('seen/zero_shot', 'heldout/zero_shot', 'retrieval/image_to_text_r1',
 
 
 def main(argv=None):
-  args = common.parse_args(__doc__.split('\n')[0], argv, steps=DEFAULT_STEPS)
+  args = common.parse_args(__doc__.split('\n')[0], argv, steps=DEFAULT_STEPS,
+                           extra_flags=[('--equal_steps', dict(
+                               action='store_true',
+                               help='a control: every arm trains --steps steps '
+                                    '(equal data, not equal compute)'))])
   arms = common.select_arms(args, ARMS)
   start = time.perf_counter()
   budget = run_flops(ARMS['+masked'], args.steps)
   evaluate = evaluator(args.eval_examples)
   results = {}
   for name, changes in arms.items():
-    steps = steps_at_budget(changes, budget)
+    steps = args.steps if args.equal_steps else steps_at_budget(changes, budget)
     results[name] = {'steps': steps, 'run_flops': run_flops(changes, steps),
                      **common.run_seeds(arm_config(changes, steps), args, name, evaluate)}
-  summary = common.summary(NAME, args, start, {
+  name = f'{NAME}_equal_steps' if args.equal_steps else NAME
+  summary = common.summary(name, args, start, {
+      'budget': 'steps' if args.equal_steps else 'flops',
       'budget_flops': budget, 'budget_steps_of': '+masked',
       'start_fraction': START_FRACTION, 'probe_side': PROBE_SIDE,
       'probe_images': PROBE_IMAGES, 'eval_tokens': EVAL_TOKENS}, results)
-  json_path = os.path.join(args.out, f'{NAME}.json')
+  json_path = os.path.join(args.out, f'{name}.json')
   common.write_json(json_path, summary)
   print(f'wrote {json_path} in {summary["seconds"]} s')
   print(common.markdown_table(results, POINTS))
