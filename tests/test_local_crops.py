@@ -43,12 +43,7 @@ def crops_config(count=COUNT, mask_ratio=MASK_RATIO, **overrides):
                 mask_ratio=mask_ratio)
   config.resolution.update(min=16, max=48)
   config.local_crops.update(count=count, max_tokens=CROP_TOKENS)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

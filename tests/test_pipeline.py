@@ -37,12 +37,7 @@ def small_config(**overrides):
   config.pack_buffer = 24
   config.shuffle_buffer = 16
   config.workers = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
