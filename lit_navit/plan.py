@@ -14,6 +14,7 @@ does not fit in HBM; 2 on a user error.
 """
 
 import json
+import contextlib
 import os
 import sys
 import time
@@ -46,21 +47,33 @@ FITS, DOES_NOT_FIT = 0, 1
 
 def topology_devices(topology: str, num_slices: int = 1):
   """The devices of a TPU topology description; ValueError naming a bad one."""
-  # libtpu looks for a TPU VM's metadata, and by default one process at a
-  # time may load it (pytest workers plan side by side); a compile-only host
-  # needs neither.
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if num_slices < 1:
     raise ValueError(f'--num_slices={num_slices}: must be at least 1')
   kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
   try:
-    return topologies.get_topology_desc(topology, platform='tpu', **kwargs).devices
+    with _compile_only_libtpu():
+      return topologies.get_topology_desc(topology, platform='tpu', **kwargs).devices
   except Exception as e:  # libtpu's errors are RuntimeErrors of several kinds
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f'--topology={topology!r}: not a TPU topology libtpu can '
                      f"compile for ({first}); e.g. 'v5e:4x4' or 'v5p:2x2x2'") from None
+
+
+@contextlib.contextmanager
+def _compile_only_libtpu():
+  """libtpu looks for a TPU VM's metadata, and by default one process at a
+  time may load it (pytest workers plan side by side); a compile-only host
+  needs neither. Set only while libtpu loads: a process this one starts
+  later (an eval script) would inherit them and its libtpu speak up."""
+  wanted = {'TPU_SKIP_MDS_QUERY': '1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+  unset = [key for key in wanted if key not in os.environ]
+  os.environ.update({key: wanted[key] for key in unset})
+  try:
+    yield
+  finally:
+    for key in unset:
+      os.environ.pop(key, None)
 
 
 def _with_depths(config, depth_img: int, depth_txt: int):
