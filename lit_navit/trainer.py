@@ -357,7 +357,7 @@ class Trainer:
     caller knows it (else it is read off the state, only with distill on)."""
     if step is None and self.distilling_ever:
       step = int(jax.device_get(state['step']))
-    distilling = self.distilling_ever and self.distilling_at(step)
+    distilling = self.distilling_at(step)
     spec = batch_lib.spec_of(batch)
     key = (spec.patch_size, distilling)
     if key not in self._compiled:

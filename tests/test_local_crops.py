@@ -307,26 +307,6 @@ def test_validator_names_each_crop_and_mask_breach(breach, message):
     batch_lib.validate_batch(batch)
 
 
-def test_restore_with_crops_and_masks_gives_the_same_batches(tokenizer):
-  config = crops_config(**{'patch_sizes': (4, 8), 'token_drop.kind': 'beta',
-                           'token_drop.rate': 0.3, 'pack_buffer': 8,
-                           'captions_per_row': 2.0})
-  source = small_source(size=12)  # Several epochs in a few steps.
-  steps = 12
-  with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5,
-                             groups=2) as pipe:
-    states, batches = [], []
-    for _ in range(steps):
-      states.append(json.loads(json.dumps(pipe.get_state())))
-      batches.append(next(pipe))
-    assert pipe.get_state()['stream']['epoch'] >= 2
-  for step in (1, 5, 9):
-    with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5,
-                               groups=2) as restored:
-      restored.set_state(states[step])
-      assert_same_batches(take(restored, steps - step), batches[step:])
-
-
 def test_workers_threads_and_processes_make_the_same_crops(tokenizer):
   runs = []
   for threads, processes in ((0, 0), (0, 2)):
