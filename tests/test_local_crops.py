@@ -4,7 +4,6 @@ their parent with no caption; masks cover exactly their count of each global
 image's tokens, keyed; the validator rejects breaches; resume is exact; off
 changes nothing."""
 
-import json
 import math
 
 import numpy as np
