@@ -190,7 +190,8 @@ def plan(config, devices, cost_model: bool = True) -> dict:
   result.update(
       cost_model_compile_s=time.perf_counter() - start,
       hardware_flops_per_chip=projection.hardware_flops * per_chip,
-      compute_s=projection.compute_s, collectives_s=projection.collectives_s,
+      compute_s=projection.compute_s, compute_method=projection.compute_method,
+      collectives_s=projection.collectives_s,
       projected_step_s=step_s,
       projected_mfu=model_flops / (step_s * chip_count * chip.peak_bf16_flops),
       projected_step_s_overlapped=projection.overlapped_s,
@@ -234,7 +235,9 @@ def format_table(result: dict) -> str:
   if 'projected_step_s' in result:
     rows += [
         ('projected step', f"{result['projected_step_s'] * 1e3:.4g} ms (compute "
-                           f"{result['compute_s'] * 1e3:.4g} + collectives "
+                           f"{result['compute_s'] * 1e3:.4g} by "
+                           f"{'XLA' if result['compute_method'] == 'xla' else 'the roofline'}"
+                           f" + collectives "
                            f"{result['collectives_s'] * 1e3:.4g}; "
                            f"{result['projected_step_s_overlapped'] * 1e3:.4g} if overlapped)"),
         ('projected MFU', f"{100 * result['projected_mfu']:.1f}% "

@@ -3,9 +3,17 @@
 XLA's TPU cost analysis (`compiled.cost_analysis()`) estimates each op's
 time from its FLOPs and bytes on the target chip ('optimal_seconds'), but on
 the real step it cannot be used as is: it counts a while loop's body once
-(a scanned layer stack counts as one layer), scan backward passes carry
-`ConcatBitcast` custom calls that it charges -1 s each, and it sees no work
-inside Pallas kernels. So:
+(a scanned layer stack counts as one layer), it charges each `ConcatBitcast`
+custom call -1 s, and it sees no work inside Pallas kernels. So:
+
+0. `cost_of` adds 1 s back per `ConcatBitcast` in the program's HLO. libtpu
+   emits one wherever it assembles an array from async slices (parameters
+   and optimizer state above a few MB, scan backward passes), so every
+   realistic step has dozens: B/16 unrolled to depth 1 has 93 and reads
+   -92.985 s, i.e. 0.0145 s once corrected (tests/test_plan.py checks the
+   correction on a program that is all such arrays). Without it the
+   extrapolated time was negative and the projection fell back to the
+   aggregate roofline, as every figure planned before this correction did.
 
 1. Compile unrolled copies of the step (no scan) at tower depths (1, 1),
    (2, 1) and (1, 2): no layer loop is left, and the per-layer cost of each
@@ -29,6 +37,8 @@ import dataclasses
 def depths_to_compile(depth_img: int, depth_txt: int) -> tuple:
   return ((1, 1), (2, 2)) if depth_img == depth_txt else ((1, 1), (2, 1), (1, 2))
 KEYS = ('flops', 'bytes accessed', 'optimal_seconds')
+# The custom call libtpu's cost analysis charges -1 s (step 0 above).
+_CONCAT_BITCAST = 'custom_call_target="ConcatBitcast"'
 
 
 @dataclasses.dataclass
@@ -36,6 +46,9 @@ class Projection:
   compute_s: float
   collectives_s: float
   hardware_flops: float  # per chip, remat recompute included
+  # 'xla': XLA's per-op estimate; 'roofline': max(FLOPs / peak, bytes / HBM
+  # bandwidth) of the whole program, where that estimate is unusable.
+  compute_method: str = 'xla'
 
   @property
   def step_s(self) -> float:
@@ -50,7 +63,9 @@ def cost_of(compiled) -> dict:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return {k: float(analysis.get(k, 0.0)) for k in KEYS}
+  cost = {k: float(analysis.get(k, 0.0)) for k in KEYS}
+  cost['optimal_seconds'] += compiled.as_text().count(_CONCAT_BITCAST)
+  return cost
 
 
 def extrapolate(costs: dict, depth_img: int, depth_txt: int) -> dict:
@@ -78,10 +93,11 @@ def pallas_attention_flops(tokens: int, rows: int, width: int, depth: int,
 def project(cost: dict, chip, devices_per_chip: int, collective_bytes: float,
             extra_flops: float = 0.0) -> Projection:
   peak = chip.peak_bf16_flops / devices_per_chip
-  compute_s = cost['optimal_seconds']
+  compute_s, method = cost['optimal_seconds'], 'xla'
   if compute_s <= 0:  # a cost analysis this method cannot read: roofline instead
-    compute_s = max(cost['flops'] / peak,
-                    cost['bytes accessed'] / (chip.hbm_bytes_per_s / devices_per_chip))
+    compute_s, method = max(
+        cost['flops'] / peak,
+        cost['bytes accessed'] / (chip.hbm_bytes_per_s / devices_per_chip)), 'roofline'
   compute_s += extra_flops / peak
   collectives_s = collective_bytes / (chip.ici_bytes_per_s / devices_per_chip)
-  return Projection(compute_s, collectives_s, cost['flops'] + extra_flops)
+  return Projection(compute_s, collectives_s, cost['flops'] + extra_flops, method)
