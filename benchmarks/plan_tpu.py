@@ -47,6 +47,11 @@ ARMS = {
     'b16_navit_v5e256_splash_no_remat': (
         B16, 'v5e:16x16', SPLASH + ('--config.model.image.remat_policy=none',
                                     '--config.model.text.remat_policy=none')),
+    # Between the two: keep the weight matmuls' outputs, recompute the rest.
+    'b16_navit_v5e256_splash_dots_no_batch_dims': (
+        B16, 'v5e:16x16', SPLASH + (
+            '--config.model.image.remat_policy=dots_with_no_batch_dims_saveable',
+            '--config.model.text.remat_policy=dots_with_no_batch_dims_saveable')),
     'so400m_v5p128_splash': (SO400M, 'v5p:4x4x4',
                              ("--config.mesh=[('data', 4), ('fsdp', 16)]",) + SPLASH),
     'so400m_v6e256_splash': (SO400M, 'v6e:16x16', FSDP16 + SPLASH),

@@ -199,6 +199,14 @@ def plan(config, devices, cost_model: bool = True) -> dict:
           projection.overlapped_s * chip_count * chip.peak_bf16_flops),
       images_per_step=images,
       images_per_s_per_chip=images / step_s / chip_count)
+  # The other bound on compute (cost_model.py, step 4), with the same
+  # collectives: unoverlapped and overlapped.
+  roofline_steps = (projection.fusion_roofline_s + projection.collectives_s,
+                    max(projection.fusion_roofline_s, projection.collectives_s))
+  result.update(
+      compute_s_fusion_roofline=projection.fusion_roofline_s,
+      projected_mfu_fusion_roofline=[
+          model_flops / (s * chip_count * chip.peak_bf16_flops) for s in roofline_steps])
   return result
 
 
@@ -242,6 +250,9 @@ def format_table(result: dict) -> str:
                            f"{result['projected_step_s_overlapped'] * 1e3:.4g} if overlapped)"),
         ('projected MFU', f"{100 * result['projected_mfu']:.1f}% "
                           f"({100 * result['projected_mfu_overlapped']:.1f}% if overlapped)"),
+        ('fusion roofline', f"compute {result['compute_s_fusion_roofline'] * 1e3:.4g} ms, "
+                            "MFU {:.1f}% ({:.1f}% if overlapped)".format(
+                                *(100 * m for m in result['projected_mfu_fusion_roofline']))),
         ('images/s per chip', f"{result['images_per_s_per_chip']:.1f}"),
         ('cost-model compiles', f"{result['cost_model_compile_s']:.1f} s")]
   rows.append(('fits', 'yes' if result['fits'] else 'NO: ' + '; '.join(result['advice'])))

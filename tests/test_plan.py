@@ -190,6 +190,31 @@ def test_cost_of_adds_back_the_charge_libtpu_puts_on_concat_bitcasts(v5e_2x2):
   assert roofline <= cost['optimal_seconds'] <= 1.5 * roofline
 
 
+def test_memory_bound_bytes_skip_matmuls_and_count_every_loop_trip(v5e_2x2):
+  """A 128 MiB bf16 array, too large to stay on chip: a layer norm moves at
+  least its input and output through HBM, five of them in a loop five times
+  that, and a matmul is no memory-bound work."""
+  from lit_navit.tpu import roofline  # pylint: disable=import-outside-toplevel
+  one_chip = NamedSharding(jax.sharding.Mesh(v5e_2x2[:1], ('d',)), P())
+  x = jax.ShapeDtypeStruct((32768, 2048), jnp.bfloat16, sharding=one_chip)
+  w = jax.ShapeDtypeStruct((2048, 3072), jnp.bfloat16, sharding=one_chip)
+  size = 32768 * 2048 * 2
+
+  def norm(x):
+    y = x.astype(jnp.float32)
+    y = y - y.mean(-1, keepdims=True)
+    return (y * jax.lax.rsqrt((y * y).mean(-1, keepdims=True) + 1e-6)).astype(x.dtype)
+
+  moved = lambda f, *args: roofline.memory_bound_bytes(
+      jax.jit(f).lower(*args).compile().as_text())
+  once = moved(norm, x)
+  assert once >= 2 * size
+  looped = moved(lambda x: jax.lax.fori_loop(0, 5, lambda i, y: norm(y), x), x)
+  # Plus the carry copied in and out, and a few bytes of loop counter.
+  assert 5 * once <= looped <= 5 * once + 2 * size + 1024
+  assert moved(lambda x, w: x @ w, x, w) < 0.2 * size
+
+
 def test_multi_slice_meshes_put_the_data_axis_across_slices():
   from lit_navit import sharding  # pylint: disable=import-outside-toplevel
   devices = plan.topology_devices('v5e:2x2', num_slices=2)

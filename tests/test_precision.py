@@ -11,7 +11,7 @@ from jax import lax
 import tiny_config
 from lit_navit import plan
 from lit_navit import trainer as trainer_lib
-from lit_navit.tpu import collectives
+from lit_navit.tpu import hlo
 from lit_navit.models import precision
 
 DIMS = [((5, 7, 4), (4, 3), ((2,), (0,))),        # Dense
@@ -47,7 +47,7 @@ def _bf16_sums(f32_grads, devices):
   text = trainer_lib.Trainer(config, None, devices=devices).compile_step(8).as_text()
   summed = [line.split(' all-reduce')[0] for line in text.splitlines()
             if re.search(r' all-reduce(-start)?\(', line)]
-  return sum(n for line in summed for n in collectives._array_bytes(  # pylint: disable=protected-access
+  return sum(n for line in summed for n in hlo.array_bytes(
       ' '.join(re.findall(r'bf16\[[\d,]*\]', line))))
 
 

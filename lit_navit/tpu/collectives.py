@@ -26,25 +26,16 @@ import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
-               's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
-               'c64': 8, 'c128': 16}
+from lit_navit.tpu import hlo
+
 KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
          'collective-permute')
 
-_HEADER = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$')
 _OP = re.compile(r'%([\w.\-]+) = (.*?) (all-gather-start|all-gather|reduce-scatter|'
                  r'all-reduce-start|all-reduce|all-to-all|'
                  r'collective-permute-start|collective-permute)\(')
 _CHANNEL = re.compile(r'\bchannel_id=(\d+)')
 _TYPE_LAYOUT = re.compile(r'\{[^{}]*\}')
-_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]')
-_CALLEE = re.compile(r'\b(?:body|calls|to_apply|true_computation|false_computation)'
-                     r'=%([\w.\-]+)')
-_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CONDITION = re.compile(r'\bcondition=%([\w.\-]+)')
-_S32_CONSTANT = re.compile(r's32\[\]\S* constant\((\d+)\)')
 
 
 @dataclasses.dataclass
@@ -56,14 +47,6 @@ class Collectives:
   @property
   def total(self) -> int:
     return sum(self.bytes_by_kind.values())
-
-
-def _array_bytes(type_text: str) -> list[int]:
-  sizes = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    width = DTYPE_BYTES.get(dtype, 1 if dtype.startswith('f8') else 4)
-    sizes.append(width * math.prod(int(d) for d in dims.split(',') if d))
-  return sizes
 
 
 def _group_size(line: str) -> int:
@@ -85,7 +68,7 @@ def _group_size(line: str) -> int:
 
 
 def _bytes_per_chip(kind: str, type_text: str, line: str) -> float:
-  sizes = _array_bytes(type_text)
+  sizes = hlo.array_bytes(type_text)
   if kind == 'all-gather-start':
     sizes = sizes[len(sizes) // 2:]  # (operands..., results...)
   elif kind == 'collective-permute-start':
@@ -104,54 +87,29 @@ def _bytes_per_chip(kind: str, type_text: str, line: str) -> float:
 
 def from_hlo_text(text: str) -> Collectives:
   """The collectives of an optimized HLO module (`compiled.as_text()`)."""
+  module = hlo.Module(text)
   # computation -> {op name: [kind, bytes, key]}; key: (kind, channel, type)
   ops = collections.defaultdict(dict)
   async_starts = set()  # computations that start a TPU async collective
-  calls = collections.defaultdict(list)  # computation -> [(callee, times)]
-  bounds = collections.defaultdict(list)  # computation -> its s32 constants
-  less_than = set()  # computations computing `x < constant`
-  loops = []  # (computation, condition, body, known trip count or None)
-  entry, current = None, None
-  for line in text.splitlines():
-    header = _HEADER.match(line)
-    if header:
-      current = header.group(1)
-      out_bytes = sum(_array_bytes(line.rsplit(' -> ', 1)[-1]))
-      if line.startswith('ENTRY'):
-        entry = current
-      continue
-    if current is None:
-      continue
-    bounds[current] += [int(n) for n in _S32_CONSTANT.findall(line)]
-    if 'ROOT' in line and 'direction=LT' in line:
-      less_than.add(current)
-    if 'custom_call_target="AsyncCollectiveStart"' in line:
-      async_starts.add(current)
-    op = _OP.search(line)
-    if op:
+  for current, instructions in module.computations.items():
+    out_bytes = sum(hlo.array_bytes(module.results[current]))
+    for instruction in instructions:
+      line = instruction.line
+      if 'custom_call_target="AsyncCollectiveStart"' in line:
+        async_starts.add(current)
+      op = _OP.search(line)
+      if not op:
+        continue
       kind = op.group(3).removesuffix('-start')
       channel = _CHANNEL.search(line)
       key = (kind, channel and channel.group(1), _TYPE_LAYOUT.sub('', op.group(2)))
       ops[current][op.group(1)] = [
           kind, _bytes_per_chip(op.group(3), op.group(2), line), key]
       if (kind == 'all-reduce' and _group_size(line) > 1
-          and sum(_array_bytes(op.group(2))) == _group_size(line) * out_bytes):
+          and sum(hlo.array_bytes(op.group(2))) == _group_size(line) * out_bytes):
         # TPU's reduce-scatter: a fusion whose all-reduce it slices to this
         # chip's 1/n shard (`%all-reduce-scatter`); half an all-reduce's bytes.
         ops[current][op.group(1)][:2] = 'reduce-scatter', ops[current][op.group(1)][1] / 2
-    callees = _CALLEE.findall(line)
-    for branches in _BRANCHES.findall(line):
-      callees += re.findall(r'%([\w.\-]+)', branches)
-    if not callees:
-      continue
-    if ' while(' in line:
-      trips = _TRIPS.search(line)
-      condition = _CONDITION.search(line)
-      loops.append((current, condition.group(1) if condition else None,
-                    re.search(r'\bbody=%([\w.\-]+)', line).group(1),
-                    int(trips.group(1)) if trips else None))
-      continue
-    calls[current] += [(callee, 1) for callee in callees]
 
   # TPU runs a collective asynchronously as a fusion that starts it, fusions
   # that continue it beside other work and one that finishes it, each
@@ -162,30 +120,5 @@ def from_hlo_text(text: str) -> Collectives:
     for kind, moved, key in its_ops.values():
       if computation in async_starts or key not in started:
         own[computation][kind] += moved
-
-  unknown = 0
-  for caller, condition, body, trips in loops:
-    if trips is None and condition in less_than and len(bounds[condition]) == 1:
-      trips = bounds[condition][0]
-    if trips is None:
-      unknown, trips = unknown + 1, 1
-    calls[caller].append((body, trips))
-
-  memo = {}
-
-  def totals_of(name, depth=0):
-    """Bytes of one run of computation `name`, its callees included."""
-    if name not in memo:
-      if depth > 256:  # HLO calls form a DAG; this bounds a malformed text
-        raise ValueError('HLO call graph nests deeper than 256')
-      total = collections.Counter(own[name])
-      for callee, times in calls[name]:
-        for kind, size in totals_of(callee, depth + 1).items():
-          total[kind] += size * times
-      memo[name] = total
-    return memo[name]
-
-  if entry is None:
-    raise ValueError('no ENTRY computation in the HLO text')
-  totals = totals_of(entry)
-  return Collectives({k: int(totals[k]) for k in KINDS}, unknown)
+  totals = module.total(own)
+  return Collectives({k: int(totals[k]) for k in KINDS}, module.unknown_trip_counts)
