@@ -6,7 +6,9 @@ Each arm runs `python -m lit_navit.plan ... --json` in its own process (one
 libtpu compile each, no TPU needed) and keeps its JSON in --results, so an
 interrupted run resumes where it stopped; then prints one table of them
 all. The figures are compiled-program memory and collectives plus the cost
-model stated in lit_navit/tpu/cost_model.py.
+model stated in lit_navit/tpu/cost_model.py: MFU by XLA's per-op estimate
+and by the fusion roofline, each without and with (in brackets) collectives
+overlapped.
 """
 
 import argparse
@@ -93,17 +95,17 @@ def run_arm(name, results_dir):
 
 def table(results: dict) -> str:
   head = ('| arm | HBM/chip GiB (headroom) | collectives/chip GiB | step s (overlapped) '
-          '| MFU (overlapped) | img/s/chip | compile s |')
-  lines = [head, '|' + ' --- |' * 7]
+          '| MFU (overlapped) | fusion-roofline MFU (overlapped) | img/s/chip | compile s |')
+  lines = [head, '|' + ' --- |' * 8]
   for name, r in results.items():
     if 'compile_error' in r:
-      lines.append(f"| {name} | does not fit: {r['compile_error']} | | | | | |")
+      lines.append(f"| {name} | does not fit: {r['compile_error']} | | | | | | |")
       continue
     if 'projected_step_s' not in r:  # planned with --nocost_model
       lines.append(
           f"| {name} | {r['hbm_per_chip_bytes'] / 2**30:.2f} ({100 * r['hbm_headroom']:.0f}%"
           f"{'' if r['fits'] else ', does not fit'}) "
-          f"| {r['collective_bytes_per_chip']['total'] / 2**30:.2f} | — | — | — "
+          f"| {r['collective_bytes_per_chip']['total'] / 2**30:.2f} | — | — | — | — "
           f"| {r['compile_s']:.0f} + — |")
       continue
     lines.append(
@@ -111,8 +113,10 @@ def table(results: dict) -> str:
         f"{'' if r['fits'] else ', does not fit'}) "
         f"| {r['collective_bytes_per_chip']['total'] / 2**30:.2f} "
         f"| {r['projected_step_s']:.3f} ({r['projected_step_s_overlapped']:.3f}) "
-        f"| {100 * r['projected_mfu']:.1f}% ({100 * r['projected_mfu_overlapped']:.1f}%) "
-        f"| {r['images_per_s_per_chip']:.1f} "
+        f"| {100 * r['projected_mfu']:.1f}% ({100 * r['projected_mfu_overlapped']:.1f}%)"
+        f"{'' if r['compute_method'] == 'xla' else ' roofline'} "
+        "| {:.1f}% ({:.1f}%) ".format(*(100 * m for m in r['projected_mfu_fusion_roofline']))
+        + f"| {r['images_per_s_per_chip']:.1f} "
         f"| {r['compile_s']:.0f} + {r['cost_model_compile_s']:.0f} |")
   return '\n'.join(lines)
 
