@@ -233,6 +233,30 @@ def test_models_big_vision_lacks_are_not_exported():
     big_vision.from_params(params, config)
 
 
+def test_siglip2_objectives_params_are_not_exported():
+  """A model trained with the decoder, self-distillation and masked
+  prediction exports exactly its two towers' arrays."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import test_distill  # pylint: disable=import-outside-toplevel
+  config = test_distill.tiny_config()
+  config.image.posemb = 'learn_2d_resized'
+  config.decoder.weight = 1.0
+  for key, value in dict(width=8, depth=1, mlp_dim=16, num_heads=2).items():
+    config.decoder[key] = value
+  towers = config.copy_and_resolve_references()
+  towers.decoder.weight = towers.distill.weight = towers.distill.masked_weight = 0.0
+  init = lambda c: jax.jit(two_towers.TwoTowers(c).init)(
+      jax.random.key(0), test_distill.sample_batch())['params']
+  params = init(config)
+  assert {'dec', 'distill_head', 'patch_head'} <= set(params)
+  assert 'mask_token' in params['img']
+  exported = big_vision.from_params(params, config)
+  expected = big_vision.from_params(two_towers.without_training_only(params), towers)
+  assert set(exported) == set(big_vision.from_params(init(towers), towers))
+  for name, array in expected.items():
+    np.testing.assert_array_equal(exported[name], array)
+
+
 def test_tokenizer_follows_the_recipe():
   path = text_lib.default_tokenizer_path()
   _, vit, _ = _import('siglip_vit')

@@ -468,12 +468,15 @@ def layer_refusals(config) -> list[str]:
 def from_params(params, config, scan: bool | None = None) -> dict:
   """big_vision {name: array} of TwoTowers(config) params.
 
+  Params of SigLIP 2's training objectives (decoder, distillation heads,
+  mask token) are not exported: big_vision's SigLIP has none of them.
   `scan` picks the block layout of the file (None: the config's). The
   learned posemb takes big_vision's shape for the image model the stem
   implies: [1, G*G, W] for ViT, [G, G, W] for NaFlex.
   """
   _check_exportable(config)
-  arrays = {k: np.asarray(v) for k, v in _paths(params).items()}
+  arrays = {k: np.asarray(v)
+            for k, v in _paths(two_towers.without_training_only(params)).items()}
   posemb = arrays.pop('img/posemb/pos_embedding', None)
   if posemb is not None:
     width = posemb.shape[-1]

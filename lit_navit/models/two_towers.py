@@ -197,6 +197,20 @@ def distill_heads(config) -> dict:
   return heads
 
 
+# Params only SigLIP 2's training objectives use: the captioning decoder,
+# the DINO heads and the masked-prediction mask token. Embedding images or
+# text never reads them, and big_vision's and transformers' SigLIP lack them.
+TRAINING_ONLY = ('dec', 'distill_head', 'patch_head', 'img/mask_token')
+
+
+def without_training_only(params) -> dict:
+  """`params` of the two towers alone (the TRAINING_ONLY paths dropped)."""
+  def keep(tree, prefix):
+    return {k: keep(v, f'{prefix}{k}/') if hasattr(v, 'items') else v
+            for k, v in tree.items() if f'{prefix}{k}' not in TRAINING_ONLY}
+  return keep(params, '')
+
+
 def text_tower(config) -> text.TextTransformer:
   """The text transformer described by `config.text`, projecting to `config.embed_dim`."""
   c = config.text
