@@ -107,10 +107,12 @@ class TFRecordReader(Reader):
   file with one 'corrupt_header' or 'truncated' record.
   """
 
-  def __init__(self, paths, image_key='jpg', caption_key='txt', key_key='key'):
+  def __init__(self, paths, image_key='jpg', caption_key='txt', key_key='key',
+               box_key='', box_text_key=''):
     super().__init__(paths)
     self._keys = dict(image_key=image_key, caption_key=caption_key,
-                      key_key=key_key)
+                      key_key=key_key, box_key=box_key,
+                      box_text_key=box_text_key)
     from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
     self._example_cls = example_pb2.Example
 
@@ -363,7 +365,8 @@ def make_reader(config: ml_collections.ConfigDict,
   paths = shards.list_files(config.path)
   if kind == 'tfrecord':
     return TFRecordReader(paths, image_key=config.image_key,
-                          caption_key=config.caption_key, key_key=config.key_key)
+                          caption_key=config.caption_key, key_key=config.key_key,
+                          **sources.box_keys(config))
   if kind == 'wds':
     return TarReader(paths)
   return ListReader(paths, image_field=config.image_field,

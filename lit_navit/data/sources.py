@@ -9,6 +9,14 @@ image file) still comes back, with `image=b''` and `error` naming why, so the
 pipeline skips and counts it like any other bad image. Damage found while
 indexing (a truncated shard tail, a tar key without an image) is counted in
 the source's `skipped` dict, reason -> count.
+
+Records may carry boxes with region texts (`boxes.Region`, for LocCa's box
+tasks): the synthetic source always, TFRecords from two features
+(`box_key`, `box_text_key`). Bad box data (counts that do not match,
+coordinates outside [0, 1], ymin > ymax, an empty text) drops that record's
+boxes, never the record: it keeps its image and caption, no boxes, and
+`box_error` says why, for the pipeline to count. A record without the
+features simply has no boxes. Tar shards and file lists carry none.
 """
 
 import csv
@@ -26,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from lit_navit import fs
+from lit_navit.data import boxes as boxes_lib
 
 SOURCE_KINDS = ('synthetic', 'tfrecord', 'wds', 'files')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -39,6 +48,8 @@ class Record:
   caption: str
   key: str      # Human-readable id: file path, tar path:key, tfrecord path#n.
   error: str = ''  # Why `image` is b'' when the source could not read it.
+  boxes: tuple = ()  # boxes.Region of the image, if the source has any.
+  box_error: str = ''  # Why the stored boxes were dropped (bad box data).
 
 
 class Source(Protocol):
@@ -212,13 +223,14 @@ class TFRecordSource:
   A shard's damaged or truncated tail is counted in `skipped` and the records
   before it are kept. A record whose payload fails to parse, or that lacks
   the image feature, reads as `image=b''` with `error` set; a missing caption
-  reads as ''.
+  reads as ''. Boxes: see `example_record`.
   """
 
   def __init__(self, pattern_or_paths, image_key='jpg', caption_key='txt',
-               key_key='key'):
+               key_key='key', box_key='', box_text_key=''):
     self.paths = expand_paths(pattern_or_paths)
     self.image_key, self.caption_key, self.key_key = image_key, caption_key, key_key
+    self.box_key, self.box_text_key = box_key, box_text_key
     self.skipped = {}
     self._index = _OffsetIndex(self.paths)
     self._record_numbers = []  # Position of each record within its file.
@@ -268,12 +280,20 @@ class TFRecordSource:
     return example_record(
         self._example_cls, self._index.read(index), index,
         f'{path}#{self._record_numbers[index]}', image_key=self.image_key,
-        caption_key=self.caption_key, key_key=self.key_key)
+        caption_key=self.caption_key, key_key=self.key_key,
+        box_key=self.box_key, box_text_key=self.box_text_key)
 
 
 def example_record(example_cls, payload: bytes, index: int, name: str, *,
-                   image_key: str, caption_key: str, key_key: str) -> Record:
-  """The Record a serialised tf.train.Example holds (`error` set if none)."""
+                   image_key: str, caption_key: str, key_key: str,
+                   box_key: str = '', box_text_key: str = '') -> Record:
+  """The Record a serialised tf.train.Example holds (`error` set if none).
+
+  Boxes (TFDS 'objects/bbox' style): `box_key` a float list of 4n
+  normalised coordinates (ymin, xmin, ymax, xmax per box), `box_text_key`
+  a bytes list of the n region texts; '' reads none. Bad box data sets
+  `box_error` and drops the boxes alone.
+  """
   try:
     example = example_cls.FromString(payload)
   except Exception as e:  # pylint: disable=broad-except
@@ -286,7 +306,28 @@ def example_record(example_cls, payload: bytes, index: int, name: str, *,
   caption = _as_text(_first_bytes(features, caption_key))
   if not image:
     return Record(index, b'', caption, name, error=f'no {image_key!r} feature')
-  return Record(index, image, caption, name)
+  try:
+    regions = _example_regions(features, box_key, box_text_key)
+  except ValueError as e:
+    return Record(index, image, caption, name, box_error=f'bad_boxes: {e}')
+  return Record(index, image, caption, name, boxes=regions)
+
+
+def _example_regions(features, box_key: str, box_text_key: str) -> tuple:
+  """The regions of an Example's box features; () when it has neither."""
+  if not box_key or not box_text_key or (
+      box_key not in features and box_text_key not in features):
+    return ()
+  coordinates, texts = [], []
+  if box_key in features:
+    if features[box_key].WhichOneof('kind') not in ('float_list', None):
+      raise ValueError(f'{box_key!r} is not a float list')
+    coordinates = features[box_key].float_list.value
+  if box_text_key in features:
+    if features[box_text_key].WhichOneof('kind') not in ('bytes_list', None):
+      raise ValueError(f'{box_text_key!r} is not a bytes list')
+    texts = [_as_text(t) for t in features[box_text_key].bytes_list.value]
+  return boxes_lib.parse_regions(coordinates, texts)
 
 
 def _first_bytes(features, key: str) -> bytes:
@@ -501,12 +542,32 @@ def default_source_config() -> ml_collections.ConfigDict:
   config.image_key = 'jpg'
   config.caption_key = 'txt'
   config.key_key = 'key'
+  # tfrecord: the box features of LocCa's box tasks (TFDS style; the
+  # pipeline uses them only with input.box_tasks): a float list of 4n normalised coordinates (ymin,
+  # xmin, ymax, xmax per box) and a bytes list of the n region texts.
+  config.box_key = 'objects/bbox'
+  config.box_text_key = 'objects/text'
   # files: field (column) names and the folder relative paths resolve
   # against ('' = the list's folder).
   config.image_field = 'image'
   config.caption_field = 'caption'
   config.root = ''
   return config
+
+
+def box_keys(config: ml_collections.ConfigDict) -> dict:
+  """The TFRecord box feature names of a source config; ValueError naming
+  the key (relative to the source config) when one is unusable."""
+  keys = dict(box_key=config.get('box_key', ''),
+              box_text_key=config.get('box_text_key', ''))
+  for key, value in keys.items():
+    if not isinstance(value, str):
+      raise ValueError(f'{key} = {value!r}: expected a feature name (a string)')
+  if bool(keys['box_key']) != bool(keys['box_text_key']):
+    raise ValueError(f'box_key = {keys["box_key"]!r} with box_text_key = '
+                     f'{keys["box_text_key"]!r}: set both (boxes need their '
+                     'texts) or neither')
+  return keys
 
 
 def make_source(config: ml_collections.ConfigDict) -> Source:
@@ -533,7 +594,7 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
   if kind == 'tfrecord':
     return TFRecordSource(config.path, image_key=config.image_key,
                           caption_key=config.caption_key,
-                          key_key=config.key_key)
+                          key_key=config.key_key, **box_keys(config))
   if kind == 'wds':
     return WebDatasetSource(config.path)
   return FileListSource(config.path, image_field=config.image_field,
