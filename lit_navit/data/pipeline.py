@@ -690,9 +690,7 @@ def _check_config(config):
        'resolution.max_tokens', res.max_tokens,
        f'must be None or in 1..tokens_per_row ({config.tokens_per_row})')
   _check_crops_and_masks(config, need)
-  box_tasks = config.get('box_tasks', False)
-  need(isinstance(box_tasks, bool), 'box_tasks', box_tasks, 'must be a bool')
-  need(not box_tasks or config.text_len >= boxes_lib.MIN_TEXT_LEN, 'text_len',
+  need(not config.get('box_tasks', False) or config.text_len >= boxes_lib.MIN_TEXT_LEN, 'text_len',
        config.text_len, f'box_tasks need at least {boxes_lib.MIN_TEXT_LEN} '
        'tokens (a task token, 4 location tokens and one text token)')
   try:
