@@ -17,6 +17,10 @@ Record with `image=b''` and `error` ('reason: detail'), as `sources.py`
 does, so the pipeline skips and counts it; a damaged or truncated tail ends
 the file with one such record, whose next_position is `END`. Storage errors
 (OSError) propagate to the caller, who retries (see `streaming.py`).
+
+Boxes (`Record.boxes`, for LocCa's box tasks): TFRecords read them from
+their box features as `sources.example_record` does; tar shards and file
+lists carry none.
 """
 
 import contextlib
