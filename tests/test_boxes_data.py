@@ -235,6 +235,48 @@ def test_box_feature_names_are_configurable(tmp_path):
     sources.make_source(source_config(path, box_text_key=''))
 
 
+# JSONL file lists: box fields of a row.
+
+# (row's box fields, what its boxes are: (box, text) pairs or the bad reason)
+JSONL_BOXES = [
+    ({'boxes': [[0.125, 0.25, 0.5, 0.75]], 'box_texts': ['red circle']},
+     [((0.125, 0.25, 0.5, 0.75), 'red circle')]),
+    ({'boxes': [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5],
+      'box_texts': ['sky', 'dot']},
+     [((0.0, 0.0, 1.0, 1.0), 'sky'), ((0.5, 0.5, 0.5, 0.5), 'dot')]),
+    ({}, []),
+    ({'boxes': [[0.1, 0.2, 0.3]], 'box_texts': ['a']}, '3 box coordinates'),
+    ({'boxes': [[0.1, 0.2], [0.3]], 'box_texts': ['a']}, 'bad_boxes'),
+    ({'boxes': 'somewhere', 'box_texts': ['a']}, 'bad_boxes'),
+    ({'boxes': [{'y': 1}], 'box_texts': ['a']}, 'bad_boxes'),
+    ({'boxes': [[0.1, 0.2, 0.3, 0.4]], 'box_texts': 'a'}, 'not a list'),
+    ({'boxes': [[0.1, 0.2, 0.3, 0.4]], 'box_texts': [7]}, 'empty'),
+    ({'box_texts': ['a']}, 'coordinates for 1'),
+]
+
+
+def test_jsonl_lists_read_boxes_and_drop_bad_ones(tmp_path):
+  image = fx.encode(fx.solid((1, 2, 3)))
+  (tmp_path / 'a.png').write_bytes(image)
+  rows = [json.dumps({'image': 'a.png', 'caption': f'caption {i}', **fields})
+          for i, (fields, _) in enumerate(JSONL_BOXES)]
+  (tmp_path / 'list.jsonl').write_text('\n'.join(rows) + '\n')
+  config = sources.default_source_config()
+  config.update(kind='files', path=str(tmp_path / 'list.jsonl'))
+  source = sources.make_source(config)
+  streamed = [r for _, _, r in readers.make_reader(config).records(0)]
+  for records in ([source[i] for i in range(len(source))], streamed):
+    assert len(records) == len(JSONL_BOXES)
+    for i, (record, (_, expected)) in enumerate(zip(records, JSONL_BOXES)):
+      assert record.image == image and record.caption == f'caption {i}'
+      if isinstance(expected, str):
+        assert record.boxes == () and expected in record.box_error
+        assert record.box_error.startswith('bad_boxes: ')
+      else:
+        assert not record.box_error
+        assert [(r.box, r.text) for r in record.boxes] == expected
+
+
 # The synthetic source.
 
 
@@ -463,6 +505,7 @@ def test_bad_box_data_is_counted_and_the_record_kept(tokenizer, box_format,
 @pytest.mark.parametrize('overrides,key', [
     ({'text_len': 5}, 'input.text_len'),
     ({'source.box_key': ''}, 'input.source.box_key'),
+    ({'source.box_text_field': ''}, 'input.source.box_field'),
 ])
 def test_unusable_box_config_names_its_key(tokenizer, box_format, overrides,
                                            key):

@@ -141,7 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
   # marked in image/masked (masking.py); 0 = off, TIPS / SigLIP 2: 0.5.
   config.mask_ratio = 0.0
   # LocCa's box tasks (train mode): each image whose record has boxes
-  # (source.box_key, the synthetic source's shapes) gets a referring
+  # (source.box_key or box_field, the synthetic source's shapes) gets a referring
   # expression or grounded caption of one region in box/* (boxes.py);
   # records without boxes get none. Needs text_len >= 6.
   config.box_tasks = False
@@ -695,6 +695,7 @@ def _check_config(config):
        'tokens (a task token, 4 location tokens and one text token)')
   try:
     sources.box_keys(config.source)
+    sources.box_fields(config.source)
   except ValueError as e:
     raise ValueError(f'input.source.{e}') from None
   drop = config.token_drop

@@ -12,11 +12,12 @@ the source's `skipped` dict, reason -> count.
 
 Records may carry boxes with region texts (`boxes.Region`, for LocCa's box
 tasks): the synthetic source always, TFRecords from two features
-(`box_key`, `box_text_key`). Bad box data (counts that do not match,
+(`box_key`, `box_text_key`), JSONL file lists from two fields of a row
+(`box_field`, `box_text_field`). Bad box data (counts that do not match,
 coordinates outside [0, 1], ymin > ymax, an empty text) drops that record's
 boxes, never the record: it keeps its image and caption, no boxes, and
 `box_error` says why, for the pipeline to count. A record without the
-features simply has no boxes. Tar shards and file lists carry none.
+features simply has no boxes. Tar shards and CSV/TSV lists carry none.
 """
 
 import csv
@@ -330,6 +331,23 @@ def _example_regions(features, box_key: str, box_text_key: str) -> tuple:
   return boxes_lib.parse_regions(coordinates, texts)
 
 
+def row_regions(row: dict, box_field: str, box_text_field: str):
+  """(regions, box_error) of a JSONL row: `box_field` a list of
+  [ymin, xmin, ymax, xmax] (or a flat list of 4n numbers), `box_text_field`
+  a list of the n texts; no regions and no error when the row has neither
+  (or the names are '')."""
+  if not box_field or not box_text_field or (
+      box_field not in row and box_text_field not in row):
+    return (), ''
+  texts = row.get(box_text_field, [])
+  try:
+    if not isinstance(texts, list):
+      raise ValueError(f'{box_text_field!r} is not a list')
+    return boxes_lib.parse_regions(row.get(box_field, []), texts), ''
+  except (ValueError, TypeError) as e:  # numpy's, for what is not numbers
+    return (), f'bad_boxes: {e}'
+
+
 def _first_bytes(features, key: str) -> bytes:
   if key not in features:
     return b''
@@ -438,11 +456,11 @@ class FileListSource:
   paths resolve against `root`, or else the list's own folder. Lines that do
   not parse or lack a field are skipped and counted in `skipped`. Image files
   are opened only when read; one that is missing then reads as `image=b''`
-  with `error` set.
+  with `error` set. JSONL rows may hold boxes (`row_regions`).
   """
 
   def __init__(self, path, image_field='image', caption_field='caption',
-               root=None):
+               root=None, box_field='', box_text_field=''):
     path = os.fspath(path)
     if not fs.isfile(path):
       raise FileNotFoundError(f'file list not found: {path}')
@@ -451,8 +469,9 @@ class FileListSource:
     if not fs.isdir(self.root):
       raise FileNotFoundError(f'image root folder not found: {self.root}')
     self.image_field, self.caption_field = image_field, caption_field
+    self.box_fields = (box_field, box_text_field)
     self.skipped = {}
-    self._items = []  # (image path, caption, line number)
+    self._items = []  # (image path, caption, line number, (regions, box_error))
     extension = os.path.splitext(path)[1].lower()
     if extension in ('.jsonl', '.json'):
       self._read_jsonl()
@@ -475,7 +494,7 @@ class FileListSource:
         if not isinstance(row, dict):
           self._skip('bad_line', line_number, 'not a JSON object')
           continue
-        self._add(row, line_number)
+        self._add(row, line_number, row_regions(row, *self.box_fields))
 
   def _read_csv(self, delimiter: str):
     with fs.open(self.path, 'r', encoding='utf-8', errors='replace', newline='') as f:
@@ -487,7 +506,7 @@ class FileListSource:
       for row in reader:
         self._add(row, reader.line_num)
 
-  def _add(self, row: dict, line_number: int):
+  def _add(self, row: dict, line_number: int, regions=((), '')):
     image, caption = row.get(self.image_field), row.get(self.caption_field)
     if not isinstance(image, str) or not image:
       self._skip('no_image', line_number, f'no {self.image_field!r} field')
@@ -495,7 +514,7 @@ class FileListSource:
       self._skip('no_caption', line_number, f'no {self.caption_field!r} field')
     else:
       self._items.append((fs.join(self.root, image), caption.strip(),
-                          line_number))
+                          line_number, regions))
 
   def _skip(self, reason: str, line_number: int, detail: str):
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -508,18 +527,19 @@ class FileListSource:
   @property
   def image_paths(self) -> list:
     """The image file of each record (what an export keys records by)."""
-    return [image_path for image_path, _, _ in self._items]
+    return [image_path for image_path, *_ in self._items]
 
   def __getitem__(self, index: int) -> Record:
     index = check_index(index, len(self))
-    image_path, caption, _ = self._items[index]
+    image_path, caption, _, (regions, box_error) = self._items[index]
     try:
       with fs.open(image_path, 'rb') as f:
         image = f.read()
     except OSError as e:
       return Record(index, b'', caption, image_path,
                     error=f'unreadable: {e.strerror or e}')
-    return Record(index, image, caption, image_path)
+    return Record(index, image, caption, image_path, boxes=regions,
+                  box_error=box_error)
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -551,6 +571,10 @@ def default_source_config() -> ml_collections.ConfigDict:
   # against ('' = the list's folder).
   config.image_field = 'image'
   config.caption_field = 'caption'
+  # files (JSONL only): a row's boxes, a list of [ymin, xmin, ymax, xmax]
+  # normalised, and their texts, as box_key and box_text_key.
+  config.box_field = 'boxes'
+  config.box_text_field = 'box_texts'
   config.root = ''
   return config
 
@@ -558,16 +582,23 @@ def default_source_config() -> ml_collections.ConfigDict:
 def box_keys(config: ml_collections.ConfigDict) -> dict:
   """The TFRecord box feature names of a source config; ValueError naming
   the key (relative to the source config) when one is unusable."""
-  keys = dict(box_key=config.get('box_key', ''),
-              box_text_key=config.get('box_text_key', ''))
-  for key, value in keys.items():
+  return _box_names(config, 'box_key', 'box_text_key')
+
+
+def box_fields(config: ml_collections.ConfigDict) -> dict:
+  """The JSONL box field names of a source config, checked as `box_keys`."""
+  return _box_names(config, 'box_field', 'box_text_field')
+
+
+def _box_names(config, box: str, text: str) -> dict:
+  names = {box: config.get(box, ''), text: config.get(text, '')}
+  for key, value in names.items():
     if not isinstance(value, str):
-      raise ValueError(f'{key} = {value!r}: expected a feature name (a string)')
-  if bool(keys['box_key']) != bool(keys['box_text_key']):
-    raise ValueError(f'box_key = {keys["box_key"]!r} with box_text_key = '
-                     f'{keys["box_text_key"]!r}: set both (boxes need their '
-                     'texts) or neither')
-  return keys
+      raise ValueError(f'{key} = {value!r}: expected a name (a string)')
+  if bool(names[box]) != bool(names[text]):
+    raise ValueError(f'{box} = {names[box]!r} with {text} = {names[text]!r}: '
+                     'set both (boxes need their texts) or neither')
+  return names
 
 
 def make_source(config: ml_collections.ConfigDict) -> Source:
@@ -599,4 +630,4 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
     return WebDatasetSource(config.path)
   return FileListSource(config.path, image_field=config.image_field,
                         caption_field=config.caption_field,
-                        root=config.root or None)
+                        root=config.root or None, **box_fields(config))
