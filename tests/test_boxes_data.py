@@ -12,6 +12,7 @@ import data_fixtures as fx
 from lit_navit.data import batch as batch_lib
 from lit_navit.data import boxes
 from lit_navit.data import decode
+from lit_navit.data import patches as patches_lib
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import readers
 from lit_navit.data import sources
@@ -142,6 +143,89 @@ def test_draw_task_is_keyed_and_draws_both_tasks():
   assert {region for region, _ in draws} == {0, 1, 2}
   # Another epoch draws anew.
   assert draws[0::2] != draws[1::2]
+
+
+# EXIF orientation: boxes of the stored pixels follow the image as shown.
+
+
+STORED = (48, 80)  # Height, width of the stored pixels.
+STORED_BOX = (8 / 48, 44 / 80, 28 / 48, 72 / 80)  # A red block's.
+
+
+def red_block_jpeg(orientation: int) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = fx.solid((128, 128, 128), STORED[1], STORED[0])
+  pixels[8:28, 44:72] = (220, 20, 20)
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  return fx.encode(pixels, 'JPEG', quality=95, exif=exif)
+
+
+def red_extent(pixels):
+  """(ymin, xmin, ymax, xmax) in pixels of the red pixels' bounding box."""
+  ys, xs = np.nonzero((pixels[..., 0] > 150) & (pixels[..., 1] < 90)
+                      & (pixels[..., 2] < 90))
+  return np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_oriented_box_follows_the_decoded_image(orientation):
+  image, applied = decode.decode_oriented(red_block_jpeg(orientation))
+  assert applied == orientation
+  height, width = image.shape[:2]
+  box = np.asarray(boxes.oriented(STORED_BOX, orientation))
+  np.testing.assert_allclose(red_extent(image),
+                             box * [height, width, height, width], atol=1.5)
+
+
+class ExifSource:
+  """Red blocks stored on their side (EXIF orientation 6), with the
+  block's box in the stored pixels."""
+
+  def __len__(self):
+    return 12
+
+  def __getitem__(self, index):
+    index = sources.check_index(index, len(self))
+    return sources.Record(index, red_block_jpeg(6), 'a red block',
+                          f'exif/{index}',
+                          boxes=(boxes.Region(*STORED_BOX, 'red block'),))
+
+
+def slot_pixels(batch, r, k, patch_size):
+  """uint8 [rows*p, cols*p, 3]: slot k of row b as packed."""
+  where = batch['image/segment'][r] == k + 1
+  return patches_lib.unpatchify(patches_lib.Patches(
+      batch['image/patches'][r][where], batch['image/yx'][r][where],
+      tuple(batch['image/grid'][r, k])), patch_size)
+
+
+def test_packed_boxes_hold_their_region_in_the_packed_image(tokenizer,
+                                                            box_format):
+  """End to end: the box a task's tokens say, on the image as packed (EXIF
+  turned, resized), holds the red block's pixels and reaches its sides."""
+  config = small_config(**{'resolution.min': 48, 'resolution.max': 64,
+                           'captions_per_row': None})
+  batches, _ = take_batches(ExifSource(), tokenizer, config, box_format, 3)
+  checked = 0
+  for batch in batches:
+    rows_per_group = batch['valid'].shape[0] // batch['text/valid'].shape[0]
+    for g, c in zip(*np.nonzero(batch['box/valid'])):
+      row_in_group, k = divmod(int(batch['text/slot'][g, c]),
+                               config.images_per_row)
+      r = g * rows_per_group + row_in_group
+      _, box, _ = decode_task(batch['box/tokens'][g, c],
+                              batch['box/target'][g, c], box_format,
+                              tokenizer.pad_id)
+      pixels = slot_pixels(batch, r, k, 8)
+      height, width = pixels.shape[:2]
+      in_pixels = box * [height, width, height, width]
+      # Half a bin from quantising, a pixel or so from resizing.
+      slack = 0.5 / BINS * np.array([height, width, height, width]) + 1.5
+      assert np.all(np.abs(red_extent(pixels) - in_pixels) <= slack), (
+          red_extent(pixels), in_pixels)
+      checked += 1
+  assert checked >= 6
 
 
 # TFRecord box features.

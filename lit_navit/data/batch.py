@@ -81,7 +81,7 @@ captioning) add three keys, present only in train mode with
 
 Place c belongs to the image of caption place c (`text/slot`) in both text
 layouts; a local crop has no caption place, so never a box task. Boxes are
-normalised to the image as packed (a global image is resized whole).
+normalised to the image as packed (EXIF-turned as decoded, resized whole).
 """
 
 import dataclasses

@@ -7,10 +7,12 @@ token sequences beside the captions. A box corner coordinate, normalised to
 location and task tokens sit after the text tower's vocabulary, so they
 never reach the text tower and the decoder alone grows its vocabulary.
 
-A box is (ymin, xmin, ymax, xmax), normalised to the image as decoded
-(`decode.py`: EXIF orientation applied). The pipeline resizes a global
-image whole to its patch grid, never crops it, so normalised coordinates
-hold unchanged for the image as packed.
+A box is (ymin, xmin, ymax, xmax), normalised to the image's stored
+pixels (as TFDS and tf.image decode them, EXIF ignored). The pipeline
+shows a global image as `decode.py` decodes it, EXIF orientation applied,
+so the box is turned with it (`oriented`); then it resizes the image whole
+to its patch grid, never crops it, so normalised coordinates hold
+unchanged for the image as packed (token dropping leaves the frame alone).
 
 Sequences of length T (`text_len`), padded with the tokenizer's pad id:
 
@@ -99,6 +101,28 @@ def parse_regions(coordinates, texts) -> tuple[Region, ...]:
     raise ValueError('a region text is empty')
   return tuple(Region(*map(float, box), text.strip())
                for box, text in zip(boxes, texts))
+
+
+# EXIF orientation -> where a stored point (y, x), normalised, lands in the
+# image as shown: (swap y and x first, then flip y, then flip x).
+_ORIENTATIONS = {1: (False, False, False), 2: (False, False, True),
+                 3: (False, True, True), 4: (False, True, False),
+                 5: (True, False, False), 6: (True, False, True),
+                 7: (True, True, True), 8: (True, True, False)}
+
+
+def oriented(box, orientation: int) -> tuple[float, float, float, float]:
+  """A box of the stored pixels, in the image shown after EXIF
+  `orientation` (1..8, as `decode.decode_oriented` reports it)."""
+  ymin, xmin, ymax, xmax = box
+  swap, flip_y, flip_x = _ORIENTATIONS[orientation]
+  if swap:
+    ymin, xmin, ymax, xmax = xmin, ymin, xmax, ymax
+  if flip_y:
+    ymin, ymax = 1 - ymax, 1 - ymin
+  if flip_x:
+    xmin, xmax = 1 - xmax, 1 - xmin
+  return ymin, xmin, ymax, xmax
 
 
 def quantise(coordinates, bins: int) -> np.ndarray:

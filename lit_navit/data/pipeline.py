@@ -427,42 +427,41 @@ class Pipeline:
       raise ValueError(f'the tokenizer returned captions of shape {tokens.shape}'
                        f'; input.text_len is {self._config.text_len}')
     pad_id = self._tokenizer.pad_id
-    tasks = self._box_tasks([(epoch, record) for epoch, _, record, _ in decoded])
+    tasks = self._box_tasks([(epoch, record, image.orientation)
+                             for epoch, _, record, image in decoded])
     return [_Pending(record.index, epoch, image, row, ref,
                      packing.caption_length(row, pad_id), task)
             for (epoch, ref, record, image), row, task
             in zip(decoded, tokens, tasks)]
 
   def _box_tasks(self, records: list) -> list:
-    """Each [(epoch, record)]'s box task (tokens, targets), or None: off,
-    or a record without boxes."""
-    if self._box_format is None:
-      return [None] * len(records)
-    drawn = [boxes_lib.draw_task(len(record.boxes), seed=self._seed,
-                                 index=record.index, epoch=epoch)
-             if record.boxes else None for epoch, record in records]
-    regions = [record.boxes[task[0]] for (_, record), task
-               in zip(records, drawn) if task is not None]
-    texts = iter(self._tokenizer.encode([region.text for region in regions])
-                 if regions else ())
-    region_of = iter(regions)
-    tasks = []
-    for task in drawn:
-      if task is None:
-        tasks.append(None)
-        continue
-      tasks.append(self._box_sequence(next(region_of), next(texts), task[1]))
-    return tasks
+    """Each [(epoch, record, EXIF orientation)]'s box task (tokens,
+    targets), or None: off, or a record without boxes."""
+    chosen = {}  # position -> (region text, its box as shown, task)
+    for position, (epoch, record, orientation) in enumerate(records):
+      if self._box_format is not None and record.boxes:
+        number, task = boxes_lib.draw_task(len(record.boxes), seed=self._seed,
+                                           index=record.index, epoch=epoch)
+        region = record.boxes[number]
+        # The box in the image as decoded, hence as packed (boxes.py).
+        chosen[position] = (region.text,
+                            boxes_lib.oriented(region.box, orientation), task)
+    texts = (self._tokenizer.encode([text for text, _, _ in chosen.values()])
+             if chosen else ())
+    made = {position: self._box_sequence(row, box, task)
+            for (position, (_, box, task)), row in zip(chosen.items(), texts)}
+    return [made.get(position) for position in range(len(records))]
 
-  def _box_sequence(self, region: boxes_lib.Region, tokens, task: str):
-    """The (tokens, targets) of `task` on one region, its text tokenized."""
+  def _box_sequence(self, tokens, box, task: str):
+    """The (tokens, targets) of `task` on a region: its text tokenized
+    (`tokens`), its `box` in the image as shown."""
     pad_id, eos_id = self._tokenizer.pad_id, self._tokenizer.eos_id
     text_ids = boxes_lib.text_ids(tokens, pad_id, eos_id)
     length = self._config.text_len
     if task == boxes_lib.AREF:
-      return boxes_lib.aref_sequence(text_ids, region.box, self._box_format,
+      return boxes_lib.aref_sequence(text_ids, box, self._box_format,
                                      length, pad_id)
-    return boxes_lib.gcap_sequence(text_ids, region.box, self._box_format,
+    return boxes_lib.gcap_sequence(text_ids, box, self._box_format,
                                    length, pad_id, eos_id,
                                    self._config.sticky_eos)
 

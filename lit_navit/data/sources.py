@@ -11,7 +11,7 @@ indexing (a truncated shard tail, a tar key without an image) is counted in
 the source's `skipped` dict, reason -> count.
 
 Records may carry boxes with region texts (`boxes.Region`, for LocCa's box
-tasks): the synthetic source always, TFRecords from two features
+tasks), normalised to the stored pixels (EXIF orientation ignored): the synthetic source always, TFRecords from two features
 (`box_key`, `box_text_key`), JSONL file lists from two fields of a row
 (`box_field`, `box_text_field`). Bad box data (counts that do not match,
 coordinates outside [0, 1], ymin > ymax, an empty text) drops that record's
