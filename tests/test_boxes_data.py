@@ -47,7 +47,8 @@ def test_quantise_round_trips_within_one_bin(bins):
   # Bin i is [i / bins, (i + 1) / bins); 1.0 falls in the last.
   for within in (0.0, 0.75):
     np.testing.assert_array_equal(
-        boxes.quantise((np.arange(bins) + within) / bins, bins), np.arange(bins))
+        boxes.quantise((np.arange(bins) + within) / bins, bins),
+        np.arange(bins))
   assert boxes.quantise(1.0, bins) == bins - 1
 
 
@@ -234,19 +235,17 @@ def test_packed_boxes_hold_their_region_in_the_packed_image(tokenizer,
 def box_example(image: bytes, caption: str, coordinates=None, texts=None,
                 box_key='objects/bbox', text_key='objects/text') -> bytes:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  feature = {'jpg': tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-             'txt': tf.train.Feature(bytes_list=tf.train.BytesList(
-                 value=[caption.encode()]))}
+  def strings(*values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+  feature = {'jpg': strings(image), 'txt': strings(caption.encode())}
   if coordinates is not None:
     if isinstance(coordinates, bytes):  # The wrong kind of feature.
-      feature[box_key] = tf.train.Feature(
-          bytes_list=tf.train.BytesList(value=[coordinates]))
+      feature[box_key] = strings(coordinates)
     else:
       feature[box_key] = tf.train.Feature(
           float_list=tf.train.FloatList(value=coordinates))
   if texts is not None:
-    feature[text_key] = tf.train.Feature(bytes_list=tf.train.BytesList(
-        value=[t.encode() for t in texts]))
+    feature[text_key] = strings(*[t.encode() for t in texts])
   return tf.train.Example(
       features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -526,7 +525,8 @@ def test_box_draws_resume_bitwise_from_every_state(tokenizer, box_format):
   for batch in batches:
     for g, c in zip(*np.nonzero(batch['box/valid'])):
       index = batch['index'].reshape(2, -1)[g, batch['text/slot'][g, c]]
-      seen.setdefault(int(index), set()).add(batch['box/tokens'][g, c].tobytes())
+      sequence = batch['box/tokens'][g, c].tobytes()
+      seen.setdefault(int(index), set()).add(sequence)
   assert any(len(sequences) > 1 for sequences in seen.values())
   for step in range(0, steps, 3):
     with pipeline_lib.Pipeline(source, tokenizer, config, rows=2, seed=5,
@@ -608,8 +608,8 @@ def test_box_tasks_need_the_box_format(tokenizer):
 
 
 def test_validate_batch_checks_box_tasks(tokenizer, box_format):
-  batches, pipe = take_batches(small_source(), tokenizer,
-                               small_config(captions_per_row=None), box_format, 1)
+  config = small_config(captions_per_row=None)
+  batches, pipe = take_batches(small_source(), tokenizer, config, box_format, 1)
   batch, spec = batches[0], pipe.batch_spec(8)
   batch_lib.validate_batch(batch, spec, pad_id=tokenizer.pad_id)
   assert batch_lib.spec_of(batch).shapes() == spec.shapes()

@@ -80,12 +80,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 def decode_oriented(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
                     ) -> tuple[np.ndarray, int]:
-  """(image, the EXIF orientation 1..8 applied to it, 1 for none): decodes JPEG/PNG/WebP/GIF (first frame)/BMP/TIFF bytes to uint8 [H, W, 3].
+  """Decodes JPEG/PNG/WebP/GIF (first frame)/BMP/TIFF bytes to uint8 [H, W, 3],
+  and says which EXIF orientation (1..8; 1 for none) it applied.
 
   The EXIF orientation is applied, so the array is the image as a viewer shows
-  it (what a box stored for the stored pixels must follow: `boxes.oriented`). Every mode becomes RGB; transparency is composited onto white. Images
-  over `max_pixels` are refused from their header, before any pixel is
-  decoded. PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
+  it (a box of the stored pixels follows it: `boxes.oriented`). Every mode
+  becomes RGB; transparency is composited onto white. Images over
+  `max_pixels` are refused from their header, before any pixel is decoded.
+  PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
 
   Raises:
     BadImage: with reason 'empty', 'not_image', 'unsupported', 'too_large',

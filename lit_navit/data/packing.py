@@ -169,8 +169,9 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
   takes the next caption row of the row's group; with text packing
   (`spec.text_rows`) its tokens also follow the previous caption's in its
   `text_row`. Its box task (`spec.box_tasks`) takes the same caption
-  place in `box/tokens` and `box/target`, marked in `box/valid`. Rows beyond `len(rows)`, unused slots and unused caption rows
-  are empty and invalid.
+  place in `box/tokens` and `box/target`, marked in `box/valid`. Rows
+  beyond `len(rows)`, unused slots and unused caption rows are empty and
+  invalid.
   """
   if len(rows) > spec.rows:
     raise ValueError(f'{len(rows)} rows do not fit a batch of {spec.rows}')
@@ -215,8 +216,8 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
       batch['text/slot'][group, caption] = row_in_group * spec.slots + parent
       batch['text/valid'][group, caption] = True
       if image.box is not None:
-        batch['box/tokens'][group, caption], batch['box/target'][group, caption] = (
-            image.box)
+        place = (group, caption)
+        batch['box/tokens'][place], batch['box/target'][place] = image.box
         batch['box/valid'][group, caption] = True
       captions_used[group] += 1
   return batch

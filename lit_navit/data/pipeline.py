@@ -34,8 +34,8 @@ Every random choice is keyed: an image's resolution by (seed, index, epoch),
 its drop rate and dropped patches by (seed, index, step), its crops' boxes
 by (seed, index, epoch, crop number), its token mask by (seed, index,
 epoch), its box task by (seed, index, epoch), the patch size by (seed,
-step), where `index` is the record's
-stable example id (see `readers.example_id`). The state therefore holds only positions and record
+step), where `index` is the record's stable example id (see
+`readers.example_id`). The state therefore holds only positions and record
 references, never pixels, and a restored pipeline recomputes everything else.
 
 Resuming needs the same number of hosts: each host's stream position is
@@ -141,9 +141,9 @@ def default_config() -> ml_collections.ConfigDict:
   # marked in image/masked (masking.py); 0 = off, TIPS / SigLIP 2: 0.5.
   config.mask_ratio = 0.0
   # LocCa's box tasks (train mode): each image whose record has boxes
-  # (source.box_key or box_field, the synthetic source's shapes) gets a referring
-  # expression or grounded caption of one region in box/* (boxes.py);
-  # records without boxes get none. Needs text_len >= 6.
+  # (source.box_key or box_field; the synthetic source's shapes) gets a
+  # referring expression or grounded caption of one region in box/*
+  # (boxes.py); records without boxes get none. Needs text_len >= 6.
   config.box_tasks = False
   # Decoded images waiting to be packed. More packs tighter; it should
   # exceed rows * (images per row) by a good margin.
@@ -385,8 +385,8 @@ class Pipeline:
       loaded = self._prepare(read)
       for (_, _, record), (image, reason) in zip(read, loaded):
         self._account_record(record, reason)
-        if self._box_format is not None and image is not None and record.box_error:
-          # The record is used, without its boxes.
+        if (self._box_format is not None and image is not None
+            and record.box_error):  # Used, without its boxes.
           self.skipped.add(record.box_error.split(':')[0])
       self._buffer.extend(self._pending(
           [(epoch, ref, record, image)
@@ -689,7 +689,8 @@ def _check_config(config):
        'resolution.max_tokens', res.max_tokens,
        f'must be None or in 1..tokens_per_row ({config.tokens_per_row})')
   _check_crops_and_masks(config, need)
-  need(not config.get('box_tasks', False) or config.text_len >= boxes_lib.MIN_TEXT_LEN, 'text_len',
+  need(not config.get('box_tasks', False)
+       or config.text_len >= boxes_lib.MIN_TEXT_LEN, 'text_len',
        config.text_len, f'box_tasks need at least {boxes_lib.MIN_TEXT_LEN} '
        'tokens (a task token, 4 location tokens and one text token)')
   try:

@@ -375,8 +375,8 @@ def make_reader(config: ml_collections.ConfigDict,
   paths = shards.list_files(config.path)
   if kind == 'tfrecord':
     return TFRecordReader(paths, image_key=config.image_key,
-                          caption_key=config.caption_key, key_key=config.key_key,
-                          **sources.box_keys(config))
+                          caption_key=config.caption_key,
+                          key_key=config.key_key, **sources.box_keys(config))
   if kind == 'wds':
     return TarReader(paths)
   return ListReader(paths, image_field=config.image_field,

@@ -11,9 +11,10 @@ indexing (a truncated shard tail, a tar key without an image) is counted in
 the source's `skipped` dict, reason -> count.
 
 Records may carry boxes with region texts (`boxes.Region`, for LocCa's box
-tasks), normalised to the stored pixels (EXIF orientation ignored): the synthetic source always, TFRecords from two features
-(`box_key`, `box_text_key`), JSONL file lists from two fields of a row
-(`box_field`, `box_text_field`). Bad box data (counts that do not match,
+tasks), normalised to the stored pixels (EXIF orientation ignored): the
+synthetic source always, TFRecords from two features (`box_key`,
+`box_text_key`), JSONL file lists from two fields of a row (`box_field`,
+`box_text_field`). Bad box data (counts that do not match,
 coordinates outside [0, 1], ymin > ymax, an empty text) drops that record's
 boxes, never the record: it keeps its image and caption, no boxes, and
 `box_error` says why, for the pipeline to count. A record without the
@@ -563,8 +564,9 @@ def default_source_config() -> ml_collections.ConfigDict:
   config.caption_key = 'txt'
   config.key_key = 'key'
   # tfrecord: the box features of LocCa's box tasks (TFDS style; the
-  # pipeline uses them only with input.box_tasks): a float list of 4n normalised coordinates (ymin,
-  # xmin, ymax, xmax per box) and a bytes list of the n region texts.
+  # pipeline uses them only with input.box_tasks): a float list of 4n
+  # coordinates (ymin, xmin, ymax, xmax per box, normalised to the stored
+  # pixels) and a bytes list of the n region texts.
   config.box_key = 'objects/bbox'
   config.box_text_key = 'objects/text'
   # files: field (column) names and the folder relative paths resolve

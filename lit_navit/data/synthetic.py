@@ -4,9 +4,10 @@ It powers the CPU demo and the tests. Each image shows one shape of one
 colour, size and position, at a random size and aspect ratio; its caption
 names them, and its one box (`boxes.Region`: the shape's centre plus or
 minus its radius, normalised to the image) is named by colour and shape,
-e.g. 'red circle', for LocCa's box tasks. Some (shape, colour) pairs are never shown in the 'train' split
-but every shape and every colour is, so zero-shot classification on the
-'heldout' split measures whether a model composes what it learned.
+e.g. 'red circle', for LocCa's box tasks. Some (shape, colour) pairs are
+never shown in the 'train' split but every shape and every colour is, so
+zero-shot classification on the 'heldout' split measures whether a model
+composes what it learned.
 
 Every example is a pure function of (seed, split, index).
 """
