@@ -70,8 +70,9 @@ def test_task_tokens_follow_the_vocabulary():
     # The text is cut so the box fits.
     (7, [5, 6, 7], [AREF, 5, 6, *LOCATIONS], [3, 4, 5, 6]),
     (6, [5, 6, 7], [AREF, 5, *LOCATIONS], [2, 3, 4, 5]),
-    # No room for a text token: not made.
+    # No room for a text token, or no text: not made.
     (5, [5, 6, 7], None, None),
+    (12, [], None, None),
 ])
 def test_aref_sequence(length, text_ids, tokens, targets):
   made = boxes.aref_sequence(text_ids, BOX, FORMAT, length, PAD)

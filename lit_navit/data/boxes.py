@@ -23,8 +23,8 @@ Sequences of length T (`text_len`), padded with the tokenizer's pad id:
 
 The text is cut so the sequence fits T (GCap: text and EOS cut together,
 as a caption is, EOS kept with `sticky_eos`). An ARef needs its box and at
-least one text token, a GCap at least one target: what does not fit T is
-not made (None). The decoder reads its BOS at position 0 and token t - 1 at
+least one text token (a text to refer by), a GCap at least one target:
+what does not fit T, or an ARef of an empty text, is not made (None). The decoder reads its BOS at position 0 and token t - 1 at
 t, so the task token is an input and never a target.
 
 Each image with regions gets one task per epoch: which region and which
@@ -154,9 +154,9 @@ def aref_sequence(text, box, box_format: BoxFormat, length: int,
                   pad_id: int):
   """(int32 [length] tokens, bool [length] targets) of an ARef, or None."""
   room = length - 5  # The task token and the box.
-  if room < 1:
+  text = np.asarray(text, np.int32)[:max(room, 0)]
+  if not text.size:
     return None
-  text = np.asarray(text, np.int32)[:room]
   body = np.concatenate([[box_format.aref_token], text,
                          location_tokens(box, box_format)])
   targets = np.arange(body.size) >= 1 + text.size
