@@ -66,6 +66,22 @@ parent and its crops as one unit: parent first, its crops in the slots right
 after it. Crops have no caption: the caption rows belong to the global
 images (valid slots with `image/parent` 0), so `text/slot` never names a
 crop and the pairs `text/valid` marks are exactly the global images.
+
+LocCa's box tasks (`boxes.py`: referring expressions and grounded
+captioning) add three keys, present only in train mode with
+`input.box_tasks` on (`BatchSpec.box_tasks`):
+
+  box/tokens  int32 [G, C, T]  caption place c's box task sequence in the
+              decoder's vocabulary (`boxes.BoxFormat`); pad ids where
+              box/valid is False
+  box/target  bool  [G, C, T]  the positions whose token is a target (never
+              position 0, the task token); all False where box/valid is
+  box/valid   bool  [G, C]     place c holds a box task: text/valid[c] and
+              the image of slot text/slot[c] has a box
+
+Place c belongs to the image of caption place c (`text/slot`) in both text
+layouts; a local crop has no caption place, so never a box task. Boxes are
+normalised to the image as packed (EXIF-turned as decoded, resized whole).
 """
 
 import dataclasses
@@ -92,6 +108,7 @@ class BatchSpec:
   text_rows: int | None = None
   local_crops: bool = False  # The batch has image/parent.
   masks: bool = False        # The batch has image/masked.
+  box_tasks: bool = False    # The batch has box/tokens, box/target, box/valid.
 
   def __post_init__(self):
     if self.patch_dtype not in PATCH_DTYPES:
@@ -151,12 +168,18 @@ class BatchSpec:
       shapes['image/parent'] = ((b, e), np.int32)
     if self.masks:
       shapes['image/masked'] = ((b, l), np.bool_)
+    if self.box_tasks:
+      shapes['box/tokens'] = ((g, c, t), np.int32)
+      shapes['box/target'] = ((g, c, t), np.bool_)
+      shapes['box/valid'] = ((g, c), np.bool_)
     return shapes
 
   def empty(self, pad_id: int = 0) -> dict:
     """An all-padding batch: every slot and caption row empty."""
     batch = {k: np.zeros(s, d) for k, (s, d) in self.shapes().items()}
     batch['text/tokens'][:] = pad_id
+    if self.box_tasks:
+      batch['box/tokens'][:] = pad_id
     batch['index'][:] = -1
     return batch
 
@@ -173,7 +196,8 @@ def spec_of(batch) -> BatchSpec:
                    patch_dtype=np.dtype(batch['image/patches'].dtype).name,
                    text_rows=rows if 'text/segment' in batch else None,
                    local_crops='image/parent' in batch,
-                   masks='image/masked' in batch)
+                   masks='image/masked' in batch,
+                   box_tasks='box/valid' in batch)
 
 
 def global_slots(batch) -> np.ndarray:
@@ -206,7 +230,8 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
   caption rows are exactly the filled slots, in order, with pad captions in
   the empty rows. With local crops: that each crop's parent is a global
   image before it in its row, and the caption rows are the global images';
-  with masks: that only global images' tokens are masked.
+  with masks: that only global images' tokens are masked; with box tasks:
+  that they sit only at real caption places, with targets, pad ids elsewhere.
   """
   if spec is None:
     spec = spec_of(batch)
@@ -268,6 +293,25 @@ def validate_batch(batch, spec: BatchSpec | None = None, pad_id: int = 0):
         np.asarray(batch['image/parent']) > 0)
     _validate_masked(np.asarray(batch['image/masked']), segment, is_crop)
   _validate_captions(batch, spec, global_slots(batch), pad_id)
+  if spec.box_tasks:
+    _validate_box_tasks(batch, pad_id)
+
+
+def _validate_box_tasks(batch, pad_id: int):
+  """Box tasks only at real caption places, each with a target after its task
+  token; an empty place holds pad ids and no target. (A target may be the
+  pad id: SigLIP's tokenizer pads with its EOS, which GCap predicts.)"""
+  tokens = np.asarray(batch['box/tokens'])
+  target = np.asarray(batch['box/target'])
+  valid = np.asarray(batch['box/valid'])
+  if np.any(valid & ~np.asarray(batch['text/valid'])):
+    raise ValueError('box/valid: a box task at an empty caption place')
+  if np.any(tokens[~valid] != pad_id) or np.any(target[~valid]):
+    raise ValueError('box/tokens: a place without a box task carries tokens '
+                     'or targets')
+  if np.any(target[..., 0]) or not np.all(target[valid].any(-1)):
+    raise ValueError('box/target: a box task needs a target, and its task '
+                     'token (position 0) is none')
 
 
 def _validate_parents(parent, valid):

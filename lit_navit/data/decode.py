@@ -26,6 +26,7 @@ _FORMATS = tuple(f for f in ('JPEG', 'MPO', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
                  if f in Image.OPEN)
 
 _WHITE = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
 
 # How files of those formats begin (BMP's 'BM' is too short to tell from
 # text). Bytes that begin so but that no opener accepts are an image whose
@@ -73,12 +74,20 @@ class BadImage(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-  """Decodes JPEG/PNG/WebP/GIF (first frame)/BMP/TIFF bytes to uint8 [H, W, 3].
+  """`decode_oriented`'s image alone."""
+  return decode_oriented(data, max_pixels)[0]
+
+
+def decode_oriented(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+                    ) -> tuple[np.ndarray, int]:
+  """Decodes JPEG/PNG/WebP/GIF (first frame)/BMP/TIFF bytes to uint8 [H, W, 3],
+  and says which EXIF orientation (1..8; 1 for none) it applied.
 
   The EXIF orientation is applied, so the array is the image as a viewer shows
-  it. Every mode becomes RGB; transparency is composited onto white. Images
-  over `max_pixels` are refused from their header, before any pixel is
-  decoded. PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
+  it (a box of the stored pixels follows it: `boxes.oriented`). Every mode
+  becomes RGB; transparency is composited onto white. Images over
+  `max_pixels` are refused from their header, before any pixel is decoded.
+  PIL's own bomb limit (2 * PIL.Image.MAX_IMAGE_PIXELS) also applies.
 
   Raises:
     BadImage: with reason 'empty', 'not_image', 'unsupported', 'too_large',
@@ -115,8 +124,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
   try:
     image.load()  # The first frame only, for animations.
-    image = _exif_transposed(image)
-    return _to_rgb(image)
+    image, orientation = _exif_transposed(image)
+    return _to_rgb(image), orientation
   except (OSError, EOFError) as e:
     if 'truncated' in str(e).lower() or isinstance(e, EOFError):
       raise BadImage('truncated', str(e)) from e
@@ -127,13 +136,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     raise BadImage('corrupt', f'{type(e).__name__}: {e}') from e
 
 
-def _exif_transposed(image: Image.Image) -> Image.Image:
-  """Applies the EXIF orientation; a malformed EXIF block is ignored."""
+def _exif_transposed(image: Image.Image) -> tuple[Image.Image, int]:
+  """Applies the EXIF orientation, and says which (1: none); a malformed
+  EXIF block is ignored."""
   try:
-    return ImageOps.exif_transpose(image)
+    # What exif_transpose reads; 1 and unknown values leave the image as is.
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    transposed = ImageOps.exif_transpose(image)
   except (SyntaxError, ValueError, KeyError, TypeError, struct.error):
     # The pixels are fine; only the metadata is broken.
-    return image
+    return image, 1
+  return transposed, int(orientation) if orientation in range(2, 9) else 1
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -8,6 +8,8 @@ in a text row of its group, and an image whose caption fits no text row
 there waits like one whose tokens fit no row. With local crops an image and
 its crops are one unit: planned by their tokens together, taking a slot
 each, one caption, written parent first, its crops in the slots after it.
+An image's box task (`boxes.py`), if any, goes to its caption's place in
+`box/*`; it plays no part in the plan.
 """
 
 import dataclasses
@@ -151,6 +153,8 @@ class PackedImage:
   crops: tuple = ()
   # Masked prediction: bool [len(patches)], its tokens to mask.
   masked: np.ndarray | None = None
+  # Box tasks: (int32 [T] tokens, bool [T] targets) of its task, or None.
+  box: tuple | None = None
 
 
 def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
@@ -164,8 +168,10 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
   follows. Its mask (`spec.masks`) goes to `image/masked`. Its caption
   takes the next caption row of the row's group; with text packing
   (`spec.text_rows`) its tokens also follow the previous caption's in its
-  `text_row`. Rows beyond `len(rows)`, unused slots and unused caption rows
-  are empty and invalid.
+  `text_row`. Its box task (`spec.box_tasks`) takes the same caption
+  place in `box/tokens` and `box/target`, marked in `box/valid`. Rows
+  beyond `len(rows)`, unused slots and unused caption rows are empty and
+  invalid.
   """
   if len(rows) > spec.rows:
     raise ValueError(f'{len(rows)} rows do not fit a batch of {spec.rows}')
@@ -187,6 +193,9 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
       if image.masked is not None and not spec.masks:
         raise ValueError(f'example {image.index}: a token mask, but the batch '
                          'has no image/masked')
+      if image.box is not None and not spec.box_tasks:
+        raise ValueError(f'example {image.index}: a box task, but the batch '
+                         'has no box/*')
       caption = captions_used[group]
       if caption == spec.captions:
         raise ValueError(f'group {group}: more images than its {spec.captions} '
@@ -206,6 +215,10 @@ def pack_batch(rows: list[list[PackedImage]], spec: batch_lib.BatchSpec,
         batch['text/tokens'][group, caption] = image.tokens
       batch['text/slot'][group, caption] = row_in_group * spec.slots + parent
       batch['text/valid'][group, caption] = True
+      if image.box is not None:
+        place = (group, caption)
+        batch['box/tokens'][place], batch['box/target'][place] = image.box
+        batch['box/valid'][group, caption] = True
       captions_used[group] += 1
   return batch
 

@@ -26,12 +26,16 @@ In train mode, SigLIP 2's self-distillation inputs, each off by default:
 decoded image and packed in its row right after it (`image/parent`);
 `mask_ratio` marks that fraction of each image's tokens for masked
 prediction (`masking.py`, `image/masked`). Eval mode makes neither.
+Also train mode only, `box_tasks` gives each global image whose record has
+boxes one of LocCa's box tasks (`boxes.py`: a referring expression or a
+grounded caption of one of its regions) at its caption's place (`box/*`).
 
 Every random choice is keyed: an image's resolution by (seed, index, epoch),
 its drop rate and dropped patches by (seed, index, step), its crops' boxes
 by (seed, index, epoch, crop number), its token mask by (seed, index,
-epoch), the patch size by (seed, step), where `index` is the record's
-stable example id (see `readers.example_id`). The state therefore holds only positions and record
+epoch), its box task by (seed, index, epoch), the patch size by (seed,
+step), where `index` is the record's stable example id (see
+`readers.example_id`). The state therefore holds only positions and record
 references, never pixels, and a restored pipeline recomputes everything else.
 
 Resuming needs the same number of hosts: each host's stream position is
@@ -49,6 +53,7 @@ import ml_collections
 import numpy as np
 
 from lit_navit.data import batch as batch_lib
+from lit_navit.data import boxes as boxes_lib
 from lit_navit.data import crops as crops_lib
 from lit_navit.data import decode
 from lit_navit.data import dropping
@@ -135,6 +140,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Masked prediction (train mode): the fraction of each image's tokens
   # marked in image/masked (masking.py); 0 = off, TIPS / SigLIP 2: 0.5.
   config.mask_ratio = 0.0
+  # LocCa's box tasks (train mode): each image whose record has boxes
+  # (source.box_key or box_field; the synthetic source's shapes) gets a
+  # referring expression or grounded caption of one region in box/*
+  # (boxes.py); records without boxes get none. Needs text_len >= 6.
+  config.box_tasks = False
   # Decoded images waiting to be packed. More packs tighter; it should
   # exceed rows * (images per row) by a good margin.
   config.pack_buffer = 256
@@ -169,6 +179,7 @@ class _Pending:
   tokens: np.ndarray
   ref: streaming.Ref | None = None  # Train: where the record lies.
   caption_length: int = 0  # Its tokens in a packed text row.
+  box: tuple | None = None  # Its box task: (tokens, targets), `boxes.py`.
 
 
 class Pipeline:
@@ -185,6 +196,8 @@ class Pipeline:
       reads its own `sources.host_shard`.
     groups: the caption groups the rows split into: the device shards of
       this host's rows (see `batch.py`).
+    box_format: the box tasks' tokens (`boxes.format_from_config`); needed
+      in train mode with `input.box_tasks`, unused otherwise.
 
   Attributes:
     skipped: a `decode.SkipCounter` of records (and files) skipped, by
@@ -193,7 +206,8 @@ class Pipeline:
 
   def __init__(self, source, tokenizer, config, *, rows: int, seed: int,
                process_index: int = 0, process_count: int = 1,
-               groups: int = 1):
+               groups: int = 1,
+               box_format: boxes_lib.BoxFormat | None = None):
     _check_config(config)
     if rows < 1:
       raise ValueError(f'rows must be >= 1, got {rows}')
@@ -241,6 +255,12 @@ class Pipeline:
     self._crops = (crops_lib.from_config(config.local_crops) if self._train
                    else None)
     self._mask_ratio = config.mask_ratio if self._train else 0.0
+    self._box_format = None
+    if self._train and config.get('box_tasks', False):
+      if box_format is None:
+        raise ValueError('input.box_tasks = True: the pipeline needs the box '
+                         'format (boxes.format_from_config(config))')
+      self._box_format = box_format
     self._max_tokens = self._resolution.max_tokens or (
         config.tokens_per_row - _crop_budget(config, self._crops))
     self._sizing = workers.Sizing(
@@ -345,7 +365,7 @@ class Pipeline:
                                   seed=self._seed, index=item.index,
                                   epoch=item.epoch)
     return packing.PackedImage(patches, item.tokens, item.index, text_row,
-                               crops, masked)
+                               crops, masked, item.box)
 
   def _map(self, fn, items) -> list:
     """fn over items, in order, on the thread pool when there is one."""
@@ -365,6 +385,9 @@ class Pipeline:
       loaded = self._prepare(read)
       for (_, _, record), (image, reason) in zip(read, loaded):
         self._account_record(record, reason)
+        if (self._box_format is not None and image is not None
+            and record.box_error):  # Used, without its boxes.
+          self.skipped.add(record.box_error.split(':')[0])
       self._buffer.extend(self._pending(
           [(epoch, ref, record, image)
            for (epoch, ref, record), (image, _) in zip(read, loaded)
@@ -404,9 +427,43 @@ class Pipeline:
       raise ValueError(f'the tokenizer returned captions of shape {tokens.shape}'
                        f'; input.text_len is {self._config.text_len}')
     pad_id = self._tokenizer.pad_id
+    tasks = self._box_tasks([(epoch, record, image.orientation)
+                             for epoch, _, record, image in decoded])
     return [_Pending(record.index, epoch, image, row, ref,
-                     packing.caption_length(row, pad_id))
-            for (epoch, ref, record, image), row in zip(decoded, tokens)]
+                     packing.caption_length(row, pad_id), task)
+            for (epoch, ref, record, image), row, task
+            in zip(decoded, tokens, tasks)]
+
+  def _box_tasks(self, records: list) -> list:
+    """Each [(epoch, record, EXIF orientation)]'s box task (tokens,
+    targets), or None: off, or a record without boxes."""
+    chosen = {}  # position -> (region text, its box as shown, task)
+    for position, (epoch, record, orientation) in enumerate(records):
+      if self._box_format is not None and record.boxes:
+        number, task = boxes_lib.draw_task(len(record.boxes), seed=self._seed,
+                                           index=record.index, epoch=epoch)
+        region = record.boxes[number]
+        # The box in the image as decoded, hence as packed (boxes.py).
+        chosen[position] = (region.text,
+                            boxes_lib.oriented(region.box, orientation), task)
+    texts = (self._tokenizer.encode([text for text, _, _ in chosen.values()])
+             if chosen else ())
+    made = {position: self._box_sequence(row, box, task)
+            for (position, (_, box, task)), row in zip(chosen.items(), texts)}
+    return [made.get(position) for position in range(len(records))]
+
+  def _box_sequence(self, tokens, box, task: str):
+    """The (tokens, targets) of `task` on a region: its text tokenized
+    (`tokens`), its `box` in the image as shown."""
+    pad_id, eos_id = self._tokenizer.pad_id, self._tokenizer.eos_id
+    text_ids = boxes_lib.text_ids(tokens, pad_id, eos_id)
+    length = self._config.text_len
+    if task == boxes_lib.AREF:
+      return boxes_lib.aref_sequence(text_ids, box, self._box_format,
+                                     length, pad_id)
+    return boxes_lib.gcap_sequence(text_ids, box, self._box_format,
+                                   length, pad_id, eos_id,
+                                   self._config.sticky_eos)
 
   def _account_record(self, record, reason):
     """Counts a read record; raises if the recent failure rate is too high."""
@@ -568,7 +625,7 @@ def batch_spec(config, *, rows: int, groups: int,
   Each group gets ceil(captions_per_row * rows per group) caption rows, at
   most one per slot, and with text packing ceil(text_rows_per_caption * C)
   text rows, at most C. In train mode, `image/parent` and `image/masked`
-  when local crops and masks are on.
+  when local crops and masks are on, and `box/*` with `box_tasks`.
   """
   slots = config.images_per_row
   captions = None
@@ -589,7 +646,8 @@ def batch_spec(config, *, rows: int, groups: int,
       captions_per_group=captions, patch_dtype=config.patch_dtype,
       text_rows=text_rows,
       local_crops=train and local_crops is not None and local_crops.count > 0,
-      masks=train and config.get('mask_ratio', 0.0) > 0)
+      masks=train and config.get('mask_ratio', 0.0) > 0,
+      box_tasks=train and config.get('box_tasks', False))
 
 
 def _crop_budget(config, crops: crops_lib.CropConfig | None) -> int:
@@ -631,6 +689,15 @@ def _check_config(config):
        'resolution.max_tokens', res.max_tokens,
        f'must be None or in 1..tokens_per_row ({config.tokens_per_row})')
   _check_crops_and_masks(config, need)
+  need(not config.get('box_tasks', False)
+       or config.text_len >= boxes_lib.MIN_TEXT_LEN, 'text_len',
+       config.text_len, f'box_tasks need at least {boxes_lib.MIN_TEXT_LEN} '
+       'tokens (a task token, 4 location tokens and one text token)')
+  try:
+    sources.box_keys(config.source)
+    sources.box_fields(config.source)
+  except ValueError as e:
+    raise ValueError(f'input.source.{e}') from None
   drop = config.token_drop
   need(drop.kind in dropping.KINDS, 'token_drop.kind', drop.kind,
        f'expected one of {dropping.KINDS}')

@@ -17,6 +17,11 @@ Record with `image=b''` and `error` ('reason: detail'), as `sources.py`
 does, so the pipeline skips and counts it; a damaged or truncated tail ends
 the file with one such record, whose next_position is `END`. Storage errors
 (OSError) propagate to the caller, who retries (see `streaming.py`).
+
+Boxes (`Record.boxes`, for LocCa's box tasks): TFRecords read them from
+their box features as `sources.example_record` does, JSONL lists from a
+row's fields (`sources.row_regions`); tar shards and CSV/TSV lists carry
+none.
 """
 
 import contextlib
@@ -107,10 +112,12 @@ class TFRecordReader(Reader):
   file with one 'corrupt_header' or 'truncated' record.
   """
 
-  def __init__(self, paths, image_key='jpg', caption_key='txt', key_key='key'):
+  def __init__(self, paths, image_key='jpg', caption_key='txt', key_key='key',
+               box_key='', box_text_key=''):
     super().__init__(paths)
     self._keys = dict(image_key=image_key, caption_key=caption_key,
-                      key_key=key_key)
+                      key_key=key_key, box_key=box_key,
+                      box_text_key=box_text_key)
     from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
     self._example_cls = example_pb2.Example
 
@@ -247,9 +254,11 @@ class ListReader(Reader):
   """
 
   def __init__(self, paths, image_field='image', caption_field='caption',
-               root=None, retry_policy=retry.RetryPolicy()):
+               root=None, retry_policy=retry.RetryPolicy(), box_field='',
+               box_text_field=''):
     super().__init__(paths)
     self.image_field, self.caption_field = image_field, caption_field
+    self.box_fields = (box_field, box_text_field)
     self.root = os.fspath(root) if root else None
     self._retry = retry_policy
     for path in self.paths:
@@ -282,6 +291,7 @@ class ListReader(Reader):
         position = next_position
 
   def _record(self, index, name, line, header, delimiter, root) -> Record:
+    regions = ((), '')
     if delimiter:
       row = dict(zip(header, next(csv.reader([line], delimiter=delimiter), [])))
     else:
@@ -291,6 +301,7 @@ class ListReader(Reader):
         return _error(index, name, 'bad_line', str(e))
       if not isinstance(row, dict):
         return _error(index, name, 'bad_line', 'not a JSON object')
+      regions = sources.row_regions(row, *self.box_fields)
     image, caption = row.get(self.image_field), row.get(self.caption_field)
     if not isinstance(image, str) or not image:
       return _error(index, name, 'no_image', f'no {self.image_field!r} field')
@@ -303,7 +314,8 @@ class ListReader(Reader):
     except OSError as e:
       return _error(index, image_path, 'unreadable', e.strerror or str(e),
                     caption.strip())
-    return Record(index, data, caption.strip(), image_path)
+    return Record(index, data, caption.strip(), image_path, boxes=regions[0],
+                  box_error=regions[1])
 
 
 def _as_line(data: bytes) -> str:
@@ -363,9 +375,11 @@ def make_reader(config: ml_collections.ConfigDict,
   paths = shards.list_files(config.path)
   if kind == 'tfrecord':
     return TFRecordReader(paths, image_key=config.image_key,
-                          caption_key=config.caption_key, key_key=config.key_key)
+                          caption_key=config.caption_key,
+                          key_key=config.key_key, **sources.box_keys(config))
   if kind == 'wds':
     return TarReader(paths)
   return ListReader(paths, image_field=config.image_field,
                     caption_field=config.caption_field,
-                    root=config.root or None, retry_policy=retry_policy)
+                    root=config.root or None, retry_policy=retry_policy,
+                    **sources.box_fields(config))

@@ -9,6 +9,16 @@ image file) still comes back, with `image=b''` and `error` naming why, so the
 pipeline skips and counts it like any other bad image. Damage found while
 indexing (a truncated shard tail, a tar key without an image) is counted in
 the source's `skipped` dict, reason -> count.
+
+Records may carry boxes with region texts (`boxes.Region`, for LocCa's box
+tasks), normalised to the stored pixels (EXIF orientation ignored): the
+synthetic source always, TFRecords from two features (`box_key`,
+`box_text_key`), JSONL file lists from two fields of a row (`box_field`,
+`box_text_field`). Bad box data (counts that do not match,
+coordinates outside [0, 1], ymin > ymax, an empty text) drops that record's
+boxes, never the record: it keeps its image and caption, no boxes, and
+`box_error` says why, for the pipeline to count. A record without the
+features simply has no boxes. Tar shards and CSV/TSV lists carry none.
 """
 
 import csv
@@ -26,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from lit_navit import fs
+from lit_navit.data import boxes as boxes_lib
 
 SOURCE_KINDS = ('synthetic', 'tfrecord', 'wds', 'files')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -39,6 +50,8 @@ class Record:
   caption: str
   key: str      # Human-readable id: file path, tar path:key, tfrecord path#n.
   error: str = ''  # Why `image` is b'' when the source could not read it.
+  boxes: tuple = ()  # boxes.Region of the image, if the source has any.
+  box_error: str = ''  # Why the stored boxes were dropped (bad box data).
 
 
 class Source(Protocol):
@@ -212,13 +225,14 @@ class TFRecordSource:
   A shard's damaged or truncated tail is counted in `skipped` and the records
   before it are kept. A record whose payload fails to parse, or that lacks
   the image feature, reads as `image=b''` with `error` set; a missing caption
-  reads as ''.
+  reads as ''. Boxes: see `example_record`.
   """
 
   def __init__(self, pattern_or_paths, image_key='jpg', caption_key='txt',
-               key_key='key'):
+               key_key='key', box_key='', box_text_key=''):
     self.paths = expand_paths(pattern_or_paths)
     self.image_key, self.caption_key, self.key_key = image_key, caption_key, key_key
+    self.box_key, self.box_text_key = box_key, box_text_key
     self.skipped = {}
     self._index = _OffsetIndex(self.paths)
     self._record_numbers = []  # Position of each record within its file.
@@ -268,12 +282,20 @@ class TFRecordSource:
     return example_record(
         self._example_cls, self._index.read(index), index,
         f'{path}#{self._record_numbers[index]}', image_key=self.image_key,
-        caption_key=self.caption_key, key_key=self.key_key)
+        caption_key=self.caption_key, key_key=self.key_key,
+        box_key=self.box_key, box_text_key=self.box_text_key)
 
 
 def example_record(example_cls, payload: bytes, index: int, name: str, *,
-                   image_key: str, caption_key: str, key_key: str) -> Record:
-  """The Record a serialised tf.train.Example holds (`error` set if none)."""
+                   image_key: str, caption_key: str, key_key: str,
+                   box_key: str = '', box_text_key: str = '') -> Record:
+  """The Record a serialised tf.train.Example holds (`error` set if none).
+
+  Boxes (TFDS 'objects/bbox' style): `box_key` a float list of 4n
+  normalised coordinates (ymin, xmin, ymax, xmax per box), `box_text_key`
+  a bytes list of the n region texts; '' reads none. Bad box data sets
+  `box_error` and drops the boxes alone.
+  """
   try:
     example = example_cls.FromString(payload)
   except Exception as e:  # pylint: disable=broad-except
@@ -286,7 +308,45 @@ def example_record(example_cls, payload: bytes, index: int, name: str, *,
   caption = _as_text(_first_bytes(features, caption_key))
   if not image:
     return Record(index, b'', caption, name, error=f'no {image_key!r} feature')
-  return Record(index, image, caption, name)
+  try:
+    regions = _example_regions(features, box_key, box_text_key)
+  except ValueError as e:
+    return Record(index, image, caption, name, box_error=f'bad_boxes: {e}')
+  return Record(index, image, caption, name, boxes=regions)
+
+
+def _example_regions(features, box_key: str, box_text_key: str) -> tuple:
+  """The regions of an Example's box features; () when it has neither."""
+  if not box_key or not box_text_key or (
+      box_key not in features and box_text_key not in features):
+    return ()
+  coordinates, texts = [], []
+  if box_key in features:
+    if features[box_key].WhichOneof('kind') not in ('float_list', None):
+      raise ValueError(f'{box_key!r} is not a float list')
+    coordinates = features[box_key].float_list.value
+  if box_text_key in features:
+    if features[box_text_key].WhichOneof('kind') not in ('bytes_list', None):
+      raise ValueError(f'{box_text_key!r} is not a bytes list')
+    texts = [_as_text(t) for t in features[box_text_key].bytes_list.value]
+  return boxes_lib.parse_regions(coordinates, texts)
+
+
+def row_regions(row: dict, box_field: str, box_text_field: str):
+  """(regions, box_error) of a JSONL row: `box_field` a list of
+  [ymin, xmin, ymax, xmax] (or a flat list of 4n numbers), `box_text_field`
+  a list of the n texts; no regions and no error when the row has neither
+  (or the names are '')."""
+  if not box_field or not box_text_field or (
+      box_field not in row and box_text_field not in row):
+    return (), ''
+  texts = row.get(box_text_field, [])
+  try:
+    if not isinstance(texts, list):
+      raise ValueError(f'{box_text_field!r} is not a list')
+    return boxes_lib.parse_regions(row.get(box_field, []), texts), ''
+  except (ValueError, TypeError) as e:  # numpy's, for what is not numbers
+    return (), f'bad_boxes: {e}'
 
 
 def _first_bytes(features, key: str) -> bytes:
@@ -397,11 +457,11 @@ class FileListSource:
   paths resolve against `root`, or else the list's own folder. Lines that do
   not parse or lack a field are skipped and counted in `skipped`. Image files
   are opened only when read; one that is missing then reads as `image=b''`
-  with `error` set.
+  with `error` set. JSONL rows may hold boxes (`row_regions`).
   """
 
   def __init__(self, path, image_field='image', caption_field='caption',
-               root=None):
+               root=None, box_field='', box_text_field=''):
     path = os.fspath(path)
     if not fs.isfile(path):
       raise FileNotFoundError(f'file list not found: {path}')
@@ -410,8 +470,9 @@ class FileListSource:
     if not fs.isdir(self.root):
       raise FileNotFoundError(f'image root folder not found: {self.root}')
     self.image_field, self.caption_field = image_field, caption_field
+    self.box_fields = (box_field, box_text_field)
     self.skipped = {}
-    self._items = []  # (image path, caption, line number)
+    self._items = []  # (image path, caption, line number, (regions, box_error))
     extension = os.path.splitext(path)[1].lower()
     if extension in ('.jsonl', '.json'):
       self._read_jsonl()
@@ -434,7 +495,7 @@ class FileListSource:
         if not isinstance(row, dict):
           self._skip('bad_line', line_number, 'not a JSON object')
           continue
-        self._add(row, line_number)
+        self._add(row, line_number, row_regions(row, *self.box_fields))
 
   def _read_csv(self, delimiter: str):
     with fs.open(self.path, 'r', encoding='utf-8', errors='replace', newline='') as f:
@@ -446,7 +507,7 @@ class FileListSource:
       for row in reader:
         self._add(row, reader.line_num)
 
-  def _add(self, row: dict, line_number: int):
+  def _add(self, row: dict, line_number: int, regions=((), '')):
     image, caption = row.get(self.image_field), row.get(self.caption_field)
     if not isinstance(image, str) or not image:
       self._skip('no_image', line_number, f'no {self.image_field!r} field')
@@ -454,7 +515,7 @@ class FileListSource:
       self._skip('no_caption', line_number, f'no {self.caption_field!r} field')
     else:
       self._items.append((fs.join(self.root, image), caption.strip(),
-                          line_number))
+                          line_number, regions))
 
   def _skip(self, reason: str, line_number: int, detail: str):
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -467,18 +528,19 @@ class FileListSource:
   @property
   def image_paths(self) -> list:
     """The image file of each record (what an export keys records by)."""
-    return [image_path for image_path, _, _ in self._items]
+    return [image_path for image_path, *_ in self._items]
 
   def __getitem__(self, index: int) -> Record:
     index = check_index(index, len(self))
-    image_path, caption, _ = self._items[index]
+    image_path, caption, _, (regions, box_error) = self._items[index]
     try:
       with fs.open(image_path, 'rb') as f:
         image = f.read()
     except OSError as e:
       return Record(index, b'', caption, image_path,
                     error=f'unreadable: {e.strerror or e}')
-    return Record(index, image, caption, image_path)
+    return Record(index, image, caption, image_path, boxes=regions,
+                  box_error=box_error)
 
 
 def default_source_config() -> ml_collections.ConfigDict:
@@ -501,12 +563,44 @@ def default_source_config() -> ml_collections.ConfigDict:
   config.image_key = 'jpg'
   config.caption_key = 'txt'
   config.key_key = 'key'
+  # tfrecord: the box features of LocCa's box tasks (TFDS style; the
+  # pipeline uses them only with input.box_tasks): a float list of 4n
+  # coordinates (ymin, xmin, ymax, xmax per box, normalised to the stored
+  # pixels) and a bytes list of the n region texts.
+  config.box_key = 'objects/bbox'
+  config.box_text_key = 'objects/text'
   # files: field (column) names and the folder relative paths resolve
   # against ('' = the list's folder).
   config.image_field = 'image'
   config.caption_field = 'caption'
+  # files (JSONL only): a row's boxes, a list of [ymin, xmin, ymax, xmax]
+  # normalised, and their texts, as box_key and box_text_key.
+  config.box_field = 'boxes'
+  config.box_text_field = 'box_texts'
   config.root = ''
   return config
+
+
+def box_keys(config: ml_collections.ConfigDict) -> dict:
+  """The TFRecord box feature names of a source config; ValueError naming
+  the key (relative to the source config) when one is unusable."""
+  return _box_names(config, 'box_key', 'box_text_key')
+
+
+def box_fields(config: ml_collections.ConfigDict) -> dict:
+  """The JSONL box field names of a source config, checked as `box_keys`."""
+  return _box_names(config, 'box_field', 'box_text_field')
+
+
+def _box_names(config, box: str, text: str) -> dict:
+  names = {box: config.get(box, ''), text: config.get(text, '')}
+  for key, value in names.items():
+    if not isinstance(value, str):
+      raise ValueError(f'{key} = {value!r}: expected a name (a string)')
+  if bool(names[box]) != bool(names[text]):
+    raise ValueError(f'{box} = {names[box]!r} with {text} = {names[text]!r}: '
+                     'set both (boxes need their texts) or neither')
+  return names
 
 
 def make_source(config: ml_collections.ConfigDict) -> Source:
@@ -533,9 +627,9 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
   if kind == 'tfrecord':
     return TFRecordSource(config.path, image_key=config.image_key,
                           caption_key=config.caption_key,
-                          key_key=config.key_key)
+                          key_key=config.key_key, **box_keys(config))
   if kind == 'wds':
     return WebDatasetSource(config.path)
   return FileListSource(config.path, image_field=config.image_field,
                         caption_field=config.caption_field,
-                        root=config.root or None)
+                        root=config.root or None, **box_fields(config))

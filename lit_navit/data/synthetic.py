@@ -2,9 +2,12 @@
 
 It powers the CPU demo and the tests. Each image shows one shape of one
 colour, size and position, at a random size and aspect ratio; its caption
-names them. Some (shape, colour) pairs are never shown in the 'train' split
-but every shape and every colour is, so zero-shot classification on the
-'heldout' split measures whether a model composes what it learned.
+names them, and its one box (`boxes.Region`: the shape's centre plus or
+minus its radius, normalised to the image) is named by colour and shape,
+e.g. 'red circle', for LocCa's box tasks. Some (shape, colour) pairs are
+never shown in the 'train' split but every shape and every colour is, so
+zero-shot classification on the 'heldout' split measures whether a model
+composes what it learned.
 
 Every example is a pure function of (seed, split, index).
 """
@@ -17,6 +20,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from lit_navit.data import boxes
 from lit_navit.data import sources
 
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring', 'hexagon',
@@ -146,7 +150,8 @@ class SyntheticSource:
 
   def attributes(self, index: int) -> dict:
     """What example `index` shows: shape, colour, size, position, class_id,
-    caption, image width/height, and how object and background are drawn."""
+    caption, image width/height, its box region, and how object and
+    background are drawn."""
     index = sources.check_index(index, self.size)
     return self._draw_attributes(self._rng(index))
 
@@ -180,6 +185,7 @@ class SyntheticSource:
         'height': height,
         'centre': centre,
         'radius': float(radius),
+        'region': _region(centre, radius, width, height, f'{colour} {shape}'),
         'tilt': float(rng.uniform(-_MAX_TILT_DEGREES, _MAX_TILT_DEGREES)),
         'rgb': tuple(int(c) for c in rgb),
         'background': {
@@ -216,7 +222,19 @@ class SyntheticSource:
       image.save(buffer, format='WEBP', quality=90)
     return sources.Record(index=index, image=buffer.getvalue(),
                           caption=attributes['caption'],
-                          key=f'synthetic/{self.split}/{index}')
+                          key=f'synthetic/{self.split}/{index}',
+                          boxes=(attributes['region'],))
+
+
+def _region(centre, radius: float, width: int, height: int,
+            text: str) -> boxes.Region:
+  """The square around the shape's circumcircle, in (ymin, xmin, ymax, xmax)
+  normalised to the image; clipped, as the centre is clamped to keep the
+  circle inside (rounding aside)."""
+  (cx, cy), r = centre, radius
+  return boxes.Region(max(0.0, (cy - r) / height), max(0.0, (cx - r) / width),
+                      min(1.0, (cy + r) / height), min(1.0, (cx + r) / width),
+                      text)
 
 
 def _render(attributes: dict, rng: np.random.Generator) -> Image.Image:

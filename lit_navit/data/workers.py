@@ -47,6 +47,7 @@ class Prepared:
   grids: dict    # patch size -> (rows, cols)
   resized: dict  # patch size -> uint8 image
   crops: tuple = ()  # Its local crops, each a Prepared (with no crops).
+  orientation: int = 1  # The EXIF orientation decoding applied (boxes follow).
 
 
 def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
@@ -57,7 +58,7 @@ def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
   the same ones.
   """
   try:
-    image = decode.decode_image(data, sizing.max_pixels)
+    image, orientation = decode.decode_oriented(data, sizing.max_pixels)
   except decode.BadImage as e:
     return None, e.reason
   height, width = image.shape[:2]
@@ -72,7 +73,7 @@ def prepare_image(data: bytes, index: int, epoch: int, sizing: Sizing):
     boxes = crops_lib.crop_boxes(sizing.crops, seed=sizing.seed, index=index,
                                  epoch=epoch, height=height, width=width)
     crops = tuple(_prepare_crop(image, box, sizing) for box in boxes)
-  return Prepared(grids, resized, crops), None
+  return Prepared(grids, resized, crops, orientation), None
 
 
 def _prepare_crop(image: np.ndarray, box, sizing: Sizing) -> Prepared:
