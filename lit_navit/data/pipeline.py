@@ -185,6 +185,8 @@ class Pipeline:
       reads its own `sources.host_shard`.
     groups: the caption groups the rows split into: the device shards of
       this host's rows (see `batch.py`).
+    box_format: the box tasks' token format (`boxes.format_from_config`),
+      with input.box_tasks on; None otherwise.
 
   Attributes:
     skipped: a `decode.SkipCounter` of records (and files) skipped, by
@@ -193,7 +195,7 @@ class Pipeline:
 
   def __init__(self, source, tokenizer, config, *, rows: int, seed: int,
                process_index: int = 0, process_count: int = 1,
-               groups: int = 1):
+               groups: int = 1, box_format=None):
     _check_config(config)
     if rows < 1:
       raise ValueError(f'rows must be >= 1, got {rows}')
@@ -201,6 +203,7 @@ class Pipeline:
       raise ValueError(f'{rows} rows do not split into {groups} caption groups '
                        '(one per device shard)')
     self._groups = groups
+    self._box_format = box_format
     self._source = source
     self._tokenizer = tokenizer
     if config.mode == 'eval' and config.text_packing:
