@@ -74,8 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def box_tasks_on(config) -> bool:
   """Whether `config` (model) trains the box tasks on its decoder."""
-  return 'decoder' in config and config.decoder.weight > 0 and \
-      config.decoder.get('box_weight', 0.0) > 0
+  return ('decoder' in config and config.decoder.weight > 0
+          and config.decoder.box_weight > 0)
 
 
 def vocab_size(config) -> int:
@@ -210,8 +210,8 @@ def caption_rows(layout: CaptionLayout, slot, valid, parallel, pad_id: int) -> D
 
 def box_rows(boxes: BoxSequences, slot) -> DecoderRows:
   """One row a caption place: its box task, one causal sequence over the
-  whole row (its padding follows its last target, so attends to no target),
-  of the place's image."""
+  whole row (its padding follows its last target, so no target sees it),
+  cross-attending to the place's image."""
   tokens = boxes.tokens
   mine = jnp.broadcast_to(boxes.valid[..., None], tokens.shape)
   return DecoderRows(
