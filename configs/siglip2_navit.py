@@ -4,7 +4,10 @@ configs/siglip_navit.py (sigmoid loss, packed images and captions) plus the
 three objectives SigLIP 2 adds:
 
 - a LocCa captioning decoder on the image tokens, from the first step
-  (`model.decoder`; SigLIP 2 weighs it 1);
+  (`model.decoder`; SigLIP 2 weighs it 1), and with `boxes` (a source with
+  boxes; WebLI-style sources have none) LocCa's referring expressions and
+  grounded captioning on the same decoder (`model.decoder.box_weight`,
+  `input.box_tasks`);
 - SILC self-distillation: an EMA teacher of the image tower sees each image,
   the student its local crops, packed into the same rows
   (`model.distill.weight`, `input.local_crops`);
@@ -17,9 +20,9 @@ the last two over the final 20% of training (`model.distill.start_step`).
   python -m lit_navit.train --workdir gs://bucket/run \\
     --config configs/siglip2_navit.py:variant=B/16,batch=4096,source=tfrecord,path=gs://bucket/webli-*.tfrecord
 
-Args: those of siglip_navit.py, plus crops (local crops an image) and
+Args: those of siglip_navit.py, plus crops (local crops an image),
 distill_from (the fraction of training after which the teacher's objectives
-start).
+start) and boxes (train the box tasks: the source provides boxes).
 """
 
 import os
@@ -34,7 +37,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(
       arg, variant='B/16', text_variant='B', batch=4096, steps=100_000,
       source='tfrecord', path='', tokenizer='', vocab=32_000, loss='sigmoid',
-      warmup=5_000, crops=2, distill_from=0.8)
+      warmup=5_000, crops=2, distill_from=0.8, boxes=False)
   # configs/siglip_navit.py's config, loaded from beside this file (as
   # clip_navit.py does: importing it would put configs/ on sys.path).
   c = config_lib.load_config_file(
@@ -42,6 +45,9 @@ def get_config(arg=None):
           f'{k}={arg[k]}' for k in SIGLIP_ARGS if arg[k] != ''))
 
   c.model.decoder.weight = 1.0
+  if arg.boxes:
+    c.input.box_tasks = True
+    c.model.decoder.box_weight = 1.0
 
   c.model.distill.weight = 1.0
   c.model.distill.masked_weight = 0.25

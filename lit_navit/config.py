@@ -182,6 +182,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   decoder.check_config(config.model)
   two_towers.check_distill(config.model)
   _check_views(config)
+  _check_box_tasks(config)
   if config.input.text_packing and not config.model.text.mask_padding:
     raise ValueError('input.text_packing=True cannot be combined with '
                      'model.text.mask_padding=False (the big_vision-exact tower '
@@ -205,6 +206,23 @@ def _check_views(config) -> None:
       raise ValueError(f'config key {on} is set but {off} is 0: set both '
                        '(self-distillation reads local crops, masked prediction '
                        'reads token masks) or neither')
+
+
+def _check_box_tasks(config) -> None:
+  """LocCa's box tasks: the pipeline's box sequences (input.box_tasks) and the
+  decoder's loss on them (model.decoder.box_weight) come together, like the
+  views of `_check_views`."""
+  # input.box_tasks is the pipeline's key (data/pipeline.py).
+  view_on = config.input.get('box_tasks', False)
+  loss_on = config.model.decoder.box_weight > 0
+  if view_on and not loss_on:
+    raise ValueError('config key input.box_tasks=True needs model.decoder.box_weight '
+                     '> 0 (and a decoder, model.decoder.weight > 0): without its '
+                     'loss the box sequences are compute spent for nothing')
+  if loss_on and not view_on:
+    raise ValueError('config key model.decoder.box_weight > 0 needs input.box_tasks='
+                     'True (a source with boxes): without the box sequences it has '
+                     'nothing to learn from')
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:

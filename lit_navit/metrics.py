@@ -222,6 +222,8 @@ def console_line(step: int, total: int, m: dict) -> str:
   parts = [f'step {step}/{total}', f"loss {m['loss']:.4f}", f"lr {m.get('lr', 0):.2e}",
            f"{m.get('images_per_s', 0):.1f} img/s", f"pad {m.get('padding_fraction', 0):.1%}",
            f"text pad {m.get('text_padding_fraction', 0):.0%}"]
+  if 'box_loss' in m:
+    parts.insert(2, f"box {m['box_loss']:.4f}")
   if 'caption_loss' in m:
     parts.insert(2, f"caption {m['caption_loss']:.4f}")
   if 'mfu' in m:

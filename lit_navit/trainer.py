@@ -30,6 +30,7 @@ from lit_navit import sharding
 from lit_navit import teacher as teacher_lib
 from lit_navit import xla_options
 from lit_navit.data import batch as batch_lib
+from lit_navit.data import boxes
 from lit_navit.data import pipeline as pipeline_lib
 from lit_navit.data import prefetch
 from lit_navit.data import readers
@@ -50,7 +51,9 @@ MODEL_KEYS = ('image/patches', 'image/yx', 'image/grid', 'image/segment',
               # Text packing only (batch.py).
               'text/segment', 'text/position', 'text/row', 'text/row_segment',
               # Local crops and token masks only, for model.distill (batch.py).
-              'image/parent', 'image/masked')
+              'image/parent', 'image/masked',
+              # LocCa's box tasks only, for model.decoder.box_weight (batch.py).
+              'box/tokens', 'box/target', 'box/valid')
 
 
 def model_inputs(batch: dict) -> dict:
@@ -75,16 +78,20 @@ def make_pipeline(config, source, *, rows: int, groups: int = 1, mode: str = 'tr
   """The input pipeline of this process (or of the host given) for `config`.
 
   `groups` is the caption groups of its rows: its device shards (see
-  `caption_groups`).
+  `caption_groups`). With input.box_tasks on, the pipeline writes the box
+  tasks in the decoder's token format.
   """
   tokenizer = text.Tokenizer.from_config(config.input)
   input_config = config.input.copy_and_resolve_references()
   with input_config.unlocked():
     input_config.mode = mode
+  box_format = (boxes.format_from_config(config)
+                if config.input.get('box_tasks', False) else None)
   return pipeline_lib.Pipeline(
       source, tokenizer, input_config, rows=rows, seed=config.seed, groups=groups,
       process_index=jax.process_index() if process_index is None else process_index,
-      process_count=jax.process_count() if process_count is None else process_count)
+      process_count=jax.process_count() if process_count is None else process_count,
+      box_format=box_format)
 
 
 def caption_groups(mesh) -> int:
@@ -277,9 +284,11 @@ class Trainer:
   def _loss(self, params, batch, step=None, targets=None):
     """(loss, metrics) of the model on one batch.
 
-    The captioning decoder's loss, with a decoder, is added at its weight;
+    The captioning decoder's loss, with a decoder, is added at its weight,
+    and its box tasks' loss (batches with box/*) at model.decoder.box_weight;
     `step` keys its CapPa draw (None: no parallel captions, as in evaluation).
-    metrics['caption_targets'] is the token count its mean is over. With the
+    metrics['caption_targets'] ('box_targets') is the token count its mean is
+    over. With the
     teacher's `targets`, the distillation losses are added (distill.py).
     """
     key = None if step is None else jax.random.fold_in(
@@ -294,6 +303,10 @@ class Trainer:
       loss = loss + self.config.model.decoder.weight * extras['caption_loss']
       metrics = dict(metrics, caption_loss=extras['caption_loss'],
                      caption_targets=extras['caption_targets'])
+    if 'box_loss' in extras:
+      loss = loss + self.config.model.decoder.box_weight * extras['box_loss']
+      metrics = dict(metrics, box_loss=extras['box_loss'],
+                     box_targets=extras['box_targets'])
     if targets is not None:
       extra, distill_metrics = distill.losses(self.config.model, params, batch,
                                               extras['slots'], targets)

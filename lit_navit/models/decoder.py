@@ -26,6 +26,15 @@ position and attends to its whole self, predicting every token at once.
 The loss is the mean float32 cross-entropy over the real targets of valid
 captions (`text/valid`).
 
+LocCa's box tasks (`box_weight` > 0; token format in data/boxes.py): caption
+place c's box task sequence (`box/tokens` [G, C, T], one a row) runs in the
+same call as the captions, as C more rows of each group: the same params,
+teacher forcing and causal self-attention over its whole row, and the
+cross-attention id of its place's slot (`text/slot`), so it too sees only its
+own image. Its targets are explicit (`box/target` of places with
+`box/valid`): a task's prompt is input, not target. The vocabulary then has
+the location and task tokens after the text tower's (`BoxFormat.vocab_size`).
+
 Self-attention needs a mask array (causal), which the splash kernel does not
 take: with attention 'splash' it runs the dense kernel (T x T per text row,
 small); the cross-attention, the large one, runs the configured kernel.
@@ -38,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lit_navit.data import boxes as boxes_lib
 from lit_navit.models import attention as attention_lib
 from lit_navit.models import encoder
 from lit_navit.models import partitioning
@@ -55,7 +65,26 @@ def default_config() -> ml_collections.ConfigDict:
       num_heads=6,
       parallel_fraction=0.0,  # CapPa: share of captions predicted in parallel.
       attention='dense',   # The cross-attention's kernel (attention.py).
+      # LocCa's box tasks (ARef, GCap) on this decoder; weight 0: off, and the
+      # vocabulary is the text tower's. Needs input.box_tasks (config.py).
+      box_weight=0.0,
+      box_bins=500,        # Location tokens: bins of a normalised coordinate.
   ))
+
+
+def box_tasks_on(config) -> bool:
+  """Whether `config` (model) trains the box tasks on its decoder."""
+  return ('decoder' in config and config.decoder.weight > 0
+          and config.decoder.box_weight > 0)
+
+
+def vocab_size(config) -> int:
+  """The decoder's vocabulary (model config): the text tower's, and with the
+  box tasks their location and task tokens after it."""
+  if box_tasks_on(config):
+    return boxes_lib.BoxFormat(config.text.vocab_size,
+                               config.decoder.box_bins).vocab_size
+  return config.text.vocab_size
 
 
 def check_config(config) -> None:
@@ -72,6 +101,13 @@ def check_config(config) -> None:
   if c.width % c.num_heads:
     raise ValueError(f'config key model.decoder.width={c.width} is not divisible '
                      f'by model.decoder.num_heads={c.num_heads}')
+  if not c.box_weight >= 0:
+    raise ValueError(f'config key model.decoder.box_weight must be >= 0, got {c.box_weight}')
+  if c.box_weight > 0 and not c.weight > 0:
+    raise ValueError('config key model.decoder.box_weight > 0 needs the decoder: '
+                     'set model.decoder.weight > 0 too')
+  if c.box_bins < 1:
+    raise ValueError(f'config key model.decoder.box_bins must be >= 1, got {c.box_bins}')
   if c.attention not in attention_lib.ATTENTION_FNS:
     raise ValueError(f'config key model.decoder.attention={c.attention!r}: expected '
                      f'one of {sorted(attention_lib.ATTENTION_FNS)}')
@@ -126,6 +162,64 @@ def per_caption(values, caption):
   return jnp.take_along_axis(values, index, axis=1).reshape(caption.shape)
 
 
+class BoxSequences(NamedTuple):
+  """The box task sequences of a batch, one a caption place (keys box/*).
+
+  tokens int [G, C, T] in the decoder's vocabulary; target bool [G, C, T]:
+  the positions whose token is a target; valid bool [G, C]: the places that
+  hold a task.
+  """
+  tokens: Any
+  target: Any
+  valid: Any
+
+
+def box_sequences(batch) -> BoxSequences | None:
+  """The batch's box task sequences; None in a batch without them."""
+  if 'box/tokens' not in batch:
+    return None
+  return BoxSequences(batch['box/tokens'], batch['box/target'], batch['box/valid'])
+
+
+class DecoderRows(NamedTuple):
+  """What the decoder reads per token, [G, N, T] each, of any kind of row.
+
+  tokens, position, segment: as in CaptionLayout; slot: the flat slot of its
+  image in the group (`text/slot`); mine: it belongs to a valid caption or
+  task (else nothing it computes counts); targets: its token is a target;
+  parallel: a CapPa token ([MASK] input, attends to its whole caption).
+  """
+  tokens: Any
+  position: Any
+  segment: Any
+  slot: Any
+  mine: Any
+  targets: Any
+  parallel: Any
+
+
+def caption_rows(layout: CaptionLayout, slot, valid, parallel, pad_id: int) -> DecoderRows:
+  """The caption rows: each caption's non-pad tokens are its targets."""
+  tokens, position, segment, caption = layout
+  mine = (caption >= 0) & per_caption(valid, caption)
+  if parallel is None:
+    parallel = jnp.zeros(valid.shape, bool)
+  return DecoderRows(tokens, position, segment, per_caption(slot, caption), mine,
+                     mine & (tokens != pad_id), per_caption(parallel, caption) & mine)
+
+
+def box_rows(boxes: BoxSequences, slot) -> DecoderRows:
+  """One row a caption place: its box task, one causal sequence over the
+  whole row (its padding follows its last target, so no target sees it),
+  cross-attending to the place's image."""
+  tokens = boxes.tokens
+  mine = jnp.broadcast_to(boxes.valid[..., None], tokens.shape)
+  return DecoderRows(
+      tokens, jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape),
+      jnp.ones_like(tokens), jnp.broadcast_to(slot[..., None], tokens.shape),
+      mine, boxes.target & mine, jnp.zeros(tokens.shape, bool))
+
+
 def image_ids(image_segment, groups: int, slots: int):
   """Cross-attention ids of the image tokens [G, B/G*L]: r*E + k for the
   token of slot k (1..E) in the group's row r, padding 0 (which no caption
@@ -166,12 +260,13 @@ class DecoderBlock(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-  """Per-token caption cross-entropy of the captions of a packed batch.
+  """Per-token cross-entropy of the captions (and box tasks) of a packed batch.
 
   Attributes:
-    vocab_size, max_len: the text tower's vocabulary and caption length.
+    vocab_size: the decoder's vocabulary (`vocab_size(config)`).
+    max_len: the text tower's caption length.
     width, depth, mlp_dim, num_heads: the decoder's size.
-    pad_id: the padding token (never a target).
+    pad_id: the padding token (never a caption target).
     attention: the cross-attention's kernel (see the module docstring).
     dtype: compute dtype; the log-softmax is float32.
   """
@@ -187,22 +282,23 @@ class CaptionDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_tokens, image_segment, slots: int,
-               layout: CaptionLayout, slot, valid, parallel=None):
-    """Returns (cross-entropy float32 [G, N, T], targets bool [G, N, T]).
+               layout: CaptionLayout, slot, valid, parallel=None,
+               boxes: BoxSequences | None = None):
+    """Returns (cross-entropy float32 [G, N, T], targets bool [G, N, T]); with
+    `boxes`, of the N caption rows then the C box rows: [G, N + C, T] each.
 
     image_tokens [B, L, W] and image_segment [B, L]: the image tower's
     output and the batch's segments; slots: E; slot, valid [G, C]: `text/slot`,
     `text/valid`; parallel bool [G, C] or None: the CapPa captions.
     """
-    tokens, position, segment, caption = layout
-    groups, rows, length = tokens.shape
+    rows = caption_rows(layout, slot, valid, parallel, self.pad_id)
+    if boxes is not None:
+      rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1),
+                          rows, box_rows(boxes, slot))
+    tokens, position, segment = rows.tokens, rows.position, rows.segment
+    groups, n, length = tokens.shape
     if length > self.max_len:
       raise ValueError(f'text length {length} exceeds max_len {self.max_len}')
-    if parallel is None:
-      parallel = jnp.zeros(valid.shape, bool)
-    mine = (caption >= 0) & per_caption(valid, caption)
-    targets = mine & (tokens != self.pad_id)
-    token_parallel = per_caption(parallel, caption) & mine
 
     # Inputs: BOS at position 0, else the previous token of the row (of the
     # caption, when the position is not 0); [MASK] everywhere for CapPa.
@@ -212,25 +308,26 @@ class CaptionDecoder(nn.Module):
     bos = self.param('bos', nn.initializers.normal(0.02), (self.width,))
     mask_token = self.param('mask', nn.initializers.normal(0.02), (self.width,))
     x = jnp.where((position == 0)[..., None], bos, x)
-    x = jnp.where(token_parallel[..., None], mask_token, x)
+    x = jnp.where(rows.parallel[..., None], mask_token, x)
     pos = self.param('pos_embedding', nn.initializers.normal(self.width ** -0.5),
                      (self.max_len, self.width))
-    x = (x + pos[position]).reshape(groups * rows, length, self.width)
+    x = (x + pos[position]).reshape(groups * n, length, self.width)
 
-    flat = lambda a: a.reshape(groups * rows, length)
+    flat = lambda a: a.reshape(groups * n, length)
     causal = jnp.tril(jnp.ones((length, length), bool))
     self_mask = attention_lib.segment_mask(flat(segment), flat(segment)) & (
-        causal | flat(token_parallel)[:, None, :, None])
+        causal | flat(rows.parallel)[:, None, :, None])
 
     image = nn.Dense(self.width, dtype=self.dtype, name='image_projection',
                      **precision.dense_options())(image_tokens)
     batch, tokens_per_row = image_segment.shape
     image = image.reshape(groups, batch // groups * tokens_per_row, self.width)
     kv_ids = image_ids(image_segment, groups, slots)
-    # Tokens of no valid caption (their outputs are no target) take the id of
-    # the group's first image token, so no query row is empty (attention.py).
+    # Tokens of no valid caption or task (their outputs are no target) take
+    # the id of the group's first image token, so no query row is empty
+    # (attention.py).
     cross_ids = attention_lib.Segments(
-        jnp.where(mine, per_caption(slot, caption) + 1,
+        jnp.where(rows.mine, rows.slot + 1,
                   kv_ids[:, :1, None]).reshape(groups, -1), kv_ids)
 
     x = x.astype(self.dtype)
@@ -240,7 +337,7 @@ class CaptionDecoder(nn.Module):
     x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head',
                       **precision.dense_options())(x).astype(jnp.float32)
-    logits = logits.reshape(groups, rows, length, self.vocab_size)
+    logits = logits.reshape(groups, n, length, self.vocab_size)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
-    return jnp.where(targets, ce, 0.0), targets
+    return jnp.where(rows.targets, ce, 0.0), rows.targets

@@ -8,7 +8,10 @@ packed row is computed and thrown away), MLPs, MAP heads and the projection
 heads; with a captioning decoder (decoder.py) also its image projection,
 causal self-attention over each text row, cross-attention of each caption
 group's text tokens to all the group's image tokens (the segment-masked
-grid the kernels compute), MLPs and vocabulary logits; with model.distill
+grid the kernels compute), MLPs and vocabulary logits, and with its box
+tasks (model.decoder.box_weight > 0) the same over one more sequence of T
+tokens a caption place, in the same call, and the logits over its larger
+vocabulary; with model.distill
 on, the EMA teacher's forward, the DINO heads and the masked-prediction
 pass (`distill_flops`). Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
 lookups are left out: they are a few percent at real widths.
@@ -17,6 +20,7 @@ lookups are left out: they are a few percent at real widths.
 from typing import Sequence
 
 from lit_navit.data import batch as batch_lib
+from lit_navit.models import decoder as decoder_lib
 from lit_navit.models import two_towers
 from lit_navit.models import variants
 
@@ -83,6 +87,8 @@ def decoder_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   image_tokens = spec.rows * spec.tokens_per_row
   length = spec.text_len
   text_rows = spec.groups * (spec.text_rows if spec.packed_text else spec.captions)
+  if decoder_lib.box_tasks_on(config):  # A box task row a caption place.
+    text_rows += spec.groups * spec.captions
   text_tokens = text_rows * length
   group_keys = spec.rows_per_group * spec.tokens_per_row
   per_layer = (text_rows * _encoder_flops(length, width, 1, mlp_dim)  # self-attn, MLP
@@ -91,7 +97,7 @@ def decoder_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
                + 2 * 2 * text_tokens * group_keys * width)  # cross-attention
   return (2 * image_tokens * image_width * width          # image projection
           + c.depth * per_layer
-          + 2 * text_tokens * width * config.text.vocab_size)  # logits
+          + 2 * text_tokens * width * decoder_lib.vocab_size(config))  # logits
 
 
 def forward_flops(config, spec: batch_lib.BatchSpec) -> int:

@@ -3,7 +3,8 @@
 Parameters: 'img' (NaViT), 'txt' (text transformer), 't' (log temperature)
 and, for the sigmoid loss, 'b' (logit bias), as in big_vision; with
 `decoder.weight` > 0 also 'dec', the LocCa captioning decoder (decoder.py),
-which reads the image tower's tokens of the same forward pass. With
+which reads the image tower's tokens of the same forward pass (and with
+`decoder.box_weight` > 0 also trains LocCa's box tasks). With
 model.distill on: 'distill_head' (self-distillation) and 'patch_head'
 (masked prediction), DINO heads that lit_navit/distill.py runs, and
 'img/mask_token' (masked prediction).
@@ -88,7 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.t_init = ml_collections.config_dict.placeholder(float)
   c.b_init = -10.0                # Initial logit bias (sigmoid only).
   # LocCa captioning loss (weight 0: off, no decoder params); its compute
-  # dtype is `dtype`, its vocabulary and caption length the text tower's.
+  # dtype is `dtype`, its caption length the text tower's, its vocabulary the
+  # text tower's (with box_weight > 0, plus the box tasks' tokens).
   c.decoder = decoder_lib.default_config()
   # SILC self-distillation and TIPS masked prediction against an EMA teacher
   # of the image tower (lit_navit/distill.py, lit_navit/teacher.py). Each is
@@ -229,10 +231,11 @@ def has_decoder(config) -> bool:
 
 
 def caption_decoder(config) -> decoder_lib.CaptionDecoder:
-  """The captioning decoder of `config.decoder` over the text tower's vocabulary."""
+  """The captioning decoder of `config.decoder` (its vocabulary:
+  `decoder.vocab_size`)."""
   c = config.decoder
   return decoder_lib.CaptionDecoder(
-      vocab_size=config.text.vocab_size, max_len=config.text.max_len,
+      vocab_size=decoder_lib.vocab_size(config), max_len=config.text.max_len,
       width=c.width, depth=c.depth, mlp_dim=c.mlp_dim, num_heads=c.num_heads,
       pad_id=config.text.pad_id, attention=c.attention,
       dtype=jnp.dtype(config.dtype))
@@ -285,27 +288,43 @@ class TwoTowers(nn.Module):
                     batch['image/segment'], batch['image/grid'],
                     return_tokens=return_tokens)
 
-  def caption_cross_entropy(self, image_tokens, batch, caption_key=None):
-    """The decoder's (cross-entropy float32 [G, N, T], targets bool [G, N, T])
-    per text token. `caption_key` draws the CapPa parallel captions (None:
-    none, as in evaluation)."""
+  def decoder_cross_entropy(self, image_tokens, batch, caption_key=None):
+    """The decoder's per-token (cross-entropy float32, targets bool):
+    {'caption': of the text rows [G, N, T]} and, with the box tasks on and
+    box/* in the batch (train batches), 'box': of the box rows [G, C, T].
+    `caption_key` draws the CapPa parallel captions (None: none, as in
+    evaluation)."""
     parallel = None
     fraction = self.config.decoder.parallel_fraction
     if caption_key is not None and fraction > 0:
       parallel = jax.random.bernoulli(caption_key, fraction,
                                       batch['text/valid'].shape)
-    return self.dec(
+    boxes = (decoder_lib.box_sequences(batch)
+             if decoder_lib.box_tasks_on(self.config) else None)
+    layout = decoder_lib.caption_layout(batch, self.config.text.pad_id)
+    ce, targets = self.dec(
         image_tokens, batch['image/segment'], batch['image/grid'].shape[1],
-        decoder_lib.caption_layout(batch, self.config.text.pad_id),
-        batch['text/slot'], batch['text/valid'], parallel)
+        layout, batch['text/slot'], batch['text/valid'], parallel, boxes)
+    rows = layout.tokens.shape[1]  # The caption rows come first.
+    out = {'caption': (ce[:, :rows], targets[:, :rows])}
+    if boxes is not None:
+      out['box'] = (ce[:, rows:], targets[:, rows:])
+    return out
 
-  def caption_loss(self, image_tokens, batch, caption_key=None):
+  def caption_cross_entropy(self, image_tokens, batch, caption_key=None):
+    """The captions' (cross-entropy, targets) [G, N, T] of `decoder_cross_entropy`."""
+    return self.decoder_cross_entropy(image_tokens, batch, caption_key)['caption']
+
+  def decoder_loss(self, image_tokens, batch, caption_key=None):
     """{'caption_loss': mean token cross-entropy, 'caption_targets': the
-    tokens it averages}."""
-    ce, targets = self.caption_cross_entropy(image_tokens, batch, caption_key)
-    count = jnp.sum(targets)
-    return {'caption_loss': jnp.sum(ce) / jnp.maximum(count, 1),
-            'caption_targets': count}
+    tokens it averages} and, with box rows, 'box_loss' and 'box_targets' alike."""
+    out = {}
+    for name, (ce, targets) in self.decoder_cross_entropy(
+        image_tokens, batch, caption_key).items():
+      count = jnp.sum(targets)
+      out[f'{name}_loss'] = jnp.sum(ce) / jnp.maximum(count, 1)
+      out[f'{name}_targets'] = count
+    return out
 
   def embed_texts(self, tokens):
     """Tokens int [..., T] -> L2-normalised z_txt [prod(...), embed_dim]."""
@@ -319,7 +338,7 @@ class TwoTowers(nn.Module):
     gathered, within its group, to its caption's row. extras: 't' (the
     temperature exp(t)), 'b' (the bias; sigmoid loss only) and 'valid' bool
     [G*C], the rows that hold a pair; with a decoder, those of
-    `caption_loss` (`caption_key` as there). The model has no dropout, so
+    `decoder_loss` (`caption_key` as there). The model has no dropout, so
     `train` changes nothing; it is accepted so trainers call every model alike.
     """
     del train
@@ -328,7 +347,7 @@ class TwoTowers(nn.Module):
       extras['b'] = self.b[0]
     if has_decoder(self.config):
       slots, tokens = self._slot_embeddings(batch, return_tokens=True)
-      extras.update(self.caption_loss(tokens, batch, caption_key))
+      extras.update(self.decoder_loss(tokens, batch, caption_key))
     else:
       slots = self._slot_embeddings(batch)
     extras['slots'] = slots
