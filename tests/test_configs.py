@@ -43,6 +43,7 @@ BUILT = {
     'clip_navit.py': (100_000, 4096, 'B/16', 'B', 'softmax', ()),
     'siglip2_navit.py:variant=S/16,text_variant=S,steps=1000':
         (1000, 4096, 'S/16', 'S', 'sigmoid', ()),
+    'siglip2_navit.py:steps=1000,boxes': (1000, 4096, 'B/16', 'B', 'sigmoid', ()),
     'lit_navit.py:locked=img': (100_000, 4096, 'B/16', 'B', 'sigmoid', ('img',)),
     'lit_navit.py:locked=txt,variant=L/16': (100_000, 4096, 'L/16', 'B', 'sigmoid', ('txt',)),
 }

@@ -251,19 +251,6 @@ def test_the_decoder_params_are_unchanged_with_box_weight_0():
       two_towers.param_shapes(off)['params'])
 
 
-@pytest.fixture
-def schema_with_box_tasks(monkeypatch):
-  """The schema with input.box_tasks (the data side's key) until it is merged."""
-  defaults = pipeline_lib.default_config
-
-  def with_key():
-    c = defaults()
-    if 'box_tasks' not in c:
-      c.box_tasks = False
-    return c
-  monkeypatch.setattr(pipeline_lib, 'default_config', with_key)
-
-
 def full_config(box_tasks, **decoder):
   c = config_lib.default_config()
   c.model = td.config(**decoder)
@@ -280,12 +267,12 @@ def full_config(box_tasks, **decoder):
     (True, dict(box_weight=0.0), r'input.box_tasks=True needs model.decoder.box_weight'),
     (True, dict(weight=0.0), r'input.box_tasks=True needs model.decoder.box_weight'),
 ])
-def test_config_errors_name_the_keys(schema_with_box_tasks, box_tasks, decoder, match):
+def test_config_errors_name_the_keys(box_tasks, decoder, match):
   with pytest.raises(ValueError, match=match):
     config_lib.check_config(full_config(box_tasks, **decoder))
 
 
-def test_box_tasks_and_their_loss_together_pass(schema_with_box_tasks):
+def test_box_tasks_and_their_loss_together_pass():
   config_lib.check_config(full_config(True, **BOXES))
   config_lib.check_config(full_config(False))
   siglip2 = config_lib.load_config_file(os.path.join(
@@ -357,7 +344,7 @@ def test_the_box_loss_sharded_over_data_and_fsdp_is_the_single_device_loss():
 
 # --- the trainer's wiring -----------------------------------------------------------------
 
-def test_the_trainer_adds_the_weighted_box_loss_and_logs_it(schema_with_box_tasks):
+def test_the_trainer_adds_the_weighted_box_loss_and_logs_it():
   c = full_config(True, box_weight=0.25, box_bins=BINS)
   c.input.patch_sizes, c.input.text_len = (P,), T
   c.batch_size = 4
@@ -379,7 +366,7 @@ def test_the_trainer_adds_the_weighted_box_loss_and_logs_it(schema_with_box_task
   assert 'caption 2.0000 | box 3.0000' in line
 
 
-def test_the_trainer_gives_the_pipeline_the_box_format(schema_with_box_tasks, monkeypatch):
+def test_the_trainer_gives_the_pipeline_the_box_format(monkeypatch):
   made = []
   monkeypatch.setattr(pipeline_lib, 'Pipeline', lambda *a, **kw: made.append(kw))
   monkeypatch.setattr(trainer_lib.text.Tokenizer, 'from_config', lambda _: None)
