@@ -10,6 +10,9 @@ the paper stacks them:
   +masked            TIPS-style masked prediction of the teacher's patch
                      features, from 80% of training on
 
+and one beside the stack: +decoder+boxes, the decoder also trained on
+LocCa's referring expressions and grounded captions of the shapes' boxes.
+
 Every arm trains on the same budget of training FLOPs (`models/flops.py`,
 teacher and decoder included): an arm whose steps cost more takes fewer.
 Each is evaluated zero-shot (seen and held-out shape-colour pairs), by
@@ -20,7 +23,7 @@ most of it or 'background' (ridge regression on new images of the seen
 pairs, fitted on half of them, accuracy on the other half, over object
 patches and over all).
 
-  python experiments/siglip2_losses.py            # 4 arms x 3 seeds
+  python experiments/siglip2_losses.py            # 5 arms x 3 seeds
   python experiments/siglip2_losses.py --scale 4  # a bigger machine
   python experiments/siglip2_losses.py --equal_steps  # control: equal data
 
@@ -59,6 +62,13 @@ def _self_distill(config):
   _teacher_heads(config)
 
 
+def _boxes(config):
+  """LocCa's referring expressions and grounded captioning on the synthetic
+  shapes' boxes, beside the captions."""
+  config.input.box_tasks = True
+  config.model.decoder.box_weight = 1.0
+
+
 def _masked(config):
   config.model.distill.masked_weight = 1.0
   config.input.mask_ratio = 0.5
@@ -70,6 +80,8 @@ ARMS = {
     '+decoder': (_decoder,),
     '+self-distill': (_decoder, _self_distill),
     '+masked': (_decoder, _self_distill, _masked),
+    # Off the stack: the decoder with LocCa's box tasks, beside +decoder.
+    '+decoder+boxes': (_decoder, _boxes),
 }
 
 
