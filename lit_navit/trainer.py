@@ -492,8 +492,8 @@ class Trainer:
     return step == self.config.total_steps or bool(every and step % every == 0)
 
   def _evaluate(self, writer, step: int, state) -> dict:
-    """Held-out loss (and caption perplexity) and synthetic zero-shot, as
-    configured; logged under eval/."""
+    """Held-out loss (and caption perplexity, referring-expression accuracy)
+    and synthetic zero-shot, as configured; logged under eval/."""
     results = {}
     if self.config.evals.heldout.kind:
       results.update(self.heldout_metrics(state['params']))
