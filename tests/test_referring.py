@@ -47,7 +47,7 @@ def test_iou_of_hand_computed_boxes(a, b, expected):
 
 def test_location_boxes_are_the_bin_centres_of_the_token_format():
   rng = np.random.default_rng(0)
-  box = np.sort(rng.uniform(0, 1, (2, 2)), axis=1).T.reshape(-1)[[0, 2, 1, 3]]
+  box = np.sort(rng.uniform(0, 1, (2, 2)), axis=1).T.reshape(-1)  # ymin, xmin, ymax, xmax
   tokens = np.full((1, 1, T), PAD, np.int32)
   tokens[0, 0, 2:6] = boxes.location_tokens(box, FORMAT)
   got = referring.location_boxes(jnp.asarray(tokens), jnp.array([[2]]), FORMAT)[0, 0]
