@@ -62,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
       # exp(mean token cross-entropy) of the captioning decoder on those
       # held-out batches (needs model.decoder.weight > 0 and evals.heldout).
       caption_perplexity=False,
+      # LocCa's referring-expression accuracy on those held-out batches: the
+      # share of their ARef tasks whose greedily decoded box has IoU >= 0.5
+      # with the true one, and the mean IoU (evaluate/referring.py; needs the
+      # decoder's box tasks, model.decoder.box_weight > 0, and evals.heldout).
+      box_accuracy=False,
       # Synthetic zero-shot and retrieval (synthetic training source, one host).
       zero_shot_examples=0,
   ))

@@ -38,6 +38,8 @@ from lit_navit.data import retry
 from lit_navit.data import sources
 from lit_navit.data import text
 from jax.sharding import NamedSharding, PartitionSpec as P
+from lit_navit.evaluate import referring
+from lit_navit.models import decoder as decoder_lib
 from lit_navit.models import flops as flops_lib
 from lit_navit.models import precision
 from lit_navit.models import two_towers
@@ -130,6 +132,12 @@ def check_evals(config) -> None:
     raise ValueError('config key evals.caption_perplexity=True needs a captioning '
                      'decoder (model.decoder.weight > 0) and held-out batches '
                      '(evals.heldout.kind)')
+  if config.evals.box_accuracy and not (
+      decoder_lib.box_tasks_on(config.model) and config.input.get('box_tasks', False)
+      and config.evals.heldout.kind):
+    raise ValueError('config key evals.box_accuracy=True needs the decoder\'s box '
+                     'tasks (model.decoder.weight > 0, model.decoder.box_weight > 0, '
+                     'input.box_tasks=True) and held-out batches (evals.heldout.kind)')
 
 
 class Trainer:
@@ -484,8 +492,8 @@ class Trainer:
     return step == self.config.total_steps or bool(every and step % every == 0)
 
   def _evaluate(self, writer, step: int, state) -> dict:
-    """Held-out loss (and caption perplexity) and synthetic zero-shot, as
-    configured; logged under eval/."""
+    """Held-out loss (and caption perplexity, referring-expression accuracy)
+    and synthetic zero-shot, as configured; logged under eval/."""
     results = {}
     if self.config.evals.heldout.kind:
       results.update(self.heldout_metrics(state['params']))
@@ -506,7 +514,10 @@ class Trainer:
     """Over evals.heldout_batches batches of the held-out source:
     'eval/loss', their mean loss, and with evals.caption_perplexity
     'eval/caption_perplexity', exp of the mean token cross-entropy of the
-    captioning decoder over all their caption tokens (no CapPa captions)."""
+    captioning decoder over all their caption tokens (no CapPa captions).
+    With evals.box_accuracy, over all their ARef tasks (evaluate/referring.py):
+    'eval/box_accuracy', the share whose greedy box has IoU >= 0.5 with the
+    true one, 'eval/box_iou', the mean IoU, and 'eval/aref_tasks', how many."""
     if not hasattr(self, '_heldout_fn'):
       def heldout(p, batch):
         loss, metrics = self._loss(p, batch)
@@ -515,8 +526,10 @@ class Trainer:
         count = metrics['caption_targets']
         return loss, metrics['caption_loss'] * count, count
       self._heldout_fn = jax.jit(heldout)
+      self._box_fn = jax.jit(functools.partial(referring.box_scores, self.model))
     source = sources.make_source(self.config.evals.heldout)
     losses_, caption_ce, caption_targets = [], 0.0, 0
+    box_totals = {'correct': 0, 'iou': 0.0, 'tasks': 0}
     with make_pipeline(self.config, source, rows=self.local_rows,
                        groups=self.local_groups) as heldout_batches:
       for _ in range(self.config.evals.heldout_batches):
@@ -525,10 +538,15 @@ class Trainer:
         loss, ce, count = jax.device_get(self._heldout_fn(params, batch))
         losses_.append(float(loss))
         caption_ce, caption_targets = caption_ce + float(ce), caption_targets + int(count)
+        if self.config.evals.box_accuracy:
+          scores = jax.device_get(self._box_fn(params, batch))
+          box_totals = {k: v + scores[k].item() for k, v in box_totals.items()}
     results = {'eval/loss': float(np.mean(losses_))}
     if self.config.evals.caption_perplexity:
       results['eval/caption_perplexity'] = math.exp(
           caption_ce / max(caption_targets, 1))
+    if self.config.evals.box_accuracy:
+      results.update(box_results(**box_totals))
     return results
 
   def zero_shot(self, params) -> dict:
@@ -571,6 +589,19 @@ class Trainer:
     if latest is None:
       return f'There is no checkpoint yet in {self.checkpointer.directory}.'
     return f'The last good checkpoint is step {latest} in {self.checkpointer.directory}.'
+
+
+def box_results(correct: int, iou: float, tasks: int) -> dict:
+  """evals.box_accuracy's metrics from its sums over the held-out ARef
+  tasks; without a task (a held-out source without boxes) only the count."""
+  results = {'eval/aref_tasks': int(tasks)}
+  if not tasks:
+    log.warning('evals.box_accuracy: the held-out batches hold no referring '
+                'expression (does evals.heldout name a source with boxes?)')
+    return results
+  results['eval/box_accuracy'] = float(correct / tasks)
+  results['eval/box_iou'] = float(iou / tasks)
+  return results
 
 
 def frozen_towers(schedule, params) -> tuple[str, ...]:

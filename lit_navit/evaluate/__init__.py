@@ -8,6 +8,8 @@
                      COCO / Flickr / JSONL retrieval sets
   export             clip-retrieval / autofaiss embedding export and query
   imagenet_metadata  CLIP's class names, wnids and prompt templates
+  referring          LocCa's referring-expression accuracy: greedy ARef
+                     box decoding, IoU (the trainer's evals.box_accuracy)
   demo_eval          the synthetic metrics the trainer hook and demo report
   cli                flags and output shared by the eval/ scripts
 """

@@ -283,9 +283,11 @@ class CaptionDecoder(nn.Module):
   @nn.compact
   def __call__(self, image_tokens, image_segment, slots: int,
                layout: CaptionLayout, slot, valid, parallel=None,
-               boxes: BoxSequences | None = None):
+               boxes: BoxSequences | None = None, return_logits: bool = False):
     """Returns (cross-entropy float32 [G, N, T], targets bool [G, N, T]); with
     `boxes`, of the N caption rows then the C box rows: [G, N + C, T] each.
+    With `return_logits`, the float32 logits [G, N (+ C), T, vocab_size]
+    instead (greedy decoding, evaluate/referring.py).
 
     image_tokens [B, L, W] and image_segment [B, L]: the image tower's
     output and the batch's segments; slots: E; slot, valid [G, C]: `text/slot`,
@@ -338,6 +340,8 @@ class CaptionDecoder(nn.Module):
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head',
                       **precision.dense_options())(x).astype(jnp.float32)
     logits = logits.reshape(groups, n, length, self.vocab_size)
+    if return_logits:
+      return logits
     log_p = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
     return jnp.where(rows.targets, ce, 0.0), rows.targets

@@ -311,6 +311,20 @@ class TwoTowers(nn.Module):
       out['box'] = (ce[:, rows:], targets[:, rows:])
     return out
 
+  def box_logits(self, image_tokens, batch, box_tokens):
+    """The decoder's float32 logits [G, C, T, vocab] of the box rows of a
+    batch with box/* (box_tasks_on), their tokens replaced by `box_tokens`
+    [G, C, T]: teacher-forced, so position t reads tokens < t only (greedy
+    decoding, evaluate/referring.py). The caption rows run beside them, as
+    in training, and are dropped."""
+    boxes = decoder_lib.box_sequences(batch)._replace(tokens=box_tokens)
+    layout = decoder_lib.caption_layout(batch, self.config.text.pad_id)
+    logits = self.dec(
+        image_tokens, batch['image/segment'], batch['image/grid'].shape[1],
+        layout, batch['text/slot'], batch['text/valid'], None, boxes,
+        return_logits=True)
+    return logits[:, layout.tokens.shape[1]:]
+
   def caption_cross_entropy(self, image_tokens, batch, caption_key=None):
     """The captions' (cross-entropy, targets) [G, N, T] of `decoder_cross_entropy`."""
     return self.decoder_cross_entropy(image_tokens, batch, caption_key)['caption']
