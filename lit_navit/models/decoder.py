@@ -12,13 +12,34 @@ Masks, all segment ids except the causal part:
   self-attention   tokens of one caption of a text row (its segment), causal
                    by position in the row, which within one caption is its
                    position in the caption; a CapPa caption is non-causal.
-  cross-attention  per caption group g (B/G image rows, N text rows), the
-                   image token of segment k in the group's row r has id
-                   r*E + k (padding 0), a caption token the id of its slot
-                   + 1 (`text/slot` is r*E + k-1): a caption sees exactly
-                   its own image. Text padding takes the id of the group's
-                   first image token, so that no query row is empty. Queries and keys are reshaped per group, so
-                   with groups split over devices nothing crosses devices.
+  cross-attention  gathered (`cross_layout`): a caption's image is one slot
+                   of one image row (`text/slot` = r*E + k), so its tokens
+                   read that row's L tokens only, not the group's B/G*L. Its
+                   query row: one row of T slots a caption place (then one
+                   a box task), the caption's token at position t in slot t;
+                   keys and values are projected once per image row, then
+                   gathered per query row. Inside the row the ids are
+                   segments: image tokens of slot k have k + 1 (padding 0),
+                   the caption's tokens k + 1: a caption sees exactly its own
+                   image. Empty query slots take the id of the row's first
+                   token, so that no query row is empty; tokens of no valid
+                   caption or task get a zero cross-attention output. Every
+                   gather is batched over groups, so with groups split over
+                   devices nothing crosses devices.
+                   Why query rows a caption place: in the packed text
+                   layout a text row holds captions of several images, often
+                   in different image rows, so a text row has no one image
+                   row; a per-token gather of keys would hold T copies of
+                   every image row. Regrouped, a caption's tokens are moved
+                   into its place's row (a gather of q, and of the output
+                   back: no FLOPs), and the cost is C*T query slots a group
+                   instead of R*T text tokens (C/R times the packed text's,
+                   the empty slots computed and thrown away) and the keys
+                   and values of one image row per query row (C rows a group
+                   instead of B/G: memory, no FLOPs). With one caption a row
+                   the regrouping is the identity permutation. Per layer the
+                   scores fall from N*T x B/G*L to Q*T x L a group (Q = C, 2C
+                   with box tasks).
 Teacher forcing: the input at a caption's position 0 is a learned BOS, at t
 its token t-1; the targets are its tokens (pad excluded). CapPa (parallel
 prediction): a caption drawn parallel gets a learned [MASK] at every
@@ -37,7 +58,10 @@ the location and task tokens after the text tower's (`BoxFormat.vocab_size`).
 
 Self-attention needs a mask array (causal), which the splash kernel does not
 take: with attention 'splash' it runs the dense kernel (T x T per text row,
-small); the cross-attention, the large one, runs the configured kernel.
+small); the cross-attention runs the configured kernel on the gathered
+query rows ([G*Q, T] queries against [G*Q, L] keys, segment ids), splash
+included: with few masked blocks left its skipping gains little there, and
+on TPU its tiles are T and L when 128 does not divide them (`attention._block`).
 """
 
 import functools
