@@ -35,8 +35,10 @@ def test_the_batches_spread_a_group_over_rows_and_share_rows():
   for batch in box_batches().values():
     spec = batch_lib.spec_of(batch)
     assert spec.rows_per_group == 3
-    rows = [row for _, _, row, _, _ in td.captions_of(batch)]
-    assert len(set(rows)) == ROWS and len(set(rows)) < len(rows)
+    rows = [(g, row) for g, _, row, _, _ in td.captions_of(batch)]
+    assert len(set(rows)) < len(rows)  # captions of images sharing a row
+    for group in range(GROUPS):  # in groups of two image rows or more
+      assert len({row for g, row in rows if g == group}) >= 2
     assert batch['box/valid'].sum() >= 8
 
 
@@ -197,12 +199,40 @@ def test_each_query_row_reads_one_image_row():
 # --- splash on the gathered rows -------------------------------------------------------
 
 def test_splash_takes_the_gathered_rows(monkeypatch):
-  # Pallas' interpreter on CPU; the self-attention runs dense (decoder.py).
+  # Pallas' interpreter on CPU, at T = L = 128 (its tiles): one group of two
+  # text rows whose captions are swapped into the other query row, each
+  # against the image row the other text row would not read.
+  monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'splash', functools.partial(
+      attention_lib.splash_attention, interpret=True))
+  length, heads, head_dim = decoder.SPLASH_TILE, 2, 8
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), jnp.float32)
+             for _ in range(3))
+  order = jnp.concatenate([jnp.arange(length, 2 * length), jnp.arange(length)])
+  q_ids = np.ones((2, length), np.int32)
+  q_ids[0, 100:] = 2  # The row's second image: a masked block of keys.
+  kv_ids = np.zeros((2, length), np.int32)
+  kv_ids[:, :90], kv_ids[1, 90:120] = 1, 2  # then padding
+  layout = decoder.CrossLayout(order[None], order[None], jnp.array([[1, 0]]),
+                               attention_lib.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids)))
+
+  def attend(kernel):
+    return lambda q, k, v: decoder.gathered_attention(q, k, v, layout, kernel=kernel)
+  np.testing.assert_allclose(attend('splash')(q, k, v), attend('dense')(q, k, v), atol=2e-6)
+  grads = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(q, k, v)
+  for ours, dense in zip(grads(attend('splash')), grads(attend('dense'))):
+    np.testing.assert_allclose(ours, dense, atol=5e-6)
+
+
+def test_splash_falls_back_to_dense_on_short_rows(monkeypatch):
+  # T = 8, L = 24: no splash tile fits; the loss is the dense one.
   model, params = td.model_and_params(**BOXES)
   batch = inputs(box_batches()['packed'])
   loss = lambda m: jax.jit(lambda b: m.apply({'params': params}, b)[2]['box_loss'])(batch)
   dense = loss(model)
-  monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'splash', functools.partial(
-      attention_lib.splash_attention, interpret=True))
-  c = td.config(**BOXES, attention='splash')
-  np.testing.assert_allclose(loss(two_towers.TwoTowers(c)), dense, rtol=1e-5)
+
+  def refuse(*_, **__):
+    raise AssertionError('splash on rows it cannot tile')
+  monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'splash', refuse)
+  np.testing.assert_allclose(loss(two_towers.TwoTowers(td.config(**BOXES, attention='splash'))),
+                             dense, rtol=1e-6)

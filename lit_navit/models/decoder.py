@@ -59,9 +59,11 @@ the location and task tokens after the text tower's (`BoxFormat.vocab_size`).
 Self-attention needs a mask array (causal), which the splash kernel does not
 take: with attention 'splash' it runs the dense kernel (T x T per text row,
 small); the cross-attention runs the configured kernel on the gathered
-query rows ([G*Q, T] queries against [G*Q, L] keys, segment ids), splash
-included: with few masked blocks left its skipping gains little there, and
-on TPU its tiles are T and L when 128 does not divide them (`attention._block`).
+query rows ([G*Q, T] queries against [G*Q, L] keys, segment ids). Splash
+takes them only where 128 divides both T and L (its kv tiles, and its
+backward's q tiles, are multiples of 128): else, as with LocCa's T = 64, the
+cross-attention too runs dense, a [T, L] grid a query row, where splash's
+block skipping had little left to skip (only the row's other images).
 """
 
 import functools
@@ -299,6 +301,9 @@ def cross_layout(rows: DecoderRows, slot, image_segment, slots: int,
       q_ids.reshape(-1, length), kv_ids.reshape(-1, tokens_per_row)))
 
 
+SPLASH_TILE = 128  # Splash's kv tiles, and its backward's q tiles, are multiples.
+
+
 def gathered_attention(q, k, v, layout: CrossLayout, *, kernel):
   """Cross-attention through `kernel` (a name in attention.py or a callable)
   on the query rows of `layout`: q [G*N, T, H, Dh] of the text rows; k, v
@@ -306,10 +311,13 @@ def gathered_attention(q, k, v, layout: CrossLayout, *, kernel):
   valid caption or task gets zeros.
 
   Every gather stays inside its group (batched over G), so with groups split
-  over devices nothing crosses devices.
+  over devices nothing crosses devices. 'splash' runs where T and L are
+  multiples of 128 (its tiles, forward and backward), else 'dense'.
   """
   groups, query_rows = layout.image_row.shape
   rows, length, heads, head_dim = q.shape
+  if kernel == 'splash' and (length % SPLASH_TILE or k.shape[1] % SPLASH_TILE):
+    kernel = 'dense'
   per_group = lambda a: a.reshape(groups, -1, *a.shape[-2:])
   take = jax.vmap(lambda a, i: a.at[i].get(mode='fill', fill_value=0))
   q = take(per_group(q), layout.gather).reshape(groups * query_rows, length,
