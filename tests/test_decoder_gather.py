@@ -212,7 +212,7 @@ def test_splash_takes_the_gathered_rows(monkeypatch):
   q_ids = np.ones((2, length), np.int32)
   q_ids[0, 100:] = 2  # The row's second image: a masked block of keys.
   kv_ids = np.zeros((2, length), np.int32)
-  kv_ids[:, :90], kv_ids[1, 90:120] = 1, 2  # then padding
+  kv_ids[:, :90], kv_ids[0, 90:120] = 1, 2  # then padding (ids per query row)
   layout = decoder.CrossLayout(order[None], order[None], jnp.array([[1, 0]]),
                                attention_lib.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids)))
 
