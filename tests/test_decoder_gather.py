@@ -3,7 +3,7 @@ row reads only its own image's row, and the result is the old formulation's,
 kept here only as a reference: every caption token of a group against all
 the group's image tokens, masked by group-wide ids. Both text layouts, box
 rows, several image rows a group; isolation per image row; the kernel's
-shapes; splash (Pallas interpreter) on the gathered rows.
+shapes; splash (Pallas interpreter) on the gathered rows; the FLOP count.
 """
 
 import dataclasses
@@ -17,6 +17,7 @@ import pytest
 from lit_navit.data import batch as batch_lib
 from lit_navit.models import attention as attention_lib
 from lit_navit.models import decoder
+from lit_navit.models import flops
 from lit_navit.models import two_towers
 import test_decoder as td
 import test_decoder_boxes as tdb
@@ -236,3 +237,27 @@ def test_splash_falls_back_to_dense_on_short_rows(monkeypatch):
   monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'splash', refuse)
   np.testing.assert_allclose(loss(two_towers.TwoTowers(td.config(**BOXES, attention='splash'))),
                              dense, rtol=1e-6)
+
+
+# --- FLOPs ---------------------------------------------------------------------------
+
+def test_flops_count_the_gathered_cross_attention():
+  # Eight image rows in one group, packed text and box rows: the old
+  # group-wide grid would be several times the decoder's count.
+  spec = batch_lib.BatchSpec(rows=8, tokens_per_row=32, slots=3, text_len=td.T,
+                             patch_size=P, groups=1, captions_per_group=12,
+                             text_rows=4)
+
+  def xla_flops(c, batch):
+    c.image.scan = c.text.scan = False
+    compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
+        two_towers.param_shapes(c, spec), batch).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+  on = td.config(width=64, mlp_dim=256, num_heads=2, **BOXES)
+  counted = flops.decoder_forward_flops(on, spec)
+  measured = xla_flops(on, tdb.box_dummy_batch(spec)) - xla_flops(
+      td.config(weight=0.0), two_towers.dummy_batch(spec))
+  # The analytic count leaves out element-wise work: a little under XLA's.
+  assert 0.95 * measured < counted <= measured
