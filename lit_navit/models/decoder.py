@@ -12,13 +12,34 @@ Masks, all segment ids except the causal part:
   self-attention   tokens of one caption of a text row (its segment), causal
                    by position in the row, which within one caption is its
                    position in the caption; a CapPa caption is non-causal.
-  cross-attention  per caption group g (B/G image rows, N text rows), the
-                   image token of segment k in the group's row r has id
-                   r*E + k (padding 0), a caption token the id of its slot
-                   + 1 (`text/slot` is r*E + k-1): a caption sees exactly
-                   its own image. Text padding takes the id of the group's
-                   first image token, so that no query row is empty. Queries and keys are reshaped per group, so
-                   with groups split over devices nothing crosses devices.
+  cross-attention  gathered (`cross_layout`): a caption's image is one slot
+                   of one image row (`text/slot` = r*E + k), so its tokens
+                   read that row's L tokens only, not the group's B/G*L. Its
+                   query row: one row of T slots a caption place (then one
+                   a box task), the caption's token at position t in slot t;
+                   keys and values are projected once per image row, then
+                   gathered per query row. Inside the row the ids are
+                   segments: image tokens of slot k have k + 1 (padding 0),
+                   the caption's tokens k + 1: a caption sees exactly its own
+                   image. Empty query slots take the id of the row's first
+                   token, so that no query row is empty; tokens of no valid
+                   caption or task get a zero cross-attention output. Every
+                   gather is batched over groups, so with groups split over
+                   devices nothing crosses devices.
+                   Why query rows a caption place: in the packed text
+                   layout a text row holds captions of several images, often
+                   in different image rows, so a text row has no one image
+                   row; a per-token gather of keys would hold T copies of
+                   every image row. Regrouped, a caption's tokens are moved
+                   into its place's row (a gather of q, and of the output
+                   back: no FLOPs), and the cost is C*T query slots a group
+                   instead of R*T text tokens (C/R times the packed text's,
+                   the empty slots computed and thrown away) and the keys
+                   and values of one image row per query row (C rows a group
+                   instead of B/G: memory, no FLOPs). With one caption a row
+                   the regrouping is the identity permutation. Per layer the
+                   scores fall from N*T x B/G*L to Q*T x L a group (Q = C, 2C
+                   with box tasks).
 Teacher forcing: the input at a caption's position 0 is a learned BOS, at t
 its token t-1; the targets are its tokens (pad excluded). CapPa (parallel
 prediction): a caption drawn parallel gets a learned [MASK] at every
@@ -37,9 +58,15 @@ the location and task tokens after the text tower's (`BoxFormat.vocab_size`).
 
 Self-attention needs a mask array (causal), which the splash kernel does not
 take: with attention 'splash' it runs the dense kernel (T x T per text row,
-small); the cross-attention, the large one, runs the configured kernel.
+small); the cross-attention runs the configured kernel on the gathered
+query rows ([G*Q, T] queries against [G*Q, L] keys, segment ids). Splash
+takes them only where 128 divides both T and L (its kv tiles, and its
+backward's q tiles, are multiples of 128): else, as with LocCa's T = 64, the
+cross-attention too runs dense, a [T, L] grid a query row, where splash's
+block skipping had little left to skip (only the row's other images).
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -184,50 +211,121 @@ def box_sequences(batch) -> BoxSequences | None:
 class DecoderRows(NamedTuple):
   """What the decoder reads per token, [G, N, T] each, of any kind of row.
 
-  tokens, position, segment: as in CaptionLayout; slot: the flat slot of its
-  image in the group (`text/slot`); mine: it belongs to a valid caption or
+  tokens, position, segment: as in CaptionLayout; query: its slot among the
+  cross-attention's query rows (`cross_layout`), place * T + position, with
+  place its caption place c, or C + c for place c's box task, and -1 for a
+  token of no valid caption or task; mine: it belongs to a valid caption or
   task (else nothing it computes counts); targets: its token is a target;
   parallel: a CapPa token ([MASK] input, attends to its whole caption).
   """
   tokens: Any
   position: Any
   segment: Any
-  slot: Any
+  query: Any
   mine: Any
   targets: Any
   parallel: Any
 
 
-def caption_rows(layout: CaptionLayout, slot, valid, parallel, pad_id: int) -> DecoderRows:
+def caption_rows(layout: CaptionLayout, valid, parallel, pad_id: int) -> DecoderRows:
   """The caption rows: each caption's non-pad tokens are its targets."""
   tokens, position, segment, caption = layout
   mine = (caption >= 0) & per_caption(valid, caption)
   if parallel is None:
     parallel = jnp.zeros(valid.shape, bool)
-  return DecoderRows(tokens, position, segment, per_caption(slot, caption), mine,
+  query = jnp.where(mine, caption * tokens.shape[-1] + position, -1)
+  return DecoderRows(tokens, position, segment, query, mine,
                      mine & (tokens != pad_id), per_caption(parallel, caption) & mine)
 
 
-def box_rows(boxes: BoxSequences, slot) -> DecoderRows:
+def box_rows(boxes: BoxSequences) -> DecoderRows:
   """One row a caption place: its box task, one causal sequence over the
   whole row (its padding follows its last target, so no target sees it),
-  cross-attending to the place's image."""
+  cross-attending to the place's image (query row C + c)."""
   tokens = boxes.tokens
+  places, length = tokens.shape[1:]
   mine = jnp.broadcast_to(boxes.valid[..., None], tokens.shape)
+  query = (places + jnp.arange(places))[:, None] * length + jnp.arange(length)
   return DecoderRows(
-      tokens, jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape),
-      jnp.ones_like(tokens), jnp.broadcast_to(slot[..., None], tokens.shape),
+      tokens, jnp.broadcast_to(jnp.arange(length), tokens.shape),
+      jnp.ones_like(tokens), jnp.where(mine, query, -1),
       mine, boxes.target & mine, jnp.zeros(tokens.shape, bool))
 
 
-def image_ids(image_segment, groups: int, slots: int):
-  """Cross-attention ids of the image tokens [G, B/G*L]: r*E + k for the
-  token of slot k (1..E) in the group's row r, padding 0 (which no caption
-  token's id, its slot r*E + k-1 plus 1, ever is)."""
-  batch, length = image_segment.shape
-  row_in_group = (jnp.arange(batch) % (batch // groups))[:, None]
-  ids = jnp.where(image_segment > 0, row_in_group * slots + image_segment, 0)
-  return ids.reshape(groups, -1)
+class CrossLayout(NamedTuple):
+  """Where the cross-attention's queries and keys come from (`cross_layout`):
+  Q query rows a group of T slots each, one a caption place (then one a box
+  task), each reading the one image row that holds its image.
+
+  gather: int [G, Q*T], the text token (flat in the group's N*T) in each
+  query slot, N*T for an empty slot; scatter: int [G, N*T], each text token's
+  query slot, Q*T for a token of no valid caption or task; image_row: int
+  [G, Q], each query row's image row within the group; ids: `Segments` of the
+  query rows [G*Q, T] and of their image rows [G*Q, L].
+  """
+  gather: Any
+  scatter: Any
+  image_row: Any
+  ids: Any
+
+
+def cross_layout(rows: DecoderRows, slot, image_segment, slots: int,
+                 with_boxes: bool) -> CrossLayout:
+  """The query rows of `rows` [G, N, T]: the C caption places of `slot`
+  [G, C] (`text/slot`), then, `with_boxes`, their C box tasks; against the
+  images of `image_segment` [B, L], E = `slots` a row.
+
+  Inside an image row the ids are its segments (slot k's tokens k + 1,
+  padding 0) and a query's is its place's slot k + 1: it sees exactly its
+  own image. An empty query slot takes the id of its image row's first token
+  (padding in an empty row), so that no query row is empty (attention.py);
+  nothing reads its output.
+  """
+  groups, n, length = rows.tokens.shape
+  batch, tokens_per_row = image_segment.shape
+  per_group = batch // groups
+  copies = 2 if with_boxes else 1  # Query rows a caption place.
+  query_slots = copies * slot.shape[1] * length
+  query = rows.query.reshape(groups, n * length)
+  scatter = jnp.where(query >= 0, query, query_slots)
+  gather = jax.vmap(lambda to: jnp.full(query_slots, n * length, jnp.int32).at[to].set(
+      jnp.arange(n * length, dtype=jnp.int32), mode='drop'))(scatter)
+  # An unused place's slot may be anything: its row is clipped into the group.
+  image_row = jnp.tile(jnp.clip(slot // slots, 0, per_group - 1), (1, copies))
+  kv_ids = jax.vmap(lambda segment, row: segment[row])(
+      image_segment.reshape(groups, per_group, tokens_per_row), image_row)
+  own = jnp.tile(slot % slots + 1, (1, copies))
+  filled = (gather < n * length).reshape(groups, -1, length)
+  q_ids = jnp.where(filled, own[..., None], kv_ids[..., :1])
+  return CrossLayout(gather, scatter, image_row, attention_lib.Segments(
+      q_ids.reshape(-1, length), kv_ids.reshape(-1, tokens_per_row)))
+
+
+SPLASH_TILE = 128  # Splash's kv tiles, and its backward's q tiles, are multiples.
+
+
+def gathered_attention(q, k, v, layout: CrossLayout, *, kernel):
+  """Cross-attention through `kernel` (a name in attention.py or a callable)
+  on the query rows of `layout`: q [G*N, T, H, Dh] of the text rows; k, v
+  [B, L, H, Dh] of the image rows. Returns [G*N, T, H, Dh]: a token of no
+  valid caption or task gets zeros.
+
+  Every gather stays inside its group (batched over G), so with groups split
+  over devices nothing crosses devices. 'splash' runs where T and L are
+  multiples of 128 (its tiles, forward and backward), else 'dense'.
+  """
+  groups, query_rows = layout.image_row.shape
+  rows, length, heads, head_dim = q.shape
+  if kernel == 'splash' and (length % SPLASH_TILE or k.shape[1] % SPLASH_TILE):
+    kernel = 'dense'
+  per_group = lambda a: a.reshape(groups, -1, *a.shape[-2:])
+  take = jax.vmap(lambda a, i: a.at[i].get(mode='fill', fill_value=0))
+  q = take(per_group(q), layout.gather).reshape(groups * query_rows, length,
+                                                heads, head_dim)
+  image = lambda a: take(a.reshape(groups, a.shape[0] // groups, *a.shape[1:]),
+                         layout.image_row).reshape(-1, *a.shape[1:])
+  out = attention_lib.get(kernel)(q, image(k), image(v), layout.ids)
+  return take(per_group(out), layout.scatter).reshape(rows, length, heads, head_dim)
 
 
 class DecoderBlock(nn.Module):
@@ -238,10 +336,8 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, self_mask, image, cross_ids):
-    """x [G*N, T, D]; image [G, Lg, D]; cross_ids (q [G, N*T], kv [G, Lg])."""
-    groups = image.shape[0]
-    rows, length, width = x.shape
+  def __call__(self, x, self_mask, image, cross: CrossLayout):
+    """x [G*N, T, D]; image [B, L, D]; cross: its query rows (`cross_layout`)."""
     x = partitioning.constrain_batch(x)
     self_kernel = 'dense' if self.attention == 'splash' else self.attention
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
@@ -249,11 +345,10 @@ class DecoderBlock(nn.Module):
         self.num_heads, attention=self_kernel, dtype=self.dtype,
         name='SelfAttention')(y, y, self_mask)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_1')(x)
-    y = y.reshape(groups, rows // groups * length, width)
-    y = encoder.MultiHeadAttention(
-        self.num_heads, attention=self.attention, dtype=self.dtype,
-        name='CrossAttention')(y, image, cross_ids)
-    x = x + y.reshape(rows, length, width)
+    x = x + encoder.MultiHeadAttention(
+        self.num_heads, dtype=self.dtype, name='CrossAttention',
+        attention=functools.partial(gathered_attention, kernel=self.attention))(
+            y, image, cross)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
     y = encoder.MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock')(y)
     return partitioning.constrain_batch(x + y)
@@ -293,10 +388,10 @@ class CaptionDecoder(nn.Module):
     output and the batch's segments; slots: E; slot, valid [G, C]: `text/slot`,
     `text/valid`; parallel bool [G, C] or None: the CapPa captions.
     """
-    rows = caption_rows(layout, slot, valid, parallel, self.pad_id)
+    rows = caption_rows(layout, valid, parallel, self.pad_id)
     if boxes is not None:
       rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1),
-                          rows, box_rows(boxes, slot))
+                          rows, box_rows(boxes))
     tokens, position, segment = rows.tokens, rows.position, rows.segment
     groups, n, length = tokens.shape
     if length > self.max_len:
@@ -322,20 +417,12 @@ class CaptionDecoder(nn.Module):
 
     image = nn.Dense(self.width, dtype=self.dtype, name='image_projection',
                      **precision.dense_options())(image_tokens)
-    batch, tokens_per_row = image_segment.shape
-    image = image.reshape(groups, batch // groups * tokens_per_row, self.width)
-    kv_ids = image_ids(image_segment, groups, slots)
-    # Tokens of no valid caption or task (their outputs are no target) take
-    # the id of the group's first image token, so no query row is empty
-    # (attention.py).
-    cross_ids = attention_lib.Segments(
-        jnp.where(rows.mine, rows.slot + 1,
-                  kv_ids[:, :1, None]).reshape(groups, -1), kv_ids)
+    cross = cross_layout(rows, slot, image_segment, slots, boxes is not None)
 
     x = x.astype(self.dtype)
     for i in range(self.depth):
       x = DecoderBlock(self.mlp_dim, self.num_heads, self.attention, self.dtype,
-                       name=f'block_{i}')(x, self_mask, image, cross_ids)
+                       name=f'block_{i}')(x, self_mask, image, cross)
     x = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(x)
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head',
                       **precision.dense_options())(x).astype(jnp.float32)

@@ -6,12 +6,12 @@ embeddings, q/k/v/out projections, both attention einsums over the full
 L x L (T x T) grid the masked kernels compute (the masked-out part of a
 packed row is computed and thrown away), MLPs, MAP heads and the projection
 heads; with a captioning decoder (decoder.py) also its image projection,
-causal self-attention over each text row, cross-attention of each caption
-group's text tokens to all the group's image tokens (the segment-masked
-grid the kernels compute), MLPs and vocabulary logits, and with its box
-tasks (model.decoder.box_weight > 0) the same over one more sequence of T
-tokens a caption place, in the same call, and the logits over its larger
-vocabulary; with model.distill
+causal self-attention over each text row, cross-attention of one query row
+of T slots a caption place (its tokens regrouped there, in either text
+layout) to the L tokens of the one image row that holds its image, MLPs
+and vocabulary logits, and with its box tasks (model.decoder.box_weight > 0)
+the same over one more sequence of T tokens a caption place, in the same
+call, and the logits over its larger vocabulary; with model.distill
 on, the EMA teacher's forward, the DINO heads and the masked-prediction
 pass (`distill_flops`). Element-wise work (LayerNorm, softmax, GELU, masking) and embedding
 lookups are left out: they are a few percent at real widths.
@@ -87,14 +87,16 @@ def decoder_forward_flops(config, spec: batch_lib.BatchSpec) -> int:
   image_tokens = spec.rows * spec.tokens_per_row
   length = spec.text_len
   text_rows = spec.groups * (spec.text_rows if spec.packed_text else spec.captions)
+  query_rows = spec.groups * spec.captions  # decoder.cross_layout
   if decoder_lib.box_tasks_on(config):  # A box task row a caption place.
     text_rows += spec.groups * spec.captions
+    query_rows *= 2
   text_tokens = text_rows * length
-  group_keys = spec.rows_per_group * spec.tokens_per_row
   per_layer = (text_rows * _encoder_flops(length, width, 1, mlp_dim)  # self-attn, MLP
                + 2 * text_tokens * width * 2 * width      # cross q, out projections
                + 2 * image_tokens * width * 2 * width     # cross k, v projections
-               + 2 * 2 * text_tokens * group_keys * width)  # cross-attention
+               # cross-attention: a query row's T slots to its image row's L tokens
+               + 2 * 2 * query_rows * length * spec.tokens_per_row * width)
   return (2 * image_tokens * image_width * width          # image projection
           + c.depth * per_layer
           + 2 * text_tokens * width * decoder_lib.vocab_size(config))  # logits
