@@ -4,7 +4,8 @@
 
 `models/flops.py` `decoder_forward_flops` of configs/siglip2_navit.py at
 B/16, 4096 rows in 256 caption groups (a v5e-256's devices), without and
-with the box tasks, counted by the code of --root (default: this checkout),
+with the box tasks, and of the SigLIP 2 study's '+decoder' arm, counted by
+the code of --root (default: this checkout),
 so two checkouts compare two versions of the count. Prints JSON.
 """
 
@@ -30,6 +31,13 @@ def main():
     batch = pipeline.batch_spec(config.input, rows=config.batch_size, groups=256,
                                 patch_size=config.input.patch_sizes[0])
     out[name] = flops.decoder_forward_flops(config.model, batch)
+  # The SigLIP 2 study's '+decoder' arm (EXPERIMENTS.md §5), one group.
+  sys.path.insert(0, os.path.join(args.root, 'experiments'))
+  import siglip2_losses  # pylint: disable=g-import-not-at-top
+  config = siglip2_losses.base_config(100, 0, siglip2_losses.ARMS['+decoder'])
+  batch = pipeline.batch_spec(config.input, rows=config.batch_size, groups=1,
+                              patch_size=config.input.patch_sizes[0])
+  out["study '+decoder'"] = flops.decoder_forward_flops(config.model, batch)
   print(json.dumps(out, indent=1))
 
 
