@@ -10,8 +10,9 @@ custom call -1 s, and it sees no work inside Pallas kernels. So:
    emits one wherever it assembles an array from async slices (parameters
    and optimizer state above a few MB, scan backward passes), so every
    realistic step has dozens: B/16 unrolled to depth 1 has 93 and reads
-   -92.985 s, i.e. 0.0145 s once corrected (tests/test_plan.py checks the
-   correction on a program that is all such arrays). Without it the
+   -92.985 s, i.e. 0.0145 s once corrected (benchmarks/results/plan_tpu/
+   before_concat_fix/b16_concat_bitcast_probe.json; tests/test_plan.py
+   checks the correction on a program that is all such arrays). Without it the
    extrapolated time was negative and the projection fell back to the
    aggregate roofline, as every figure planned before this correction did.
 
@@ -34,9 +35,10 @@ custom call -1 s, and it sees no work inside Pallas kernels. So:
    at the chip's peak plus the memory-bound ops' HBM bytes at its
    bandwidth, fusion operands and results only. XLA's estimate charges a
    fusion's on-chip intermediates as HBM traffic, and so runs high for
-   elementwise-heavy steps (B/16's layer: 8.3 ms by XLA, 5.0 ms by this);
-   the fusion roofline assumes every matmul at peak, and so runs low. A
-   real step should land between the two.
+   elementwise-heavy steps (B/16 at 32k pairs on v5e-256: 107.9 ms by XLA,
+   64.2 ms by this; BENCHMARKS.md); the fusion roofline assumes every
+   matmul at peak, and so runs low. A real step should land between the
+   two.
 """
 
 import dataclasses
