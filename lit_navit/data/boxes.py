@@ -64,10 +64,15 @@ class BoxFormat:
     return self.vocab_offset + self.bins + 2
 
 
+def format_of_model(model_config) -> BoxFormat:
+  """The box format of a model config: `text.vocab_size` and
+  `decoder.box_bins`."""
+  return BoxFormat(model_config.text.vocab_size, model_config.decoder.box_bins)
+
+
 def format_from_config(config) -> BoxFormat:
-  """The box format of a whole config: `model.text.vocab_size` and
-  `model.decoder.box_bins`."""
-  return BoxFormat(config.model.text.vocab_size, config.model.decoder.box_bins)
+  """The box format of a whole config (its `model`)."""
+  return format_of_model(config.model)
 
 
 class Region(NamedTuple):

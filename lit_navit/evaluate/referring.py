@@ -31,13 +31,6 @@ IOU_THRESHOLD = 0.5  # RefCOCO's: a box with IoU >= 0.5 is correct.
 LOCATIONS = 4        # Location tokens of a box: ymin, xmin, ymax, xmax.
 
 
-def box_format(model_config) -> boxes_lib.BoxFormat:
-  """The decoder's box format of a model config (`model.text.vocab_size`,
-  `model.decoder.box_bins`)."""
-  return boxes_lib.BoxFormat(model_config.text.vocab_size,
-                             model_config.decoder.box_bins)
-
-
 def iou(a, b):
   """Intersection over union of boxes (ymin, xmin, ymax, xmax) [..., 4]; a
   box with max < min is empty, and a pair with no union has 0."""
@@ -97,7 +90,7 @@ def greedy_aref(logits_fn, batch, fmt: boxes_lib.BoxFormat, pad_id: int):
 def decode_aref(model, params, batch):
   """The box rows' tokens [G, C, T] with every ARef's box generated greedily
   by `model` (a TwoTowers with box tasks) from its image and prompt."""
-  fmt, pad_id = box_format(model.config), model.config.text.pad_id
+  fmt, pad_id = boxes_lib.format_of_model(model.config), model.config.text.pad_id
 
   def run(module, batch):
     _, image_tokens = module._slot_embeddings(batch, return_tokens=True)  # pylint: disable=protected-access
@@ -122,4 +115,4 @@ def aref_scores(predicted, batch, fmt: boxes_lib.BoxFormat) -> dict:
 def box_scores(model, params, batch) -> dict:
   """`aref_scores` of `model`'s greedy boxes on a batch with box/*."""
   return aref_scores(decode_aref(model, params, batch), batch,
-                     box_format(model.config))
+                     boxes_lib.format_of_model(model.config))

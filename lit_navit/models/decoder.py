@@ -109,8 +109,7 @@ def vocab_size(config) -> int:
   """The decoder's vocabulary (model config): the text tower's, and with the
   box tasks their location and task tokens after it."""
   if box_tasks_on(config):
-    return boxes_lib.BoxFormat(config.text.vocab_size,
-                               config.decoder.box_bins).vocab_size
+    return boxes_lib.format_of_model(config).vocab_size
   return config.text.vocab_size
 
 
