@@ -393,24 +393,26 @@ def test_the_loss_sharded_over_data_and_fsdp_is_the_single_device_loss():
   assert_trees_close(sharded_grads, grads, atol=1e-6, rtol=1e-4)
 
 
+def xla_flops(c, spec, batch=None):
+  """XLA's FLOPs of TwoTowers(c)'s forward on a batch of `spec` (the dummy
+  batch by default), layers unrolled: XLA counts a scan body once."""
+  c.image.scan = c.text.scan = False
+  compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
+      two_towers.param_shapes(c, spec),
+      two_towers.dummy_batch(spec) if batch is None else batch).compile()
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
 @pytest.mark.parametrize('text_rows', [None, 3])
 def test_flops_match_xla_cost_analysis(text_rows):
-  # Unrolled layers (XLA counts a scan body once); the decoder's share is
-  # the difference of the model with and without it.
+  # The decoder's share is the difference of the model with and without it.
   spec = batch_lib.BatchSpec(rows=4, tokens_per_row=16, slots=3, text_len=T,
                              patch_size=P, groups=2, captions_per_group=5,
                              text_rows=text_rows)
-
-  def xla_flops(c):
-    c.image.scan = c.text.scan = False
-    compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
-        two_towers.param_shapes(c, spec), two_towers.dummy_batch(spec)).compile()
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)['flops']
-
   on = config(width=64, mlp_dim=256, num_heads=2)
   counted = flops.decoder_forward_flops(on, spec)
-  measured = xla_flops(on) - xla_flops(config(weight=0.0))
+  measured = xla_flops(on, spec) - xla_flops(config(weight=0.0), spec)
   # The analytic count leaves out element-wise work: a little under XLA's.
   assert 0.95 * measured < counted <= measured
   assert flops.forward_flops(on, spec) == (flops.image_forward_flops(on, spec)

@@ -298,18 +298,11 @@ def test_flops_count_the_box_rows():
                              patch_size=P, groups=2, captions_per_group=5,
                              text_rows=3)
 
-  def xla_flops(c, batch):
-    c.image.scan = c.text.scan = False
-    compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
-        two_towers.param_shapes(c, spec), batch).compile()
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)['flops']
-
   size = dict(width=64, mlp_dim=256, num_heads=2)
   on = td.config(**size, box_weight=1.0, box_bins=400)
   counted = flops.decoder_forward_flops(on, spec)
-  measured = xla_flops(on, box_dummy_batch(spec)) - xla_flops(
-      td.config(weight=0.0), two_towers.dummy_batch(spec))
+  measured = td.xla_flops(on, spec, box_dummy_batch(spec)) - td.xla_flops(
+      td.config(weight=0.0), spec)
   # The analytic count leaves out element-wise work: a little under XLA's.
   assert 0.95 * measured < counted <= measured
   assert counted > flops.decoder_forward_flops(td.config(**size), spec)

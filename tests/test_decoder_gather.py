@@ -248,16 +248,9 @@ def test_flops_count_the_gathered_cross_attention():
                              patch_size=P, groups=1, captions_per_group=12,
                              text_rows=4)
 
-  def xla_flops(c, batch):
-    c.image.scan = c.text.scan = False
-    compiled = jax.jit(two_towers.TwoTowers(c).apply).lower(
-        two_towers.param_shapes(c, spec), batch).compile()
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)['flops']
-
   on = td.config(width=64, mlp_dim=256, num_heads=2, **BOXES)
   counted = flops.decoder_forward_flops(on, spec)
-  measured = xla_flops(on, tdb.box_dummy_batch(spec)) - xla_flops(
-      td.config(weight=0.0), two_towers.dummy_batch(spec))
+  measured = td.xla_flops(on, spec, tdb.box_dummy_batch(spec)) - td.xla_flops(
+      td.config(weight=0.0), spec)
   # The analytic count leaves out element-wise work: a little under XLA's.
   assert 0.95 * measured < counted <= measured
